@@ -1,0 +1,164 @@
+//! Types shared by the kernel programs (`egressd-ebpf`) and user space (`egressd`, `egressctl`).
+//!
+//! Everything here is `#[repr(C)]` with explicit padding, and every struct has a compile-time size
+//! assertion: the kernel and user space read the same bytes, so a silent layout change would turn
+//! into wrong verdicts rather than a build error.
+#![no_std]
+
+#[cfg(feature = "user")]
+extern crate std;
+
+#[cfg(feature = "user")]
+pub mod protocol;
+#[cfg(feature = "user")]
+pub mod prog_query;
+
+/// Names of the maps in the eBPF object. The eBPF crate names its statics exactly like this; a test in
+/// `egressd` parses the built object and checks each name exists, so the two cannot drift apart.
+pub mod maps {
+    /// `HashMap<u64 session cgroup id, SessionInfo>`: which cgroups are sessions, and their profile slot.
+    pub const SESSIONS: &str = "SESSIONS";
+    /// `Array<Profile>`: per-profile flags and loopback ports, indexed by `policy_slot()`.
+    pub const PROFILES: &str = "PROFILES";
+    /// `LpmTrie<AllowKey, AllowValue>`: allowed non-loopback destinations per profile slot.
+    pub const ALLOW: &str = "ALLOW";
+    /// `Array<u32>` with one element: which half of the double-buffered policy is in force.
+    pub const POLICY_GEN: &str = "POLICY_GEN";
+    /// `PerCpuHashMap<u64 session cgroup id, Counters>`: verdict counters per session.
+    pub const COUNTERS: &str = "COUNTERS";
+    /// All map names, for checks that walk them.
+    pub const ALL: [&str; 5] = [SESSIONS, PROFILES, ALLOW, POLICY_GEN, COUNTERS];
+}
+
+/// Names of the programs in the eBPF object, and the globals user space sets at load time.
+pub mod programs {
+    pub const CONNECT4: &str = "egressd_connect4";
+    pub const CONNECT6: &str = "egressd_connect6";
+    pub const SENDMSG4: &str = "egressd_sendmsg4";
+    pub const SENDMSG6: &str = "egressd_sendmsg6";
+    pub const SOCK_CREATE: &str = "egressd_sock_create";
+    pub const SKB_EGRESS: &str = "egressd_skb_egress";
+    /// Global: the cgroup v2 level at which session cgroups sit (the parent is one above).
+    pub const GLOBAL_SESSION_LEVEL: &str = "SESSION_LEVEL";
+}
+
+/// Sizes of the maps. Profiles are double-buffered: slot = generation * MAX_PROFILES + profile index.
+pub const MAX_PROFILES: u32 = 64;
+pub const MAX_SESSIONS: u32 = 4096;
+pub const MAX_ALLOW_ENTRIES: u32 = 16384;
+pub const MAX_LOOPBACK_PORTS: usize = 16;
+pub const MAX_PORT_RANGES: usize = 8;
+
+/// Index into `PROFILES` and the profile part of an `AllowKey` for a profile under a policy generation.
+#[inline(always)]
+pub const fn policy_slot(generation: u32, profile: u32) -> u32 {
+    (generation & 1) * MAX_PROFILES + (profile % MAX_PROFILES)
+}
+
+/// The value of `SESSIONS`: a session cgroup and the profile it runs under.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// Stable profile index (the slot's low part); survives reloads.
+    pub profile: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<SessionInfo>() == 8);
+
+/// Profile flag: log verdicts but block nothing.
+pub const PROFILE_AUDIT_MODE: u32 = 1 << 0;
+/// Profile flag: every loopback port is allowed (otherwise only `loopback_ports`).
+pub const PROFILE_LOOPBACK_ALL: u32 = 1 << 1;
+/// Profile flag: the slot holds a real profile. An empty slot (all zero) means loopback-only... with no
+/// ports, i.e. the strictest policy, which is what a session whose profile vanished must get.
+pub const PROFILE_PRESENT: u32 = 1 << 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Profile {
+    pub flags: u32,
+    pub n_loopback_ports: u32,
+    pub loopback_ports: [u16; MAX_LOOPBACK_PORTS],
+}
+const _: () = assert!(core::mem::size_of::<Profile>() == 40);
+
+/// The data part of an LPM key (aya adds the prefix length in front). IPv4 is stored as IPv4-mapped
+/// IPv6 (`::ffff:a.b.c.d`) so one trie serves both families and a mapped address is judged as IPv4.
+/// The prefix length always covers the 32 bits of `slot`, so entries of different profiles never match.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllowKey {
+    /// Big-endian profile slot, so LPM's bit order matches it first.
+    pub slot: [u8; 4],
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<AllowKey>() == 20);
+
+pub const PROTO_ANY: u8 = 0;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortRange {
+    /// Inclusive; `0..=65535` means every port.
+    pub lo: u16,
+    pub hi: u16,
+    /// `PROTO_ANY`, `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<PortRange>() == 8);
+
+/// The value of `ALLOW`: the port ranges allowed for destinations under this prefix. User space folds
+/// every less specific rule that covers the prefix into it, because LPM returns only the longest match.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllowValue {
+    pub n_ranges: u32,
+    /// Index of the first rule (in the profile's `allow` list) that contributed, for audit reasons.
+    pub rule: u32,
+    pub ranges: [PortRange; MAX_PORT_RANGES],
+}
+const _: () = assert!(core::mem::size_of::<AllowValue>() == 72);
+
+/// Per-CPU verdict counters of one session.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
+pub struct Counters {
+    pub allowed: u64,
+    pub denied: u64,
+    /// Packets the `cgroup_skb/egress` backstop dropped (a socket hook should have caught them first).
+    pub backstop_dropped: u64,
+    /// Sockets refused at creation (raw, ICMP ping).
+    pub sockets_refused: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counters>() == 32);
+
+impl Counters {
+    pub fn add(&mut self, other: &Counters) {
+        self.allowed += other.allowed;
+        self.denied += other.denied;
+        self.backstop_dropped += other.backstop_dropped;
+        self.sockets_refused += other.sockets_refused;
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, and have no implicit padding (checked by the size asserts).
+    unsafe impl aya::Pod for SessionInfo {}
+    unsafe impl aya::Pod for Profile {}
+    unsafe impl aya::Pod for AllowKey {}
+    unsafe impl aya::Pod for AllowValue {}
+    unsafe impl aya::Pod for Counters {}
+}
+
+/// Why a verdict was reached; carried in audit events and shown to users.
+pub const REASON_LOOPBACK: u8 = 1;
+pub const REASON_ALLOW_RULE: u8 = 2;
+pub const REASON_DEFAULT_DENY: u8 = 3;
+pub const REASON_LOOPBACK_PORT: u8 = 4;
+pub const REASON_FORBIDDEN_SOCKET: u8 = 5;

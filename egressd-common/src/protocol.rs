@@ -1,0 +1,131 @@
+//! The control protocol between `egressctl` and `egressd`: one JSON object per line, versioned,
+//! with a size limit. The caller's identity never travels in a message: the daemon takes it from
+//! `SO_PEERCRED`.
+
+use std::{string::String, vec::Vec};
+
+use serde::{Deserialize, Serialize};
+
+use crate::Counters;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+/// A request or reply line longer than this is refused (and the connection closed).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+pub const DEFAULT_SOCKET: &str = "/run/egressd/egressd.sock";
+/// Environment variable naming the socket, for both binaries.
+pub const SOCKET_ENV: &str = "EGRESSD_SOCKET";
+/// Set in a sandboxed command's environment to its session id.
+pub const SESSION_ENV: &str = "EGRESSD_SESSION";
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    pub v: u32,
+    pub op: Op,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Op {
+    /// Create a session for the caller and move the caller into it.
+    Run {
+        profile: Option<String>,
+        argv: Vec<String>,
+    },
+    Status,
+    Ps,
+    /// Counters of one session (the caller's own, or any for root).
+    Summary { id: String },
+    /// Check that every required program is effective on the session's cgroup.
+    CheckEnforced { id: String },
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Response {
+    pub v: u32,
+    pub reply: Reply,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Reply {
+    Started(SessionStarted),
+    Status(DaemonStatus),
+    Sessions(Vec<SessionView>),
+    Session(SessionView),
+    Enforced(EnforcementCheck),
+    Error { message: String },
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SessionStarted {
+    pub id: String,
+    pub profile: String,
+    /// The session cgroup, relative to the cgroup2 mount (as in /proc/PID/cgroup).
+    pub cgroup: String,
+    /// One line for a person: what this session may reach.
+    pub allows: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct HookStatus {
+    pub name: String,
+    pub attach_type: String,
+    pub prog_id: u32,
+    pub pinned: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct DaemonStatus {
+    pub version: String,
+    pub pid: u32,
+    pub cgroup_parent: String,
+    pub hooks: Vec<HookStatus>,
+    pub policy_source: String,
+    pub default_profile: String,
+    pub profiles: Vec<String>,
+    pub sessions: usize,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SessionView {
+    pub id: String,
+    pub profile: String,
+    pub uid: u32,
+    pub pids: Vec<u32>,
+    /// Seconds since the Unix epoch.
+    pub started: u64,
+    pub argv: Vec<String>,
+    pub counters: Counters,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct EnforcementCheck {
+    /// Attach types with none of egressd's programs effective on the cgroup; empty when enforced.
+    pub missing: Vec<String>,
+}
+
+impl Request {
+    pub fn new(op: Op) -> Self {
+        Request {
+            v: PROTOCOL_VERSION,
+            op,
+        }
+    }
+}
+
+impl Response {
+    pub fn new(reply: Reply) -> Self {
+        Response {
+            v: PROTOCOL_VERSION,
+            reply,
+        }
+    }
+
+    pub fn error(message: impl Into<String>) -> Self {
+        Self::new(Reply::Error {
+            message: message.into(),
+        })
+    }
+}

@@ -1,0 +1,191 @@
+//! The verdict for one destination under one profile, shared by every hook.
+
+use aya_ebpf::{maps::lpm_trie::Key, maps::LpmTrie, programs::SkBuffContext};
+use egressd_common::{
+    AllowKey, AllowValue, Profile, MAX_LOOPBACK_PORTS, MAX_PORT_RANGES, PROFILE_AUDIT_MODE,
+    PROFILE_LOOPBACK_ALL, PROFILE_PRESENT, PROTO_ANY, REASON_ALLOW_RULE, REASON_DEFAULT_DENY,
+    REASON_LOOPBACK, REASON_LOOPBACK_PORT,
+};
+
+/// A destination in IPv6 form: IPv4 is stored IPv4-mapped, so `::ffff:a.b.c.d` and `a.b.c.d` are
+/// the same destination by construction.
+#[derive(Clone, Copy)]
+pub struct Dest {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub proto: u8,
+}
+
+impl Dest {
+    /// `ip` and `port` as the kernel hands them over in `bpf_sock_addr`: network byte order.
+    #[inline(always)]
+    pub fn v4(ip: u32, port: u32, proto: u32) -> Self {
+        let b = ip.to_ne_bytes();
+        Dest {
+            addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]],
+            port: u16::from_be(port as u16),
+            proto: proto as u8,
+        }
+    }
+
+    #[inline(always)]
+    pub fn v6(ip: [u32; 4], port: u32, proto: u32) -> Self {
+        let mut addr = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let b = ip[i].to_ne_bytes();
+            addr[i * 4] = b[0];
+            addr[i * 4 + 1] = b[1];
+            addr[i * 4 + 2] = b[2];
+            addr[i * 4 + 3] = b[3];
+            i += 1;
+        }
+        Dest {
+            addr,
+            port: u16::from_be(port as u16),
+            proto: proto as u8,
+        }
+    }
+
+    /// Loopback or unspecified: 127.0.0.0/8, 0.0.0.0, ::1, :: (the kernel delivers the last ones
+    /// locally too). IPv4-mapped forms are covered because IPv4 is stored mapped.
+    #[inline(always)]
+    fn is_local(&self) -> bool {
+        let a = &self.addr;
+        let zero10 = a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9] == 0;
+        if !zero10 {
+            return false;
+        }
+        if a[10] == 0xff && a[11] == 0xff {
+            return a[12] == 127 || (a[12] | a[13] | a[14] | a[15]) == 0;
+        }
+        a[10] | a[11] | a[12] | a[13] | a[14] == 0 && (a[15] == 1 || a[15] == 0)
+    }
+}
+
+pub struct Decision {
+    pub allowed: bool,
+    #[allow(dead_code)] // carried into audit events
+    pub reason: u8,
+}
+
+#[inline(always)]
+pub fn audit_only(profile: &Profile) -> bool {
+    profile.flags & PROFILE_PRESENT != 0 && profile.flags & PROFILE_AUDIT_MODE != 0
+}
+
+/// `on_wire` is set by the skb backstop: there a loopback address is never fine, because the packet
+/// is already known to leave through a device other than `lo`.
+#[inline(always)]
+pub fn decide(
+    allow: &LpmTrie<AllowKey, AllowValue>,
+    slot: u32,
+    profile: &Profile,
+    dest: &Dest,
+    on_wire: bool,
+) -> Decision {
+    if !on_wire && dest.is_local() {
+        return loopback(profile, dest.port);
+    }
+    if slot != u32::MAX {
+        let key = Key::new(
+            (4 + 16) * 8,
+            AllowKey {
+                slot: slot.to_be_bytes(),
+                addr: dest.addr,
+            },
+        );
+        if let Some(v) = allow.get(&key) {
+            if ranges_match(v, dest) {
+                return Decision {
+                    allowed: true,
+                    reason: REASON_ALLOW_RULE,
+                };
+            }
+        }
+    }
+    Decision {
+        allowed: false,
+        reason: REASON_DEFAULT_DENY,
+    }
+}
+
+#[inline(always)]
+fn loopback(profile: &Profile, port: u16) -> Decision {
+    // No profile (unknown session, removed profile) means the strictest policy: loopback only.
+    if profile.flags & PROFILE_PRESENT == 0 || profile.flags & PROFILE_LOOPBACK_ALL != 0 {
+        return Decision {
+            allowed: true,
+            reason: REASON_LOOPBACK,
+        };
+    }
+    let n = profile.n_loopback_ports as usize;
+    let mut i = 0;
+    while i < MAX_LOOPBACK_PORTS {
+        if i < n && profile.loopback_ports[i] == port {
+            return Decision {
+                allowed: true,
+                reason: REASON_LOOPBACK,
+            };
+        }
+        i += 1;
+    }
+    Decision {
+        allowed: false,
+        reason: REASON_LOOPBACK_PORT,
+    }
+}
+
+#[inline(always)]
+fn ranges_match(v: &AllowValue, dest: &Dest) -> bool {
+    let n = v.n_ranges as usize;
+    let mut i = 0;
+    while i < MAX_PORT_RANGES {
+        if i < n {
+            let r = &v.ranges[i];
+            if (r.proto == PROTO_ANY || r.proto == dest.proto) && r.lo <= dest.port && dest.port <= r.hi {
+                return true;
+            }
+        }
+        i += 1;
+    }
+    false
+}
+
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
+/// Destination of an outgoing packet; `cgroup_skb` data starts at the network header.
+#[inline(always)]
+pub fn packet_dest(ctx: &SkBuffContext) -> Option<Dest> {
+    let first: u8 = ctx.load(0).ok()?;
+    match first >> 4 {
+        4 => {
+            let proto: u8 = ctx.load(9).ok()?;
+            let dst: [u8; 4] = ctx.load(16).ok()?;
+            let ihl = ((first & 0x0f) as usize) * 4;
+            let port = l4_port(ctx, proto, ihl);
+            Some(Dest {
+                addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, dst[0], dst[1], dst[2], dst[3]],
+                port,
+                proto,
+            })
+        }
+        6 => {
+            let proto: u8 = ctx.load(6).ok()?;
+            let addr: [u8; 16] = ctx.load(24).ok()?;
+            let port = l4_port(ctx, proto, 40);
+            Some(Dest { addr, port, proto })
+        }
+        _ => None,
+    }
+}
+
+/// Destination port of a TCP or UDP header at `offset`; 0 otherwise (matches no port-limited rule).
+#[inline(always)]
+fn l4_port(ctx: &SkBuffContext, proto: u8, offset: usize) -> u16 {
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP || offset > 60 {
+        return 0;
+    }
+    ctx.load::<u16>(offset + 2).map(u16::from_be).unwrap_or(0)
+}

@@ -1,0 +1,249 @@
+//! The control socket: newline-delimited JSON, one request per line, the caller identified by
+//! SO_PEERCRED only. A bad message gets an error reply and never harms the daemon or other clients.
+
+use std::{sync::Arc, time::Duration};
+
+use egressd_common::protocol::{
+    DaemonStatus, EnforcementCheck, Op, Reply, Request, Response, SessionStarted, SessionView,
+    MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
+};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+};
+
+use crate::{
+    cgroup,
+    daemon::State,
+    policy::describe,
+    sessions::{self, Session},
+};
+
+/// A client that sends nothing for this long is disconnected.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub async fn serve(state: Arc<State>, listener: UnixListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = connection(state, stream).await {
+                        tracing::debug!("control connection ended: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!("accepting on the control socket: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Who is calling, from the kernel (SO_PEERCRED), never from the message.
+#[derive(Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub pid: Option<u32>,
+}
+
+async fn connection(state: Arc<State>, stream: UnixStream) -> std::io::Result<()> {
+    let cred = stream.peer_cred()?;
+    let caller = Caller {
+        uid: cred.uid(),
+        pid: cred.pid().and_then(|p| u32::try_from(p).ok()),
+    };
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = tokio::time::timeout(
+            IDLE_TIMEOUT,
+            (&mut reader)
+                .take(MAX_MESSAGE_BYTES as u64 + 1)
+                .read_until(b'\n', &mut line),
+        )
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "idle client"))??;
+        if n == 0 {
+            return Ok(());
+        }
+        let oversized = line.len() > MAX_MESSAGE_BYTES;
+        let response = if oversized {
+            Response::error(format!(
+                "request longer than {MAX_MESSAGE_BYTES} bytes; connection closed"
+            ))
+        } else {
+            match serde_json::from_slice::<Request>(&line) {
+                Err(e) => Response::error(format!("malformed request: {e}")),
+                Ok(req) if req.v != PROTOCOL_VERSION => Response::error(format!(
+                    "protocol version {} is not supported (this egressd speaks {PROTOCOL_VERSION}); use an egressctl of the same version",
+                    req.v
+                )),
+                Ok(req) => Response::new(handle(&state, caller, req.op).await),
+            }
+        };
+        let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
+        out.push(b'\n');
+        write.write_all(&out).await?;
+        if oversized {
+            return Ok(());
+        }
+    }
+}
+
+fn error(message: impl Into<String>) -> Reply {
+    Reply::Error {
+        message: message.into(),
+    }
+}
+
+async fn handle(state: &State, caller: Caller, op: Op) -> Reply {
+    match op {
+        Op::Run { profile, argv } => match start_session(state, caller, profile, argv).await {
+            Ok(started) => Reply::Started(started),
+            Err(message) => error(message),
+        },
+        Op::Status => status(state).await,
+        Op::Ps => {
+            let visible: Vec<Session> = state
+                .registry
+                .lock()
+                .await
+                .all()
+                .filter(|s| caller.uid == 0 || s.uid == caller.uid)
+                .cloned()
+                .collect();
+            let mut views = Vec::new();
+            for s in visible {
+                views.push(view(state, &s).await);
+            }
+            Reply::Sessions(views)
+        }
+        Op::Summary { id } => match owned_session(state, caller, &id).await {
+            Ok(s) => Reply::Session(view(state, &s).await),
+            Err(m) => error(m),
+        },
+        Op::CheckEnforced { id } => match owned_session(state, caller, &id).await {
+            Ok(s) => match state.enforcer.missing_on(s.dir.clone()).await {
+                Ok(missing) => Reply::Enforced(EnforcementCheck { missing }),
+                Err(e) => error(format!("checking the session's programs: {e}")),
+            },
+            Err(m) => error(m),
+        },
+    }
+}
+
+async fn view(state: &State, s: &Session) -> SessionView {
+    let counters = state.enforcer.counters(s.cgroup_id).await.unwrap_or_default();
+    s.view(counters)
+}
+
+async fn owned_session(state: &State, caller: Caller, id: &str) -> Result<Session, String> {
+    let registry = state.registry.lock().await;
+    match registry.get(id) {
+        // Same answer for "not yours" and "absent": ids of other users' sessions are not disclosed.
+        Some(s) if caller.uid == 0 || s.uid == caller.uid => Ok(s.clone()),
+        _ => Err(format!("no session {id} of yours")),
+    }
+}
+
+async fn status(state: &State) -> Reply {
+    let hooks = match state.enforcer.hooks().await {
+        Ok(h) => h,
+        Err(e) => return error(e.to_string()),
+    };
+    let policy = state.policy.read().await;
+    Reply::Status(DaemonStatus {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        pid: std::process::id(),
+        cgroup_parent: state.layout.parent.display().to_string(),
+        hooks,
+        policy_source: policy.source.clone(),
+        default_profile: policy.config.default_profile.clone(),
+        profiles: policy.config.profiles.keys().cloned().collect(),
+        sessions: state.registry.lock().await.len(),
+    })
+}
+
+async fn start_session(
+    state: &State,
+    caller: Caller,
+    profile: Option<String>,
+    argv: Vec<String>,
+) -> Result<SessionStarted, String> {
+    let pid = caller
+        .pid
+        .ok_or("the kernel did not report the caller's pid (SO_PEERCRED); cannot sandbox it")?;
+    // A sandboxed process must not be able to trade its session for a more permissive one.
+    let parent_rel = state.layout.relative(&state.layout.parent);
+    match sessions::cgroup_of(pid) {
+        Some(current) if sessions::is_under(&current, &parent_rel) => {
+            return Err(format!(
+                "the caller is already sandboxed (cgroup {current}); sessions cannot be nested or changed from inside"
+            ));
+        }
+        Some(_) => {}
+        None => return Err(format!("cannot read the cgroup of pid {pid}")),
+    }
+    let (profile, index, allows) = {
+        let policy = state.policy.read().await;
+        let name = profile.unwrap_or_else(|| policy.config.default_profile.clone());
+        let Some(p) = policy.config.profiles.get(&name) else {
+            return Err(format!(
+                "no profile {name:?}; profiles: {}",
+                policy.config.profiles.keys().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        };
+        let index = policy.index_of(&name).ok_or("profile index missing")?;
+        (name, index, describe(p))
+    };
+
+    let id = sessions::new_id();
+    let dir = state.layout.session_dir(&id);
+    let cgroup_id = cgroup::create(&dir).map_err(|e| e.to_string())?;
+    let session = Session {
+        id: id.clone(),
+        profile: profile.clone(),
+        profile_index: index,
+        uid: caller.uid,
+        cgroup: state.layout.relative(&dir),
+        dir: dir.clone(),
+        cgroup_id,
+        started: sessions::now_secs(),
+        argv,
+    };
+    // The policy is in the kernel before the caller enters the cgroup.
+    let setup = async {
+        state
+            .enforcer
+            .add_session(cgroup_id, index)
+            .await
+            .map_err(|e| e.to_string())?;
+        cgroup::move_process(&dir, pid).map_err(|e| e.to_string())?;
+        state.watch(&session);
+        if let Err(e) = state.state_dir.save(&session) {
+            tracing::warn!("saving session {id} state: {e} (a restarted daemon will treat it as loopback-only)");
+        }
+        Ok::<_, String>(())
+    };
+    if let Err(e) = setup.await {
+        let _ = state.enforcer.remove_session(cgroup_id).await;
+        let _ = cgroup::remove(&dir);
+        return Err(format!("setting up the sandbox failed: {e}"));
+    }
+    tracing::info!(
+        session = %id, uid = caller.uid, pid, profile = %profile, argv = ?session.argv,
+        "session started"
+    );
+    let cgroup = session.cgroup.clone();
+    state.registry.lock().await.insert(session);
+    Ok(SessionStarted {
+        id,
+        profile,
+        cgroup,
+        allows,
+    })
+}

@@ -1,0 +1,278 @@
+//! The daemon's shared state and its long-running tasks: policy (re)load, session adoption and
+//! the reaper that ends sessions whose cgroup has emptied.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use std::os::fd::{AsFd as _, AsRawFd, RawFd};
+
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    sync::{Mutex, RwLock},
+};
+
+use crate::{
+    cgroup::{self, Layout},
+    enforcer::Handle,
+    policy::{compile_profile, Config},
+    sessions::{Registry, Session, StateDir},
+};
+
+/// nix's Inotify offers only `AsFd`; tokio's `AsyncFd` wants `AsRawFd`.
+pub struct Watcher(Inotify);
+
+impl AsRawFd for Watcher {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+/// Registers an fd-owning value with the tokio reactor for readability.
+fn readable_fd<T: AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
+    // SAFETY: `inner` owns its fd and the AsyncFd owns `inner`, so the fd stays open for as long as
+    // it is registered and is deregistered before it is closed.
+    unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }.map_err(|e| e.into_parts().1)
+}
+
+/// The policy in force and the stable index of each profile in the kernel's tables. Indices
+/// survive reloads, so a running session follows its profile's new rules by name.
+pub struct PolicyState {
+    pub config: Config,
+    pub source: String,
+    indices: BTreeMap<String, u32>,
+}
+
+impl PolicyState {
+    pub fn index_of(&self, name: &str) -> Option<u32> {
+        self.indices.get(name).copied()
+    }
+
+    /// Indices for `config`: names seen before keep theirs; new names take free ones that no
+    /// running session still uses (a session whose profile was removed keeps an empty slot, which
+    /// the kernel reads as the strictest policy: loopback only).
+    fn assign(
+        config: &Config,
+        previous: &BTreeMap<String, u32>,
+        in_use: &BTreeSet<u32>,
+    ) -> Result<BTreeMap<String, u32>, String> {
+        let mut taken: BTreeSet<u32> = in_use.clone();
+        let mut out = BTreeMap::new();
+        for name in config.profiles.keys() {
+            if let Some(i) = previous.get(name) {
+                out.insert(name.clone(), *i);
+                taken.insert(*i);
+            }
+        }
+        let new: Vec<&String> = config.profiles.keys().filter(|n| !out.contains_key(*n)).collect();
+        for name in new {
+            let free = (0..egressd_common::MAX_PROFILES)
+                .find(|i| !taken.contains(i))
+                .ok_or("no free profile slot: too many profiles in use; end some sessions or drop profiles")?;
+            taken.insert(free);
+            out.insert(name.clone(), free);
+        }
+        Ok(out)
+    }
+}
+
+pub struct State {
+    pub layout: Layout,
+    pub enforcer: Handle,
+    pub policy: RwLock<PolicyState>,
+    pub registry: Mutex<Registry>,
+    pub state_dir: StateDir,
+    pub config_path: PathBuf,
+    watcher: AsyncFd<Watcher>,
+}
+
+impl State {
+    pub fn new(
+        layout: Layout,
+        enforcer: Handle,
+        state_dir: StateDir,
+        config_path: PathBuf,
+        config: Config,
+        source: String,
+    ) -> std::io::Result<State> {
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+        Ok(State {
+            layout,
+            enforcer,
+            policy: RwLock::new(PolicyState {
+                config,
+                source,
+                indices: BTreeMap::new(),
+            }),
+            registry: Mutex::new(Registry::default()),
+            state_dir,
+            config_path,
+            watcher: readable_fd(Watcher(inotify))?,
+        })
+    }
+
+    /// Wake the reaper when the session's cgroup.events changes (it does when the cgroup empties).
+    pub fn watch(&self, s: &Session) {
+        if let Err(e) = self
+            .watcher
+            .get_ref()
+            .0
+            .add_watch(&s.dir.join("cgroup.events"), AddWatchFlags::IN_MODIFY)
+        {
+            tracing::warn!("watching session {}: {e}; it will be noticed by the periodic sweep", s.id);
+        }
+    }
+
+    /// Compiles `config` and puts it in force atomically. On any error nothing changes.
+    pub async fn apply_policy(&self, config: Config, source: String) -> Result<(), String> {
+        let in_use: BTreeSet<u32> = self
+            .registry
+            .lock()
+            .await
+            .all()
+            .map(|s| s.profile_index)
+            .collect();
+        let mut policy = self.policy.write().await;
+        let indices = PolicyState::assign(&config, &policy.indices, &in_use)?;
+        let mut compiled = Vec::new();
+        for (name, index) in &indices {
+            let p = compile_profile(&config.profiles[name]).map_err(|e| format!("profile {name:?}: {e}"))?;
+            compiled.push((*index, p));
+        }
+        self.enforcer
+            .install_policy(compiled)
+            .await
+            .map_err(|e| e.to_string())?;
+        *policy = PolicyState {
+            config,
+            source,
+            indices,
+        };
+        Ok(())
+    }
+
+    /// Re-reads the config file (SIGHUP). A file that does not validate changes nothing.
+    pub async fn reload(&self) {
+        match Config::load(&self.config_path) {
+            Ok((config, source)) => match self.apply_policy(config, source.clone()).await {
+                Ok(()) => tracing::info!(%source, "policy reloaded"),
+                Err(e) => tracing::error!("policy reload failed, the previous policy stays in force: {e}"),
+            },
+            Err(e) => tracing::error!("policy reload refused, the previous policy stays in force: {e}"),
+        }
+    }
+
+    /// Takes over the sessions a previous daemon left running (their cgroups and pinned map entries).
+    pub async fn adopt_sessions(&self) {
+        let registered: BTreeMap<u64, u32> = self
+            .enforcer
+            .registered()
+            .await
+            .map(|v| v.into_iter().collect())
+            .unwrap_or_default();
+        let mut kept = BTreeSet::new();
+        for id in self.layout.existing_sessions() {
+            let dir = self.layout.session_dir(&id);
+            let cgroup_id = cgroup::id_of(&dir).ok();
+            let session = match self.state_dir.load(&id) {
+                Some(s) if Some(s.cgroup_id) == cgroup_id => s,
+                _ => {
+                    tracing::warn!(session = %id, "session cgroup without a record: it stays loopback-only until it ends");
+                    Session {
+                        id: id.clone(),
+                        profile: "unknown".into(),
+                        profile_index: u32::MAX,
+                        uid: 0,
+                        cgroup: self.layout.relative(&dir),
+                        dir: dir.clone(),
+                        cgroup_id: cgroup_id.unwrap_or(0),
+                        started: 0,
+                        argv: Vec::new(),
+                    }
+                }
+            };
+            if session.profile_index != u32::MAX && !registered.contains_key(&session.cgroup_id) {
+                if let Err(e) = self.enforcer.add_session(session.cgroup_id, session.profile_index).await {
+                    tracing::warn!(session = %id, "re-registering adopted session: {e}");
+                }
+            }
+            kept.insert(session.cgroup_id);
+            self.watch(&session);
+            tracing::info!(session = %id, profile = %session.profile, "adopted running session");
+            self.registry.lock().await.insert(session);
+        }
+        for cgroup_id in registered.keys().filter(|id| !kept.contains(id)) {
+            let _ = self.enforcer.remove_session(*cgroup_id).await;
+        }
+    }
+
+    /// Ends every session whose cgroup has emptied: final counters, cgroup removed, record written.
+    pub async fn reap(&self) {
+        let empty = self.registry.lock().await.empty();
+        for id in empty {
+            let Some(s) = self.registry.lock().await.remove(&id) else { continue };
+            let totals = self.enforcer.remove_session(s.cgroup_id).await.unwrap_or_default();
+            if let Err(e) = cgroup::remove(&s.dir) {
+                tracing::warn!(session = %id, "removing cgroup: {e}");
+            }
+            self.state_dir.forget(&id);
+            tracing::info!(
+                session = %id, profile = %s.profile, uid = s.uid,
+                allowed = totals.allowed, denied = totals.denied,
+                backstop_dropped = totals.backstop_dropped, sockets_refused = totals.sockets_refused,
+                duration_s = crate::sessions::now_secs().saturating_sub(s.started),
+                "session ended"
+            );
+        }
+    }
+}
+
+/// Ends sessions as soon as their cgroup empties (inotify on cgroup.events), with a slow periodic
+/// sweep as a safety net.
+pub async fn reaper(state: Arc<State>) {
+    const SWEEP: Duration = Duration::from_secs(30);
+    loop {
+        tokio::select! {
+            guard = state.watcher.readable() => match guard {
+                Ok(mut guard) => {
+                    // Drain the events; their content does not matter, only that something changed.
+                    while state.watcher.get_ref().0.read_events().is_ok() {}
+                    guard.clear_ready();
+                }
+                Err(e) => {
+                    tracing::warn!("inotify: {e}");
+                    tokio::time::sleep(SWEEP).await;
+                }
+            },
+            _ = tokio::time::sleep(SWEEP) => {}
+        }
+        state.reap().await;
+    }
+}
+
+/// Bridges the kernel programs' aya-log records into tracing (via the `log` facade).
+pub async fn kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    let mut fd = match readable_fd(logger) {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!("kernel program logs unavailable: cannot poll the log ring buffer: {e}");
+            return;
+        }
+    };
+    loop {
+        match fd.readable_mut().await {
+            Ok(mut guard) => {
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            Err(e) => {
+                tracing::warn!("kernel program logs: {e}");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,425 @@
+//! The one owner of the loaded eBPF object: programs, links and maps. Other tasks talk to it over a
+//! channel (`Handle`), so no map is ever written from two places at once.
+
+use std::{
+    fs,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuHashMap, PerCpuValues},
+    programs::{
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+    },
+    util::nr_cpus,
+    Ebpf, EbpfLoader,
+};
+use egressd_common::{
+    maps, policy_slot,
+    prog_query::{self, REQUIRED_ATTACH_TYPES},
+    programs,
+    protocol::HookStatus,
+    AllowKey, AllowValue, Counters, Profile, SessionInfo, MAX_PROFILES,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::policy::{allow_key, CompiledProfile};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnforcerError {
+    #[error("loading the eBPF programs: {0} (run `egressctl doctor` to check the kernel)")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source} (run `egressctl doctor` to check the kernel)")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("link of {name}: {source}")]
+    Link {
+        name: &'static str,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("map {0} is missing from the eBPF object (a build problem)")]
+    MissingMap(&'static str),
+    #[error("pinning under {path}: {message}")]
+    Pin { path: PathBuf, message: String },
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+type Result<T, E = EnforcerError> = std::result::Result<T, E>;
+
+/// The object built by build.rs from egressd-ebpf.
+static PROGRAMS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egressd"));
+
+/// The hooks, in attach order. The backstop goes first so that no packet is ever judged by the socket
+/// hooks alone while the others are being attached.
+const HOOKS: [(&str, &str, u32); 6] = [
+    (programs::SKB_EGRESS, "cgroup_skb/egress", prog_query::ATTACH_INET_EGRESS),
+    (programs::SOCK_CREATE, "cgroup/sock_create", prog_query::ATTACH_INET_SOCK_CREATE),
+    (programs::CONNECT4, "cgroup/connect4", prog_query::ATTACH_INET4_CONNECT),
+    (programs::CONNECT6, "cgroup/connect6", prog_query::ATTACH_INET6_CONNECT),
+    (programs::SENDMSG4, "cgroup/sendmsg4", prog_query::ATTACH_UDP4_SENDMSG),
+    (programs::SENDMSG6, "cgroup/sendmsg6", prog_query::ATTACH_UDP6_SENDMSG),
+];
+
+pub struct Enforcer {
+    ebpf: Ebpf,
+    hooks: Vec<(HookStatus, u32)>,
+}
+
+/// Pin layout under bpffs: `<dir>/maps/<MAP>` and `<dir>/links/<program>`.
+pub struct PinDir(pub PathBuf);
+
+impl PinDir {
+    pub fn maps(&self) -> PathBuf {
+        self.0.join("maps")
+    }
+    pub fn links(&self) -> PathBuf {
+        self.0.join("links")
+    }
+}
+
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> EnforcerError + 'a {
+    move |source| EnforcerError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl Enforcer {
+    /// Loads the programs (reusing pinned maps, so sessions of a previous daemon keep their state),
+    /// attaches them to `parent` and pins the links. Links of a previous daemon are replaced only
+    /// after the new ones are attached: there is no instant without enforcement, and no double attach
+    /// is left behind.
+    pub fn load(parent: &Path, session_level: u32, pins: &PinDir) -> Result<Enforcer> {
+        for dir in [pins.maps(), pins.links()] {
+            fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+        }
+        let map_paths: Vec<(&str, PathBuf)> =
+            maps::ALL.iter().map(|n| (*n, pins.maps().join(n))).collect();
+        let mut loader = EbpfLoader::new();
+        loader.override_global(programs::GLOBAL_SESSION_LEVEL, &session_level, true);
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(PROGRAMS_OBJECT)?;
+        let cgroup = fs::File::open(parent).map_err(io_err("opening cgroup", parent))?;
+
+        let mut hooks = Vec::new();
+        for (name, attach_name, attach_type) in HOOKS {
+            let prog_err = |source| EnforcerError::Program { name, source };
+            let program = ebpf
+                .program_mut(name)
+                .ok_or(EnforcerError::Program {
+                    name,
+                    source: aya::programs::ProgramError::NotLoaded,
+                })?;
+            let link: FdLink = match program {
+                aya::programs::Program::CgroupSockAddr(p) => attach_sock_addr(name, p, &cgroup)?,
+                aya::programs::Program::CgroupSock(p) => attach_sock(name, p, &cgroup)?,
+                aya::programs::Program::CgroupSkb(p) => attach_skb(name, p, &cgroup)?,
+                _ => unreachable!("egressd-ebpf has only cgroup programs"),
+            };
+            let prog_id = program.info().map_err(prog_err)?.id();
+            let pin_path = pins.links().join(name);
+            replace_pinned_link(link, &pin_path)?;
+            hooks.push((
+                HookStatus {
+                    name: name.to_string(),
+                    attach_type: attach_name.to_string(),
+                    prog_id,
+                    pinned: pin_path.display().to_string(),
+                },
+                attach_type,
+            ));
+        }
+        Ok(Enforcer { ebpf, hooks })
+    }
+
+    /// The aya-log ring buffer of the programs, for the task that bridges it into tracing.
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        match aya_log::EbpfLogger::init(&mut self.ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!("kernel program logs unavailable: {e}");
+                None
+            }
+        }
+    }
+
+    fn map(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
+        self.ebpf.map_mut(name).ok_or(EnforcerError::MissingMap(name))
+    }
+
+    fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> EnforcerError {
+        move |source| EnforcerError::Map { name, source }
+    }
+
+    pub fn hooks(&self) -> Vec<HookStatus> {
+        self.hooks.iter().map(|(h, _)| h.clone()).collect()
+    }
+
+    /// Writes the profiles into the half of the double-buffered policy that is not in force, then
+    /// flips the generation: one 4-byte map write switches every session at once.
+    pub fn install_policy(&mut self, profiles: &[(u32, CompiledProfile)]) -> Result<()> {
+        let generation = {
+            let gen: Array<&mut MapData, u32> =
+                Array::try_from(self.map(maps::POLICY_GEN)?).map_err(Self::map_err(maps::POLICY_GEN))?;
+            gen.get(&0, 0).map_err(Self::map_err(maps::POLICY_GEN))?
+        };
+        let next = generation ^ 1;
+        let slots = policy_slot(next, 0)..policy_slot(next, 0) + MAX_PROFILES;
+        {
+            let mut table: Array<&mut MapData, Profile> =
+                Array::try_from(self.map(maps::PROFILES)?).map_err(Self::map_err(maps::PROFILES))?;
+            for slot in slots.clone() {
+                let value = profiles
+                    .iter()
+                    .find(|(idx, _)| policy_slot(next, *idx) == slot)
+                    .map(|(_, p)| p.profile)
+                    .unwrap_or_default();
+                table.set(slot, value, 0).map_err(Self::map_err(maps::PROFILES))?;
+            }
+        }
+        {
+            let mut allow: LpmTrie<&mut MapData, AllowKey, AllowValue> =
+                LpmTrie::try_from(self.map(maps::ALLOW)?).map_err(Self::map_err(maps::ALLOW))?;
+            let stale: Vec<Key<AllowKey>> = allow
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| slots.contains(&u32::from_be_bytes(k.data().slot)))
+                .collect();
+            for k in stale {
+                allow.remove(&k).map_err(Self::map_err(maps::ALLOW))?;
+            }
+            for (idx, compiled) in profiles {
+                let slot = policy_slot(next, *idx);
+                for (prefix, addr, value) in &compiled.allow {
+                    let key = Key::new(*prefix, allow_key(slot, *addr));
+                    allow.insert(&key, value, 0).map_err(Self::map_err(maps::ALLOW))?;
+                }
+            }
+        }
+        let mut gen: Array<&mut MapData, u32> =
+            Array::try_from(self.map(maps::POLICY_GEN)?).map_err(Self::map_err(maps::POLICY_GEN))?;
+        gen.set(0, next, 0).map_err(Self::map_err(maps::POLICY_GEN))
+    }
+
+    pub fn add_session(&mut self, cgroup_id: u64, profile: u32) -> Result<()> {
+        {
+            let mut counters: PerCpuHashMap<&mut MapData, u64, Counters> =
+                PerCpuHashMap::try_from(self.map(maps::COUNTERS)?).map_err(Self::map_err(maps::COUNTERS))?;
+            let cpus = nr_cpus().map_err(|(path, e)| io_err("reading", Path::new(path))(e))?;
+            let zeros = PerCpuValues::try_from(vec![Counters::default(); cpus])
+                .map_err(io_err("sizing per-CPU counters for", Path::new(maps::COUNTERS)))?;
+            counters.insert(cgroup_id, zeros, 0).map_err(Self::map_err(maps::COUNTERS))?;
+        }
+        let mut sessions: HashMap<&mut MapData, u64, SessionInfo> =
+            HashMap::try_from(self.map(maps::SESSIONS)?).map_err(Self::map_err(maps::SESSIONS))?;
+        sessions
+            .insert(cgroup_id, SessionInfo { profile, _pad: 0 }, 0)
+            .map_err(Self::map_err(maps::SESSIONS))
+    }
+
+    /// Forgets a session and returns its final counters.
+    pub fn remove_session(&mut self, cgroup_id: u64) -> Result<Counters> {
+        let totals = self.counters(cgroup_id)?;
+        {
+            let mut sessions: HashMap<&mut MapData, u64, SessionInfo> =
+                HashMap::try_from(self.map(maps::SESSIONS)?).map_err(Self::map_err(maps::SESSIONS))?;
+            let _ = sessions.remove(&cgroup_id);
+        }
+        let mut counters: PerCpuHashMap<&mut MapData, u64, Counters> =
+            PerCpuHashMap::try_from(self.map(maps::COUNTERS)?).map_err(Self::map_err(maps::COUNTERS))?;
+        let _ = counters.remove(&cgroup_id);
+        Ok(totals)
+    }
+
+    /// Session ids registered in the kernel with their profile index (for adoption after a restart).
+    pub fn registered_sessions(&mut self) -> Result<Vec<(u64, u32)>> {
+        let sessions: HashMap<&mut MapData, u64, SessionInfo> =
+            HashMap::try_from(self.map(maps::SESSIONS)?).map_err(Self::map_err(maps::SESSIONS))?;
+        Ok(sessions.iter().filter_map(|r| r.ok()).map(|(k, v)| (k, v.profile)).collect())
+    }
+
+    pub fn counters(&mut self, cgroup_id: u64) -> Result<Counters> {
+        let counters: PerCpuHashMap<&mut MapData, u64, Counters> =
+            PerCpuHashMap::try_from(self.map(maps::COUNTERS)?).map_err(Self::map_err(maps::COUNTERS))?;
+        let mut total = Counters::default();
+        match counters.get(&cgroup_id, 0) {
+            Ok(per_cpu) => per_cpu.iter().for_each(|c| total.add(c)),
+            Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(Self::map_err(maps::COUNTERS)(e)),
+        }
+        Ok(total)
+    }
+
+    /// Attach types for which none of our programs is effective on `cgroup` (empty: enforced).
+    pub fn missing_on(&self, cgroup: &Path) -> Result<Vec<String>> {
+        let dir = fs::File::open(cgroup).map_err(io_err("opening cgroup", cgroup))?;
+        let mut missing = Vec::new();
+        for (hook, attach_type) in &self.hooks {
+            let ids = prog_query::effective_programs(&dir, *attach_type)
+                .map_err(io_err("querying programs of", cgroup))?;
+            if !ids.contains(&hook.prog_id) {
+                missing.push(hook.attach_type.clone());
+            }
+        }
+        debug_assert_eq!(self.hooks.len(), REQUIRED_ATTACH_TYPES.len());
+        Ok(missing)
+    }
+}
+
+// `Single` means "no flags": the kernel refuses flags on cgroup bpf_link_create and always attaches
+// links in multi mode, so other tools' programs on the same cgroup keep running and so do ours.
+fn attach_sock_addr(name: &'static str, p: &mut CgroupSockAddr, cgroup: &fs::File) -> Result<FdLink> {
+    let prog_err = |source| EnforcerError::Program { name, source };
+    p.load().map_err(prog_err)?;
+    let id = p.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(prog_err)?;
+    let link = p.take_link(id).map_err(prog_err)?;
+    link.try_into().map_err(|source| EnforcerError::Link { name, source })
+}
+
+fn attach_sock(name: &'static str, p: &mut CgroupSock, cgroup: &fs::File) -> Result<FdLink> {
+    let prog_err = |source| EnforcerError::Program { name, source };
+    p.load().map_err(prog_err)?;
+    let id = p.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(prog_err)?;
+    let link = p.take_link(id).map_err(prog_err)?;
+    link.try_into().map_err(|source| EnforcerError::Link { name, source })
+}
+
+fn attach_skb(name: &'static str, p: &mut CgroupSkb, cgroup: &fs::File) -> Result<FdLink> {
+    let prog_err = |source| EnforcerError::Program { name, source };
+    p.load().map_err(prog_err)?;
+    let id = p.attach(cgroup.as_fd(), CgroupSkbAttachType::Egress, CgroupAttachMode::Single).map_err(prog_err)?;
+    let link = p.take_link(id).map_err(prog_err)?;
+    link.try_into().map_err(|source| EnforcerError::Link { name, source })
+}
+
+/// Pins `link` at `path`, replacing (and so detaching) a link a previous daemon pinned there. The new
+/// link is pinned first under a temporary name, so a crash in between leaves both attached, never none.
+fn replace_pinned_link(link: FdLink, path: &Path) -> Result<()> {
+    let pin_err = |message: String| EnforcerError::Pin {
+        path: path.to_owned(),
+        message,
+    };
+    // bpffs refuses names with dots.
+    let mut staging = path.as_os_str().to_owned();
+    staging.push("_new");
+    let staging = PathBuf::from(staging);
+    let _ = fs::remove_file(&staging);
+    link.pin(&staging).map_err(|e| pin_err(e.to_string()))?;
+    if path.exists() {
+        match PinnedLink::from_pin(path) {
+            // Dropping the unpinned link closes its last reference and detaches it.
+            Ok(old) => drop(old.unpin().map_err(|e| pin_err(e.to_string()))?),
+            Err(e) => {
+                tracing::warn!("removing unreadable pin {}: {e}", path.display());
+                fs::remove_file(path).map_err(|e| pin_err(e.to_string()))?;
+            }
+        }
+    }
+    fs::rename(&staging, path).map_err(|e| pin_err(e.to_string()))
+}
+
+/// Detaches and unpins everything under `pins` (for `egressd cleanup`).
+pub fn unpin_all(pins: &PinDir) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    for dir in [pins.links(), pins.maps()] {
+        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        for e in entries.filter_map(|e| e.ok()) {
+            let path = e.path();
+            fs::remove_file(&path).map_err(io_err("unpinning", &path))?;
+            removed.push(path);
+        }
+        let _ = fs::remove_dir(&dir);
+    }
+    let _ = fs::remove_dir(&pins.0);
+    Ok(removed)
+}
+
+/// Requests to the enforcer task.
+pub enum Command {
+    InstallPolicy(Vec<(u32, CompiledProfile)>, oneshot::Sender<Result<()>>),
+    AddSession(u64, u32, oneshot::Sender<Result<()>>),
+    RemoveSession(u64, oneshot::Sender<Result<Counters>>),
+    Counters(u64, oneshot::Sender<Result<Counters>>),
+    Registered(oneshot::Sender<Result<Vec<(u64, u32)>>>),
+    Hooks(oneshot::Sender<Vec<HookStatus>>),
+    MissingOn(PathBuf, oneshot::Sender<Result<Vec<String>>>),
+}
+
+/// A cheap, cloneable way to talk to the enforcer task.
+#[derive(Clone)]
+pub struct Handle(mpsc::Sender<Command>);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    #[error("the enforcer task has stopped")]
+    Gone,
+    #[error(transparent)]
+    Enforcer(#[from] EnforcerError),
+}
+
+impl Handle {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, HandleError> {
+        let (tx, rx) = oneshot::channel();
+        self.0.send(make(tx)).await.map_err(|_| HandleError::Gone)?;
+        rx.await.map_err(|_| HandleError::Gone)
+    }
+
+    pub async fn install_policy(&self, p: Vec<(u32, CompiledProfile)>) -> Result<(), HandleError> {
+        Ok(self.ask(|tx| Command::InstallPolicy(p, tx)).await??)
+    }
+    pub async fn add_session(&self, cgroup_id: u64, profile: u32) -> Result<(), HandleError> {
+        Ok(self.ask(|tx| Command::AddSession(cgroup_id, profile, tx)).await??)
+    }
+    pub async fn remove_session(&self, cgroup_id: u64) -> Result<Counters, HandleError> {
+        Ok(self.ask(|tx| Command::RemoveSession(cgroup_id, tx)).await??)
+    }
+    pub async fn counters(&self, cgroup_id: u64) -> Result<Counters, HandleError> {
+        Ok(self.ask(|tx| Command::Counters(cgroup_id, tx)).await??)
+    }
+    pub async fn registered(&self) -> Result<Vec<(u64, u32)>, HandleError> {
+        Ok(self.ask(Command::Registered).await??)
+    }
+    pub async fn hooks(&self) -> Result<Vec<HookStatus>, HandleError> {
+        self.ask(Command::Hooks).await
+    }
+    pub async fn missing_on(&self, cgroup: PathBuf) -> Result<Vec<String>, HandleError> {
+        Ok(self.ask(|tx| Command::MissingOn(cgroup, tx)).await??)
+    }
+}
+
+/// Runs the enforcer: the only code that touches the eBPF object after loading.
+pub fn spawn(mut enforcer: Enforcer) -> Handle {
+    let (tx, mut rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        while let Some(cmd) = rx.recv().await {
+            // Replies are best effort: a caller that went away does not stop the enforcer.
+            match cmd {
+                Command::InstallPolicy(p, r) => drop(r.send(enforcer.install_policy(&p))),
+                Command::AddSession(id, prof, r) => drop(r.send(enforcer.add_session(id, prof))),
+                Command::RemoveSession(id, r) => drop(r.send(enforcer.remove_session(id))),
+                Command::Counters(id, r) => drop(r.send(enforcer.counters(id))),
+                Command::Registered(r) => drop(r.send(enforcer.registered_sessions())),
+                Command::Hooks(r) => drop(r.send(enforcer.hooks())),
+                Command::MissingOn(path, r) => drop(r.send(enforcer.missing_on(&path))),
+            }
+        }
+    });
+    Handle(tx)
+}

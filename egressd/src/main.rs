@@ -1,0 +1,238 @@
+//! egressd: the root daemon. Loads and pins the kernel programs, creates one cgroup per sandbox,
+//! owns the policy and answers `egressctl` on a unix socket.
+
+mod cgroup;
+mod control;
+mod daemon;
+mod enforcer;
+mod policy;
+mod sessions;
+
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+use egressd_common::protocol::{DEFAULT_SOCKET, SOCKET_ENV};
+use tokio::{
+    net::UnixListener,
+    signal::unix::{signal, SignalKind},
+};
+
+use crate::{
+    cgroup::Layout,
+    daemon::State,
+    enforcer::{Enforcer, PinDir},
+    policy::{Config, DEFAULT_CONFIG_PATH},
+    sessions::StateDir,
+};
+
+/// Kernel-enforced network air gap for AI coding tools: the daemon (run as root).
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Policy file; the built-in default (profile `airgap`, loopback only) when it does not exist.
+    #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Control socket.
+    #[arg(long, env = SOCKET_ENV, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Name of the cgroup (under the cgroup2 mount) that holds every session.
+    #[arg(long, env = "EGRESSD_CGROUP", default_value = "egressd")]
+    cgroup: String,
+    /// Where programs' links and maps are pinned (bpffs).
+    #[arg(long, env = "EGRESSD_BPFFS", default_value = "/sys/fs/bpf/egressd")]
+    bpffs: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Detach and unpin every program, remove empty session cgroups (for uninstall). Running
+    /// sandboxes lose their enforcement.
+    Cleanup,
+    /// Validate a policy file and exit (no root needed).
+    Check { file: Option<PathBuf> },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EGRESSD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Check { file }) => {
+            let path = file.unwrap_or(cli.config);
+            let (config, source) = Config::load(&path)?;
+            println!("{source}: ok, profiles: {}", config.profiles.keys().cloned().collect::<Vec<_>>().join(", "));
+            Ok(())
+        }
+        Some(Command::Cleanup) => {
+            require_root()?;
+            cleanup(&cli)
+        }
+        None => {
+            require_root()?;
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(run(cli))
+        }
+    }
+}
+
+fn require_root() -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("egressd must run as root (it loads eBPF programs and creates cgroups); try `sudo egressd`");
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let (config, source) = Config::load(&cli.config)?;
+    ensure_bpffs(&cli.bpffs)?;
+    let layout = Layout::new(&cli.cgroup)?;
+    layout.ensure_parent()?;
+    if Path::new("/run/systemd/system").exists() {
+        tracing::warn!(
+            "systemd is init: sessions are created under {} directly; the egressd.slice backend is not implemented yet",
+            layout.parent.display()
+        );
+    }
+    let socket = bind_socket(&cli.socket, config.socket_group.as_deref())?;
+
+    let pins = PinDir(cli.bpffs.clone());
+    let mut enforcer = Enforcer::load(&layout.parent, layout.session_level, &pins)
+        .context("attaching the kernel programs")?;
+    let hooks = enforcer.hooks();
+    if let Some(logger) = enforcer.take_logger() {
+        tokio::spawn(daemon::kernel_logs(logger));
+    }
+    let handle = enforcer::spawn(enforcer);
+    let state = Arc::new(State::new(
+        layout,
+        handle,
+        StateDir(sessions::state_dir_for(&cli.socket)),
+        cli.config.clone(),
+        config.clone(),
+        source.clone(),
+    )?);
+    state.adopt_sessions().await;
+    state
+        .apply_policy(config, source.clone())
+        .await
+        .map_err(anyhow::Error::msg)
+        .context("installing the policy")?;
+    tracing::info!(
+        policy = %source,
+        cgroup = %state.layout.parent.display(),
+        hooks = %hooks.iter().map(|h| h.attach_type.as_str()).collect::<Vec<_>>().join(","),
+        socket = %cli.socket.display(),
+        "egressd ready"
+    );
+    notify_systemd_ready();
+
+    tokio::spawn(daemon::reaper(state.clone()));
+    tokio::spawn(control::serve(state.clone(), socket));
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => state.reload().await,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    // Links and maps stay pinned: stopping the daemon never opens a sandbox.
+    let _ = std::fs::remove_file(&cli.socket);
+    tracing::info!("egressd stopping; enforcement stays pinned in the kernel");
+    Ok(())
+}
+
+/// Mounts bpffs at /sys/fs/bpf when nothing is mounted there (it is not by default on some machines).
+fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    let mounted = mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        matches!((f.next(), f.next(), f.next()), (Some(_), Some(dir), Some("bpf")) if pin_dir.starts_with(dir))
+    });
+    if mounted {
+        return Ok(());
+    }
+    let at = Path::new("/sys/fs/bpf");
+    if !pin_dir.starts_with(at) {
+        bail!("{} is not on a bpffs; mount one there (`mount -t bpf bpf DIR`) or use the default /sys/fs/bpf/egressd", pin_dir.display());
+    }
+    std::fs::create_dir_all(at)?;
+    nix::mount::mount(Some("bpf"), at, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .context("mounting bpffs at /sys/fs/bpf (needed to pin programs so enforcement survives a daemon restart)")?;
+    tracing::info!("mounted bpffs at /sys/fs/bpf");
+    Ok(())
+}
+
+fn bind_socket(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListener> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        bail!("another egressd is already serving {}; stop it first", path.display());
+    }
+    let _ = std::fs::remove_file(path);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let mode = match group {
+        Some(name) => {
+            let g = nix::unistd::Group::from_name(name)?
+                .with_context(|| format!("socket_group {name:?} does not exist"))?;
+            nix::unistd::chown(path, None, Some(g.gid))?;
+            0o660
+        }
+        None => 0o666,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
+}
+
+/// `Type=notify` support without a dependency: one datagram to $NOTIFY_SOCKET.
+fn notify_systemd_ready() {
+    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
+        let sock = std::os::unix::net::UnixDatagram::unbound();
+        if let Err(e) = sock.and_then(|s| s.send_to(b"READY=1", &path).map(|_| ())) {
+            tracing::warn!("telling systemd we are ready: {e}");
+        }
+    }
+}
+
+fn cleanup(cli: &Cli) -> anyhow::Result<()> {
+    let pins = PinDir(cli.bpffs.clone());
+    let removed = enforcer::unpin_all(&pins)?;
+    for p in &removed {
+        println!("unpinned {}", p.display());
+    }
+    let layout = Layout::new(&cli.cgroup)?;
+    for id in layout.existing_sessions() {
+        let dir = layout.session_dir(&id);
+        if cgroup::populated(&dir) {
+            println!("session {id} still has processes; left {} in place (now unenforced)", dir.display());
+        } else if cgroup::remove(&dir).is_ok() {
+            println!("removed {}", dir.display());
+        }
+    }
+    match std::fs::remove_dir(&layout.parent) {
+        Ok(()) => println!("removed {}", layout.parent.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => println!("left {}: {e}", layout.parent.display()),
+    }
+    let _ = std::fs::remove_dir_all(sessions::state_dir_for(&cli.socket));
+    Ok(())
+}

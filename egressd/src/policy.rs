@@ -1,0 +1,458 @@
+//! The policy file (TOML) and its translation into the kernel's map values.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use egressd_common::{
+    AllowKey, AllowValue, PortRange, Profile as KernelProfile, MAX_LOOPBACK_PORTS, MAX_PORT_RANGES,
+    PROFILE_AUDIT_MODE, PROFILE_LOOPBACK_ALL, PROFILE_PRESENT, PROTO_ANY, PROTO_TCP, PROTO_UDP,
+};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/egressd/egressd.toml";
+pub const BUILTIN_PROFILE: &str = "airgap";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// toml's message already names the line and column and shows the offending text.
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_profile_name")]
+    pub default_profile: String,
+    /// Group allowed to use the control socket (mode 0660). Without it the socket is 0666: anyone may
+    /// start a session for themselves, which is safe because the daemon trusts only SO_PEERCRED.
+    #[serde(default)]
+    pub socket_group: Option<String>,
+    #[serde(default)]
+    pub audit: AuditConfig,
+    #[serde(default = "builtin_profiles")]
+    pub profiles: BTreeMap<String, ProfileConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Audit,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum Loopback {
+    All(bool),
+    Ports(Vec<u16>),
+}
+
+impl Default for Loopback {
+    fn default() -> Self {
+        Loopback::All(true)
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileConfig {
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default)]
+    pub loopback: Loopback,
+    #[serde(default)]
+    pub allow: Vec<AllowRule>,
+    /// Domain patterns for the DNS filter (not enforced yet; parsed so configs stay valid).
+    #[serde(default)]
+    pub dns_allow: Vec<String>,
+}
+
+/// `CIDR[:port[-port]][/tcp|/udp]`; an IPv6 CIDR with a port is written in brackets:
+/// `[fd00:20::5]/128:8000`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct AllowRule {
+    pub net: IpNet,
+    pub ports: Option<(u16, u16)>,
+    pub proto: u8,
+}
+
+fn default_profile_name() -> String {
+    BUILTIN_PROFILE.to_string()
+}
+
+fn builtin_profiles() -> BTreeMap<String, ProfileConfig> {
+    BTreeMap::from([(
+        BUILTIN_PROFILE.to_string(),
+        ProfileConfig {
+            description: Some("loopback only: every non-loopback connection is denied".into()),
+            ..Default::default()
+        },
+    )])
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            default_profile: default_profile_name(),
+            socket_group: None,
+            audit: AuditConfig::default(),
+            profiles: builtin_profiles(),
+        }
+    }
+}
+
+impl FromStr for AllowRule {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("allow rule {text:?}: {why} (expected CIDR[:port[-port]][/tcp|/udp], e.g. \"10.20.0.5/32:8000/tcp\")");
+        let (rest, proto) = if let Some(r) = text.strip_suffix("/tcp") {
+            (r, PROTO_TCP)
+        } else if let Some(r) = text.strip_suffix("/udp") {
+            (r, PROTO_UDP)
+        } else {
+            (text, PROTO_ANY)
+        };
+        let (addr, prefix, ports) = if let Some(inner) = rest.strip_prefix('[') {
+            let (addr, after) = inner.split_once(']').ok_or_else(|| bad("missing ']'"))?;
+            let (prefix, ports) = match after.split_once(':') {
+                Some((p, ports)) => (p, Some(ports)),
+                None => (after, None),
+            };
+            (addr, prefix.strip_prefix('/'), ports)
+        } else if rest.contains('.') {
+            let (net, ports) = match rest.split_once(':') {
+                Some((n, p)) => (n, Some(p)),
+                None => (rest, None),
+            };
+            match net.split_once('/') {
+                Some((a, p)) => (a, Some(p), ports),
+                None => (net, None, ports),
+            }
+        } else {
+            match rest.split_once('/') {
+                Some((a, p)) => (a, Some(p), None),
+                None => (rest, None, None),
+            }
+        };
+        let ip: IpAddr = addr.parse().map_err(|_| bad("not an IP address"))?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let prefix: u8 = match prefix {
+            Some(p) => p.parse().map_err(|_| bad("bad prefix length"))?,
+            None => max,
+        };
+        let net = IpNet::new(ip, prefix).map_err(|_| bad("prefix length too long"))?;
+        if net.trunc() != net {
+            return Err(bad(&format!("host bits set; did you mean {}?", net.trunc())));
+        }
+        let ports = match ports {
+            None => None,
+            Some(p) => {
+                let (lo, hi) = match p.split_once('-') {
+                    Some((lo, hi)) => (lo, hi),
+                    None => (p, p),
+                };
+                let lo: u16 = lo.parse().map_err(|_| bad("bad port"))?;
+                let hi: u16 = hi.parse().map_err(|_| bad("bad port"))?;
+                if lo == 0 || lo > hi {
+                    return Err(bad("port range must be 1-65535, low to high"));
+                }
+                Some((lo, hi))
+            }
+        };
+        Ok(AllowRule { net, ports, proto })
+    }
+}
+
+impl TryFrom<String> for AllowRule {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl fmt::Display for AllowRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.net, self.ports) {
+            (IpNet::V6(n), Some(_)) => write!(f, "[{}]/{}", n.addr(), n.prefix_len())?,
+            (net, _) => write!(f, "{net}")?,
+        }
+        match self.ports {
+            Some((lo, hi)) if lo == hi => write!(f, ":{lo}")?,
+            Some((lo, hi)) => write!(f, ":{lo}-{hi}")?,
+            None => {}
+        }
+        match self.proto {
+            PROTO_TCP => write!(f, "/tcp"),
+            PROTO_UDP => write!(f, "/udp"),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl From<AllowRule> for String {
+    fn from(r: AllowRule) -> String {
+        r.to_string()
+    }
+}
+
+impl Config {
+    /// The file at `path`, or the built-in default when it does not exist.
+    pub fn load(path: &Path) -> Result<(Config, String), PolicyError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Ok((Self::parse(path, &text)?, path.display().to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok((Config::default(), "built-in default".to_string()))
+            }
+            Err(source) => Err(PolicyError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, PolicyError> {
+        let config: Config = toml::from_str(text).map_err(|e| PolicyError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        config.validate().map_err(|message| PolicyError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !self.profiles.contains_key(&self.default_profile) {
+            return Err(format!(
+                "default_profile = {:?} names no profile; define [profiles.{}] or pick one of: {}",
+                self.default_profile,
+                self.default_profile,
+                self.profiles.keys().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        if self.profiles.len() > egressd_common::MAX_PROFILES as usize {
+            return Err(format!(
+                "{} profiles; at most {} are supported",
+                self.profiles.len(),
+                egressd_common::MAX_PROFILES
+            ));
+        }
+        for (name, p) in &self.profiles {
+            compile_profile(p).map_err(|e| format!("profile {name:?}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// One profile as the kernel sees it.
+pub struct CompiledProfile {
+    pub profile: KernelProfile,
+    /// (prefix length over the whole key, key) and value, for the `ALLOW` trie; slot filled in later.
+    pub allow: Vec<(u32, [u8; 16], AllowValue)>,
+}
+
+/// Turns rules into LPM entries. LPM returns only the longest matching prefix, so each entry also
+/// carries the port ranges of every less specific rule that covers it.
+pub fn compile_profile(p: &ProfileConfig) -> Result<CompiledProfile, String> {
+    let mut flags = PROFILE_PRESENT;
+    if p.mode == Mode::Audit {
+        flags |= PROFILE_AUDIT_MODE;
+    }
+    let mut profile = KernelProfile {
+        flags,
+        ..Default::default()
+    };
+    match &p.loopback {
+        Loopback::All(true) => profile.flags |= PROFILE_LOOPBACK_ALL,
+        Loopback::All(false) => {}
+        Loopback::Ports(ports) => {
+            if ports.len() > MAX_LOOPBACK_PORTS {
+                return Err(format!(
+                    "loopback lists {} ports; at most {MAX_LOOPBACK_PORTS}",
+                    ports.len()
+                ));
+            }
+            for (i, port) in ports.iter().enumerate() {
+                profile.loopback_ports[i] = *port;
+            }
+            profile.n_loopback_ports = ports.len() as u32;
+        }
+    }
+    let mut allow = Vec::new();
+    for (i, rule) in p.allow.iter().enumerate() {
+        let (prefix, addr) = mapped(rule.net);
+        if allow.iter().any(|(p, a, _)| *p == prefix && *a == addr) {
+            continue;
+        }
+        let mut value = AllowValue {
+            rule: i as u32,
+            ..Default::default()
+        };
+        for covering in p.allow.iter().filter(|r| r.net.contains(&rule.net)) {
+            let n = value.n_ranges as usize;
+            if n == MAX_PORT_RANGES {
+                return Err(format!(
+                    "more than {MAX_PORT_RANGES} port ranges apply to {}; merge some rules",
+                    rule.net
+                ));
+            }
+            let (lo, hi) = covering.ports.unwrap_or((0, u16::MAX));
+            value.ranges[n] = PortRange {
+                lo,
+                hi,
+                proto: covering.proto,
+                _pad: [0; 3],
+            };
+            value.n_ranges += 1;
+        }
+        allow.push((prefix, addr, value));
+    }
+    Ok(CompiledProfile { profile, allow })
+}
+
+/// IPv4 as IPv4-mapped IPv6, with the prefix length counted over the whole key (32-bit slot first).
+fn mapped(net: IpNet) -> (u32, [u8; 16]) {
+    match net {
+        IpNet::V4(n) => (
+            32 + 96 + n.prefix_len() as u32,
+            n.addr().to_ipv6_mapped().octets(),
+        ),
+        IpNet::V6(n) => (32 + n.prefix_len() as u32, n.addr().octets()),
+    }
+}
+
+/// Key of the `ALLOW` trie for a compiled entry under a profile slot.
+pub fn allow_key(slot: u32, addr: [u8; 16]) -> AllowKey {
+    AllowKey {
+        slot: slot.to_be_bytes(),
+        addr,
+    }
+}
+
+/// One line for a person: what a session under this profile may reach.
+pub fn describe(p: &ProfileConfig) -> String {
+    let mode = match p.mode {
+        Mode::Enforce => "enforce",
+        Mode::Audit => "audit only, nothing blocked",
+    };
+    let loopback = match &p.loopback {
+        Loopback::All(true) => "loopback (all ports)".to_string(),
+        Loopback::All(false) => "no loopback".to_string(),
+        Loopback::Ports(ports) => format!(
+            "loopback ports {}",
+            ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
+        ),
+    };
+    let allow = if p.allow.is_empty() {
+        "nothing else".to_string()
+    } else {
+        p.allow.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
+    };
+    format!("{mode}; allows {loopback}; {allow}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_rule_forms() {
+        let r: AllowRule = "10.20.0.5/32:8000/tcp".parse().unwrap();
+        assert_eq!(r.net.to_string(), "10.20.0.5/32");
+        assert_eq!(r.ports, Some((8000, 8000)));
+        assert_eq!(r.proto, PROTO_TCP);
+        let r: AllowRule = "[fd00:20::5]/128:8000".parse().unwrap();
+        assert_eq!(r.net.to_string(), "fd00:20::5/128");
+        assert_eq!(r.proto, PROTO_ANY);
+        let r: AllowRule = "fd00::/8".parse().unwrap();
+        assert_eq!(r.ports, None);
+        let r: AllowRule = "198.18.0.0/15:1000-2000/udp".parse().unwrap();
+        assert_eq!(r.ports, Some((1000, 2000)));
+        assert_eq!(r.to_string(), "198.18.0.0/15:1000-2000/udp");
+        let r: AllowRule = "192.0.2.7".parse().unwrap();
+        assert_eq!(r.net.prefix_len(), 32);
+    }
+
+    #[test]
+    fn refuses_bad_rules_with_a_reason() {
+        for (text, why) in [
+            ("10.0.0.1/8", "host bits set"),
+            ("10.0.0.0/33", "prefix length too long"),
+            ("nonsense", "not an IP address"),
+            ("10.0.0.0/8:0", "port range"),
+            ("10.0.0.0/8:9-3", "port range"),
+            ("[fd00::1/128", "missing ']'"),
+        ] {
+            let err = text.parse::<AllowRule>().unwrap_err();
+            assert!(err.contains(why), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn built_in_default_is_loopback_only_enforce() {
+        let c = Config::default();
+        assert_eq!(c.default_profile, "airgap");
+        let p = compile_profile(&c.profiles["airgap"]).unwrap();
+        assert_eq!(p.profile.flags, PROFILE_PRESENT | PROFILE_LOOPBACK_ALL);
+        assert!(p.allow.is_empty());
+    }
+
+    #[test]
+    fn errors_name_file_line_and_column() {
+        let text = "default_profile = \"airgap\"\n[profiles.airgap]\nmode = \"enforce\"\nallow = [\"10.0.0.1/8\"]\n";
+        let err = Config::parse(Path::new("/etc/egressd/egressd.toml"), text).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("/etc/egressd/egressd.toml: "), "{msg}");
+        assert!(msg.contains("line 4"), "{msg}");
+        assert!(msg.contains("host bits set"), "{msg}");
+
+        let err = Config::parse(Path::new("x.toml"), "[profiles.a]\nmoed = \"audit\"\n").unwrap_err();
+        assert!(err.to_string().contains("line 2"), "{err}");
+        assert!(err.to_string().contains("unknown field"), "{err}");
+
+        let err = Config::parse(Path::new("x.toml"), "default_profile = \"nope\"\n").unwrap_err();
+        assert!(err.to_string().contains("names no profile"), "{err}");
+    }
+
+    #[test]
+    fn longest_match_keeps_wider_rules_ports() {
+        let p = ProfileConfig {
+            allow: vec![
+                "10.0.0.0/8:443/tcp".parse().unwrap(),
+                "10.1.0.0/16:8000".parse().unwrap(),
+            ],
+            ..Default::default()
+        };
+        let c = compile_profile(&p).unwrap();
+        let narrow = c.allow.iter().find(|(len, _, _)| *len == 32 + 96 + 16).unwrap();
+        assert_eq!(narrow.2.n_ranges, 2, "the /16 entry must also allow the /8's port 443");
+        let wide = c.allow.iter().find(|(len, _, _)| *len == 32 + 96 + 8).unwrap();
+        assert_eq!(wide.2.n_ranges, 1);
+    }
+}

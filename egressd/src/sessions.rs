@@ -1,0 +1,158 @@
+//! Live sessions: creation for a caller, adoption after a restart, and removal once their cgroup
+//! has emptied.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use egressd_common::protocol::SessionView;
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup;
+
+/// What the daemon remembers of a session. Also written to `<state dir>/<id>.json` so that a
+/// restarted daemon can adopt the session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Session {
+    pub id: String,
+    pub profile: String,
+    pub profile_index: u32,
+    pub uid: u32,
+    pub dir: PathBuf,
+    pub cgroup: String,
+    pub cgroup_id: u64,
+    pub started: u64,
+    pub argv: Vec<String>,
+}
+
+impl Session {
+    pub fn view(&self, counters: egressd_common::Counters) -> SessionView {
+        SessionView {
+            id: self.id.clone(),
+            profile: self.profile.clone(),
+            uid: self.uid,
+            pids: cgroup::pids(&self.dir),
+            started: self.started,
+            argv: self.argv.clone(),
+            counters,
+        }
+    }
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A short random session id (8 hex digits), unguessable enough that ids are not enumerable.
+pub fn new_id() -> String {
+    let mut b = [0u8; 4];
+    let read = fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b));
+    if let Err(e) = read {
+        tracing::warn!("getrandom failed ({e}); falling back to time-based id");
+        b = (SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) ^ std::process::id()).to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Session records on disk, so a restarted daemon knows each session's owner and profile.
+pub struct StateDir(pub PathBuf);
+
+impl StateDir {
+    fn path(&self, id: &str) -> PathBuf {
+        self.0.join(format!("{id}.json"))
+    }
+
+    pub fn save(&self, s: &Session) -> std::io::Result<()> {
+        fs::create_dir_all(&self.0)?;
+        let tmp = self.0.join(format!(".{}.tmp", s.id));
+        fs::write(&tmp, serde_json::to_vec(s).map_err(std::io::Error::other)?)?;
+        fs::rename(tmp, self.path(&s.id))
+    }
+
+    pub fn load(&self, id: &str) -> Option<Session> {
+        let bytes = fs::read(self.path(id)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    pub fn forget(&self, id: &str) {
+        let _ = fs::remove_file(self.path(id));
+    }
+}
+
+#[derive(Default)]
+pub struct Registry {
+    sessions: BTreeMap<String, Session>,
+}
+
+impl Registry {
+    pub fn insert(&mut self, s: Session) {
+        self.sessions.insert(s.id.clone(), s);
+    }
+    pub fn get(&self, id: &str) -> Option<&Session> {
+        self.sessions.get(id)
+    }
+    pub fn remove(&mut self, id: &str) -> Option<Session> {
+        self.sessions.remove(id)
+    }
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+    pub fn all(&self) -> impl Iterator<Item = &Session> {
+        self.sessions.values()
+    }
+    /// Sessions whose cgroup has emptied.
+    pub fn empty(&self) -> Vec<String> {
+        self.sessions
+            .values()
+            .filter(|s| !cgroup::populated(&s.dir))
+            .map(|s| s.id.clone())
+            .collect()
+    }
+}
+
+/// The cgroup v2 path of a process, as /proc/PID/cgroup shows it (`0::/path`).
+pub fn cgroup_of(pid: u32) -> Option<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| p.trim().to_string())
+}
+
+/// Whether a cgroup path lies inside the parent of all sessions.
+pub fn is_under(cgroup_path: &str, parent_rel: &str) -> bool {
+    cgroup_path == parent_rel || cgroup_path.starts_with(&format!("{parent_rel}/"))
+}
+
+pub fn state_dir_for(socket: &Path) -> PathBuf {
+    socket
+        .parent()
+        .unwrap_or(Path::new("/run/egressd"))
+        .join("sessions")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nesting_is_detected_by_path_prefix() {
+        assert!(is_under("/egressd/s-1", "/egressd"));
+        assert!(is_under("/egressd", "/egressd"));
+        assert!(!is_under("/egressd-other/s-1", "/egressd"));
+        assert!(!is_under("/user.slice", "/egressd"));
+    }
+
+    #[test]
+    fn ids_are_hex_and_differ() {
+        let (a, b) = (new_id(), new_id());
+        assert_eq!(a.len(), 8);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+}
