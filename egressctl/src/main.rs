@@ -1,1 +1,65 @@
-fn main(){}
+//! egressctl: start tools in a sandbox whose network is cut off in the kernel, and ask egressd
+//! what it enforces.
+
+mod client;
+mod doctor;
+mod run;
+mod show;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use egressd_common::protocol::{DEFAULT_SOCKET, SOCKET_ENV};
+
+#[derive(Parser)]
+#[command(version, about = "Run tools with every non-loopback connection denied by the kernel, and inspect egressd")]
+struct Cli {
+    /// egressd's control socket.
+    #[arg(long, global = true, env = SOCKET_ENV, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run CMD sandboxed: it and every process it starts can reach loopback only (or what the
+    /// profile allows). Exits with CMD's exit status.
+    Run {
+        /// Profile from egressd's policy (default: the policy's default profile).
+        #[arg(long)]
+        profile: Option<String>,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Is egressd up, which hooks are attached, which policy is in force.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Running sessions (yours; all of them for root).
+    Ps {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check that this kernel has what egressd needs, and say what is missing.
+    Doctor,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { profile, command } => run::run(&cli.socket, profile, command),
+        Command::Status { json } => show::status(&cli.socket, json).map(|()| ExitCode::SUCCESS),
+        Command::Ps { json } => show::ps(&cli.socket, json).map(|()| ExitCode::SUCCESS),
+        Command::Doctor => Ok(doctor::doctor(&cli.socket)),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("egressctl: {e:#}");
+            ExitCode::from(125)
+        }
+    }
+}

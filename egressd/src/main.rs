@@ -35,16 +35,16 @@ use crate::{
 #[command(version, about, long_about = None)]
 struct Cli {
     /// Policy file; the built-in default (profile `airgap`, loopback only) when it does not exist.
-    #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+    #[arg(long, global = true, default_value = DEFAULT_CONFIG_PATH)]
     config: PathBuf,
     /// Control socket.
-    #[arg(long, env = SOCKET_ENV, default_value = DEFAULT_SOCKET)]
+    #[arg(long, global = true, env = SOCKET_ENV, default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
     /// Name of the cgroup (under the cgroup2 mount) that holds every session.
-    #[arg(long, env = "EGRESSD_CGROUP", default_value = "egressd")]
+    #[arg(long, global = true, env = "EGRESSD_CGROUP", default_value = "egressd")]
     cgroup: String,
     /// Where programs' links and maps are pinned (bpffs).
-    #[arg(long, env = "EGRESSD_BPFFS", default_value = "/sys/fs/bpf/egressd")]
+    #[arg(long, global = true, env = "EGRESSD_BPFFS", default_value = "/sys/fs/bpf/egressd")]
     bpffs: PathBuf,
     #[command(subcommand)]
     command: Option<Command>,

@@ -1,0 +1,195 @@
+//! `egressctl run`: enter a new session, check the kernel enforces it, run the command, report.
+
+use std::{
+    ffi::CString,
+    fs,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::atomic::{AtomicI32, Ordering},
+};
+
+use anyhow::{bail, Context as _};
+use egressd_common::{
+    prog_query,
+    protocol::{Op, Reply, SessionStarted, SESSION_ENV},
+};
+use nix::{
+    sys::{
+        signal::{self, SigHandler, Signal},
+        wait::{waitpid, WaitStatus},
+    },
+    unistd::{execvp, fork, ForkResult, Pid},
+};
+
+use crate::client::Client;
+
+pub fn run(socket: &Path, profile: Option<String>, argv: Vec<String>) -> anyhow::Result<ExitCode> {
+    let mut client = Client::connect(socket).context("nothing was run")?;
+    let started = match client.call(Op::Run {
+        profile,
+        argv: argv.clone(),
+    }) {
+        Ok(Reply::Started(s)) => s,
+        Ok(other) => bail!("unexpected reply from egressd: {other:?}; nothing was run"),
+        Err(e) => return Err(e.context("the sandbox could not be set up; nothing was run")),
+    };
+    verify_enforced(&mut client, &started)
+        .context("the kernel does not enforce this sandbox; nothing was run (check `egressctl status` and `egressctl doctor`)")?;
+    drop(client);
+    eprintln!(
+        "egressd: session {} (profile {}): {}",
+        started.id, started.profile, started.allows
+    );
+
+    let status = spawn_and_wait(&started.id, &argv)?;
+
+    match Client::connect(socket).and_then(|mut c| c.call(Op::Summary { id: started.id.clone() })) {
+        Ok(Reply::Session(s)) => eprintln!(
+            "egressd: session {} {}: {} allowed, {} denied",
+            s.id,
+            exit_words(status),
+            s.counters.allowed,
+            s.counters.denied + s.counters.sockets_refused
+        ),
+        Ok(_) | Err(_) => eprintln!(
+            "egressd: session {} {}; summary unavailable (is egressd still running?)",
+            started.id,
+            exit_words(status)
+        ),
+    }
+    Ok(ExitCode::from(status))
+}
+
+/// From inside the new cgroup: we really are in the session's cgroup, and every hook egressd needs
+/// has egressd's program effective there (BPF_PROG_QUERY with BPF_F_QUERY_EFFECTIVE). No test
+/// traffic is sent.
+fn verify_enforced(client: &mut Client, started: &SessionStarted) -> anyhow::Result<()> {
+    let own = fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
+    let current = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or("")
+        .trim();
+    if current != started.cgroup {
+        bail!(
+            "egressd said the session is {} but this process is in {current:?}",
+            started.cgroup
+        );
+    }
+    // Querying needs CAP_NET_ADMIN. Root checks itself against the daemon's program ids; anyone
+    // else has the daemon run the same query on the cgroup we just confirmed we are in.
+    if nix::unistd::geteuid().is_root() {
+        let Reply::Status(status) = client.call(Op::Status)? else {
+            bail!("unexpected reply to status");
+        };
+        let dir = cgroup_dir(&started.cgroup)?;
+        let dir = fs::File::open(&dir).with_context(|| format!("opening {}", dir.display()))?;
+        let mut missing = Vec::new();
+        for (attach_type, name) in prog_query::REQUIRED_ATTACH_TYPES {
+            let effective = prog_query::effective_programs(&dir, attach_type)
+                .with_context(|| format!("BPF_PROG_QUERY {name}"))?;
+            let ours = status.hooks.iter().find(|h| h.attach_type == name);
+            if !ours.is_some_and(|h| effective.contains(&h.prog_id)) {
+                missing.push(name);
+            }
+        }
+        if !missing.is_empty() {
+            bail!("not effective here: {}", missing.join(", "));
+        }
+    } else {
+        match client.call(Op::CheckEnforced {
+            id: started.id.clone(),
+        })? {
+            Reply::Enforced(check) if check.missing.is_empty() => {}
+            Reply::Enforced(check) => bail!("not effective here: {}", check.missing.join(", ")),
+            other => bail!("unexpected reply to the enforcement check: {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+/// The cgroup2 mount joined with a path from /proc/self/cgroup.
+fn cgroup_dir(relative: &str) -> anyhow::Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mounts")?;
+    let mount = mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .next()
+        .context("no cgroup2 mount")?;
+    Ok(mount.join(relative.trim_start_matches('/')))
+}
+
+static CHILD: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward(sig: libc::c_int) {
+    let child = CHILD.load(Ordering::Relaxed);
+    if child > 0 {
+        // SAFETY: kill is async-signal-safe.
+        unsafe { libc::kill(child, sig) };
+    }
+}
+
+/// Forks; the child closes every inherited descriptor above 2 (a socket opened outside the sandbox
+/// is judged by the cgroup it was created in and would slip past every hook) and execs CMD. Returns
+/// the exit code to pass on: CMD's, or 128 + signal.
+fn spawn_and_wait(session: &str, argv: &[String]) -> anyhow::Result<u8> {
+    let args: Vec<CString> = argv
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<_, _>>()
+        .context("an argument contains a NUL byte")?;
+    // SAFETY: egressctl is single-threaded here, so the child may run arbitrary code before exec.
+    match unsafe { fork() }.context("fork")? {
+        ForkResult::Child => {
+            std::env::set_var(SESSION_ENV, session);
+            // SAFETY: closes descriptors only; close_range(2) with CLOSE_RANGE flags 0.
+            let rc = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+            if rc != 0 {
+                eprintln!("egressctl: cannot close inherited descriptors; not running {}", argv[0]);
+                // SAFETY: leaving the forked child without running destructors.
+                unsafe { libc::_exit(125) };
+            }
+            let err = execvp(&args[0], &args).unwrap_err();
+            eprintln!("egressctl: cannot run {}: {err}", argv[0]);
+            // SAFETY: as above. 127 is the shell's "command not found".
+            unsafe { libc::_exit(if err == nix::errno::Errno::ENOENT { 127 } else { 126 }) };
+        }
+        ForkResult::Parent { child } => {
+            CHILD.store(child.as_raw(), Ordering::Relaxed);
+            // Terminal signals reach the child directly (same process group); the rest we pass on.
+            // SAFETY: installing plain handlers; `forward` is async-signal-safe.
+            unsafe {
+                let _ = signal::signal(Signal::SIGINT, SigHandler::SigIgn);
+                let _ = signal::signal(Signal::SIGQUIT, SigHandler::SigIgn);
+                for sig in [Signal::SIGTERM, Signal::SIGHUP, Signal::SIGUSR1, Signal::SIGUSR2] {
+                    let _ = signal::signal(sig, SigHandler::Handler(forward));
+                }
+            }
+            wait_for(child)
+        }
+    }
+}
+
+fn wait_for(child: Pid) -> anyhow::Result<u8> {
+    loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(code as u8),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as u8),
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => bail!("waiting for the command: {e}"),
+        }
+    }
+}
+
+fn exit_words(code: u8) -> String {
+    match code {
+        0 => "ended (exit 0)".to_string(),
+        c if c > 128 => format!("ended (killed by signal {})", c - 128),
+        c => format!("ended (exit {c})"),
+    }
+}
