@@ -1,1 +1,149 @@
-fn main(){}
+//! Project chores: `cargo xtask bootstrap | build | run | test`.
+
+mod bootstrap;
+
+use std::{
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "egressd's build, run and test chores")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building the eBPF programs and running the tests needs (idempotent).
+    Bootstrap,
+    /// Bootstrap, then build egressd and egressctl (release).
+    Build,
+    /// Bootstrap, build, start egressd with its default policy if none is running, and run CMD in a
+    /// sandbox. Needs root.
+    Run {
+        /// Profile for the session.
+        #[arg(long)]
+        profile: Option<String>,
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Bootstrap, build, and run every test: unit tests and the kernel tests (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Bootstrap => bootstrap::run(),
+        Task::Build => {
+            bootstrap::run()?;
+            build_release()
+        }
+        Task::Run { profile, command } => {
+            bootstrap::run()?;
+            build_release()?;
+            run(profile, command)
+        }
+        Task::Test { args } => {
+            bootstrap::run()?;
+            test(&args)
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+pub fn check(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("{what}: cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status}): {cmd:?}");
+    }
+    Ok(())
+}
+
+fn build_release() -> anyhow::Result<()> {
+    check(
+        cargo().args(["build", "--release", "-p", "egressd", "-p", "egressctl"]),
+        "building egressd and egressctl",
+    )
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+const SOCKET: &str = "/run/egressd/egressd.sock";
+
+fn run(profile: Option<String>, command: Vec<String>) -> anyhow::Result<()> {
+    let release = workspace_root().join("target/release");
+    let socket = std::env::var("EGRESSD_SOCKET").unwrap_or_else(|_| SOCKET.into());
+    if std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        if !is_root() {
+            bail!("egressd is not running and starting it needs root: run `sudo cargo xtask run -- ...`");
+        }
+        let log = Path::new("/var/log/egressd");
+        std::fs::create_dir_all(log)?;
+        let log_file = std::fs::File::create(log.join("egressd.log"))?;
+        eprintln!(
+            "xtask: starting egressd (built-in default policy unless /etc/egressd/egressd.toml exists); log: {}",
+            log.join("egressd.log").display()
+        );
+        let mut daemon = Command::new(release.join("egressd"));
+        daemon
+            .args(["--socket", &socket])
+            .stdin(std::process::Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .process_group(0);
+        daemon.spawn().context("starting egressd")?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            if Instant::now() > deadline {
+                bail!("egressd did not come up within 20 s; see /var/log/egressd/egressd.log");
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("xtask: egressd is running; stop it with `pkill -x egressd` (enforcement stays pinned; `egressd cleanup` removes it)");
+    }
+    let mut ctl = Command::new(release.join("egressctl"));
+    ctl.args(["--socket", &socket, "run"]);
+    if let Some(p) = profile {
+        ctl.args(["--profile", &p]);
+    }
+    ctl.arg("--").args(&command);
+    Err(ctl.exec()).context("running egressctl")
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the kernel tests load eBPF programs and create cgroups and network namespaces: run `sudo cargo xtask test`");
+    }
+    // Build everything first so the tests find current egressd and egressctl binaries.
+    check(cargo().arg("build"), "building the workspace")?;
+    let mut cmd = cargo();
+    cmd.arg("test");
+    if !args.is_empty() {
+        cmd.arg("--").args(args);
+    }
+    check(&mut cmd, "the tests")
+}
