@@ -1,1 +1,341 @@
+//! Fixtures for the kernel tests: a private egressd (its own cgroup, pins and socket), an "outside"
+//! host in a network namespace with a counting listener, and helpers to run things sandboxed.
+//! Every fixture removes what it created when dropped, also when a test panics.
 
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+static NEXT: AtomicU32 = AtomicU32::new(1);
+
+/// The unprivileged identity sandboxed commands run as.
+pub const NOBODY: u32 = 65534;
+pub const PORT: u16 = 8080;
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the kernel tests need root (they load eBPF programs, create cgroups and network namespaces): run `sudo cargo xtask test`"
+    );
+}
+
+/// target/debug (or release), from the path of the running test binary (target/*/deps/...).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_owned()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.exists(), "{} is not built; run `cargo xtask test`", p.display());
+    p
+}
+
+pub fn probe() -> PathBuf {
+    bin("egressd-probe")
+}
+
+fn sh(cmd: &str) -> Output {
+    Command::new("sh").args(["-c", cmd]).output().unwrap()
+}
+
+fn must(cmd: &str) {
+    let out = sh(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A scratch directory every user can traverse (the socket lives in it).
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(tag: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("egressd-test-{}-{tag}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A private egressd: its own cgroup parent, bpffs pin directory and socket, so tests never touch a
+/// system egressd and can run side by side.
+pub struct Daemon {
+    pub name: String,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    pub fn start(scratch: &Scratch, config: Option<&str>) -> Daemon {
+        let name = format!("egressd-t{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let config_path = scratch.0.join("egressd.toml");
+        if let Some(text) = config {
+            fs::write(&config_path, text).unwrap();
+        }
+        let mut d = Daemon {
+            socket: scratch.0.join("egressd.sock"),
+            config: config_path,
+            log: scratch.0.join("egressd.log"),
+            name,
+            child: None,
+        };
+        d.spawn();
+        d
+    }
+
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            "--config".into(),
+            self.config.display().to_string(),
+            "--socket".into(),
+            self.socket.display().to_string(),
+            "--cgroup".into(),
+            self.name.clone(),
+            "--bpffs".into(),
+            format!("/sys/fs/bpf/{}", self.name),
+        ]
+    }
+
+    pub fn spawn(&mut self) {
+        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(bin("egressd"))
+            .args(self.args())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("egressd exited ({status}): {}", fs::read_to_string(&self.log).unwrap_or_default());
+            }
+            assert!(Instant::now() < deadline, "egressd did not come up: {}", self.log_text());
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn cgroup_dir(&self) -> PathBuf {
+        cgroup2_mount().join(&self.name)
+    }
+
+    /// `egressctl` against this daemon, as `uid`.
+    pub fn ctl(&self, uid: u32) -> Command {
+        let mut c = if uid == 0 {
+            Command::new(bin("egressctl"))
+        } else {
+            let mut c = Command::new("setpriv");
+            c.args([
+                format!("--reuid={uid}"),
+                format!("--regid={uid}"),
+                "--clear-groups".into(),
+                "--".into(),
+                bin("egressctl").display().to_string(),
+            ]);
+            c
+        };
+        c.arg("--socket").arg(&self.socket);
+        c
+    }
+
+    /// `egressctl run -- ARGS` as `uid`, waited for.
+    pub fn run(&self, uid: u32, args: &[&str]) -> Output {
+        self.ctl(uid).arg("run").arg("--").args(args).output().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = Command::new(bin("egressd"))
+            .args(self.args())
+            .arg("cleanup")
+            .output();
+        let _ = fs::remove_dir_all(cgroup2_mount().join(&self.name));
+    }
+}
+
+pub fn cgroup2_mount() -> PathBuf {
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .expect("cgroup2 mount")
+}
+
+/// An "outside" host: a network namespace behind a veth pair, with addresses from 198.18.0.0/15
+/// and an IPv6 ULA, running a listener that counts what it receives on sockets and on the wire.
+pub struct Outside {
+    pub netns: String,
+    pub host_if: String,
+    pub v4: String,
+    pub v6: String,
+    counts: PathBuf,
+    listener: Option<Child>,
+}
+
+#[derive(Debug, PartialEq, Eq, Clone, Copy, Default)]
+pub struct Counts {
+    pub tcp: u64,
+    pub udp: u64,
+    pub wire: u64,
+}
+
+impl Outside {
+    pub fn new(scratch: &Scratch) -> Outside {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed) % 250 + 1;
+        let tag = format!("{}x{n}", std::process::id() % 10000);
+        let (netns, host_if, out_if) = (format!("egt{tag}"), format!("egh{tag}"), format!("ego{tag}"));
+        let (v4h, v4) = (format!("198.18.{n}.1"), format!("198.18.{n}.2"));
+        let (v6h, v6) = (format!("fd00:e9:{n:x}::1"), format!("fd00:e9:{n:x}::2"));
+        let _ = sh(&format!("ip netns del {netns} 2>/dev/null; ip link del {host_if} 2>/dev/null"));
+        let mut o = Outside {
+            netns: netns.clone(),
+            host_if: host_if.clone(),
+            v4: v4.clone(),
+            v6: v6.clone(),
+            counts: scratch.0.join(format!("counts-{tag}")),
+            listener: None,
+        };
+        must(&format!("ip netns add {netns}"));
+        must(&format!("ip link add {host_if} type veth peer name {out_if}"));
+        must(&format!("ip link set {out_if} netns {netns}"));
+        must(&format!("ip addr add {v4h}/24 dev {host_if}"));
+        must(&format!("ip -6 addr add {v6h}/64 dev {host_if} nodad"));
+        must(&format!("ip link set {host_if} up"));
+        must(&format!("ip -n {netns} addr add {v4}/24 dev {out_if}"));
+        must(&format!("ip -n {netns} -6 addr add {v6}/64 dev {out_if} nodad"));
+        must(&format!("ip -n {netns} link set {out_if} up"));
+        must(&format!("ip -n {netns} link set lo up"));
+        let child = Command::new("ip")
+            .args(["netns", "exec", &netns])
+            .arg(probe())
+            .args(["listen", &v4, &v6, &PORT.to_string(), &out_if])
+            .arg(&o.counts)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        o.listener = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !o.counts.exists() {
+            assert!(Instant::now() < deadline, "outside listener did not start");
+            thread::sleep(Duration::from_millis(20));
+        }
+        o
+    }
+
+    pub fn tcp4(&self) -> String {
+        format!("{}:{PORT}", self.v4)
+    }
+    pub fn tcp6(&self) -> String {
+        format!("[{}]:{PORT}", self.v6)
+    }
+
+    /// What the outside host has received so far, after letting stragglers arrive.
+    pub fn counts(&self) -> Counts {
+        thread::sleep(Duration::from_millis(300));
+        let text = fs::read_to_string(&self.counts).unwrap();
+        let mut c = Counts::default();
+        for kv in text.split_whitespace() {
+            let (k, v) = kv.split_once('=').unwrap();
+            let v = v.parse().unwrap();
+            match k {
+                "tcp" => c.tcp = v,
+                "udp" => c.udp = v,
+                "wire" => c.wire = v,
+                _ => {}
+            }
+        }
+        c
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.listener.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = sh(&format!("ip netns del {}; ip link del {} 2>/dev/null", self.netns, self.host_if));
+    }
+}
+
+/// Result code of `egressd-probe attempt`.
+pub fn probe_code(out: &Output) -> i32 {
+    out.status.code().unwrap_or(-1)
+}
+
+pub fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `(allowed, denied)` from egressctl's closing summary line on stderr.
+pub fn summary(out: &Output) -> Option<(u64, u64)> {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err.lines().find(|l| l.contains(" allowed, "))?;
+    let nums: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let n = nums.len();
+    (n >= 2).then(|| (nums[n - 2], nums[n - 1]))
+}
+
+pub fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn session_dirs(d: &Daemon) -> Vec<PathBuf> {
+    fs::read_dir(d.cgroup_dir())
+        .map(|r| {
+            r.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,279 @@
+//! The tests' hands: `listen` runs on an outside host and counts what reaches it (sockets and the
+//! wire, through an AF_PACKET capture); `attempt` tries one way out from inside a sandbox.
+//!
+//! `attempt` exit codes: 0 the action went through, 3 refused with EPERM/EACCES, 4 other error.
+
+use std::{
+    fs,
+    io::{self, Read as _, Write as _},
+    net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    process::{exit, Command},
+    time::{Duration, Instant},
+};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    match a.as_slice() {
+        ["listen", v4, v6, port, iface, counts] => listen(v4, v6, port.parse().unwrap(), iface, counts),
+        ["attempt", kind, target] => exit(attempt(kind, target)),
+        ["wait-attempt", file, kind, target] => {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !fs::exists(file).unwrap_or(false) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            exit(attempt(kind, target))
+        }
+        ["fds"] => {
+            let mut fds: Vec<String> = fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            fds.sort();
+            println!("{}", fds.join(" "));
+        }
+        ["escape", procs] => exit(report(
+            fs::OpenOptions::new()
+                .write(true)
+                .open(procs)
+                .and_then(|mut f| f.write_all(std::process::id().to_string().as_bytes())),
+        )),
+        ["touch", file] => {
+            fs::write(file, b"ran").unwrap();
+        }
+        _ => {
+            eprintln!("usage: egressd-probe listen|attempt|wait-attempt|fds|escape|touch ...");
+            exit(2);
+        }
+    }
+}
+
+fn report<T>(r: io::Result<T>) -> i32 {
+    match r {
+        Ok(_) => {
+            println!("allowed");
+            0
+        }
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) => {
+            println!("denied: {e}");
+            3
+        }
+        Err(e) => {
+            println!("error: {e}");
+            4
+        }
+    }
+}
+
+const PAYLOAD: &[u8] = b"egressd-probe";
+
+fn attempt(kind: &str, target: &str) -> i32 {
+    let addr = || -> SocketAddr { target.parse().expect("target must be IP:port") };
+    let timeout = Duration::from_secs(2);
+    match kind {
+        "tcp" => report(TcpStream::connect_timeout(&addr(), timeout).and_then(|mut s| s.write_all(PAYLOAD))),
+        "tcp-v4mapped" => {
+            // An IPv6 socket to ::ffff:a.b.c.d: the kernel sends IPv4.
+            let a = addr();
+            let IpAddr::V4(v4) = a.ip() else { panic!("tcp-v4mapped takes an IPv4 target") };
+            let mapped = SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), a.port());
+            report(TcpStream::connect_timeout(&mapped, timeout))
+        }
+        "udp-sendto" => report(udp_for(&addr()).and_then(|s| s.send_to(PAYLOAD, addr()))),
+        "udp-sendmsg" => report(udp_sendmsg(&addr())),
+        "udp-connected" => report(udp_for(&addr()).and_then(|s| {
+            s.connect(addr())?;
+            s.send(PAYLOAD)
+        })),
+        "grandchild-tcp" => {
+            // Two levels down: sh, then this probe again.
+            let me = std::env::current_exe().unwrap();
+            let status = Command::new("sh")
+                .args(["-c", &format!("{} attempt tcp {target}", me.display())])
+                .status()
+                .unwrap();
+            status.code().unwrap_or(4)
+        }
+        "raw" => report(raw_socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_UDP).and_then(|fd| {
+            raw_send(&fd, &addr())
+        })),
+        "ping" => report(raw_socket(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP).and_then(|fd| {
+            raw_send(&fd, &addr())
+        })),
+        "loopback-tcp" => {
+            let l = TcpListener::bind(target).unwrap();
+            report(TcpStream::connect_timeout(&l.local_addr().unwrap(), timeout).and_then(|mut s| {
+                s.write_all(PAYLOAD)?;
+                let (mut c, _) = l.accept()?;
+                let mut buf = [0u8; PAYLOAD.len()];
+                c.read_exact(&mut buf)
+            }))
+        }
+        "loopback-udp" => {
+            let r = UdpSocket::bind(target).unwrap();
+            r.set_read_timeout(Some(timeout)).unwrap();
+            report(udp_for(&r.local_addr().unwrap()).and_then(|s| {
+                s.send_to(PAYLOAD, r.local_addr()?)?;
+                let mut buf = [0u8; 64];
+                r.recv(&mut buf)
+            }))
+        }
+        _ => {
+            eprintln!("unknown attempt {kind}");
+            2
+        }
+    }
+}
+
+fn udp_for(a: &SocketAddr) -> io::Result<UdpSocket> {
+    if a.is_ipv4() {
+        UdpSocket::bind("0.0.0.0:0")
+    } else {
+        UdpSocket::bind("[::]:0")
+    }
+}
+
+/// sendmsg(2) with a destination in msg_name, the path libraries use for unconnected UDP.
+fn udp_sendmsg(a: &SocketAddr) -> io::Result<usize> {
+    use nix::sys::socket::{sendmsg, MsgFlags, SockaddrStorage};
+    let s = udp_for(a)?;
+    let dest = SockaddrStorage::from(*a);
+    let iov = [io::IoSlice::new(PAYLOAD)];
+    sendmsg(s.as_raw_fd(), &iov, &[], MsgFlags::empty(), Some(&dest)).map_err(io::Error::from)
+}
+
+fn raw_socket(family: i32, ty: i32, proto: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the fd is owned right away.
+    let fd = unsafe { libc::socket(family, ty, proto) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// For raw UDP: a UDP header to the target port; for ping: an echo request.
+fn raw_send(fd: &OwnedFd, a: &SocketAddr) -> io::Result<usize> {
+    let SocketAddr::V4(v4) = a else { panic!("raw attempts are IPv4") };
+    let port = v4.port().to_be_bytes();
+    let mut pkt = vec![0x30, 0x39, port[0], port[1], 0, 8 + PAYLOAD.len() as u8, 0, 0];
+    pkt.extend_from_slice(PAYLOAD);
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: valid buffer and sockaddr_in for the call's duration.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            pkt.as_ptr().cast(),
+            pkt.len(),
+            0,
+            (&sin as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Counts, until killed (or 120 s), TCP connections and UDP datagrams received on `port`, and every
+/// IPv4/IPv6 frame on `iface` addressed to `port` or carrying ICMP echo (the wire capture).
+fn listen(v4: &str, v6: &str, port: u16, iface: &str, counts: &str) {
+    let tcp4 = TcpListener::bind((v4, port)).expect("bind tcp4");
+    let tcp6 = TcpListener::bind((v6.parse::<Ipv6Addr>().unwrap(), port)).expect("bind tcp6");
+    let udp4 = UdpSocket::bind((v4, port)).expect("bind udp4");
+    let udp6 = UdpSocket::bind((v6.parse::<Ipv6Addr>().unwrap(), port)).expect("bind udp6");
+    // SAFETY: socket(2) for an AF_PACKET capture; owned right away.
+    let cap = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, (libc::ETH_P_ALL as u16).to_be() as i32) };
+    assert!(cap >= 0, "AF_PACKET socket: {}", io::Error::last_os_error());
+    // SAFETY: fresh fd.
+    let cap = unsafe { OwnedFd::from_raw_fd(cap) };
+    let ifindex = nix::net::if_::if_nametoindex(iface).expect("capture interface");
+    let sll = libc::sockaddr_ll {
+        sll_family: libc::AF_PACKET as u16,
+        sll_protocol: (libc::ETH_P_ALL as u16).to_be(),
+        sll_ifindex: ifindex as i32,
+        sll_hatype: 0,
+        sll_pkttype: 0,
+        sll_halen: 0,
+        sll_addr: [0; 8],
+    };
+    // SAFETY: valid sockaddr_ll for the call.
+    let rc = unsafe {
+        libc::bind(cap.as_raw_fd(), (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32)
+    };
+    assert_eq!(rc, 0, "bind capture: {}", io::Error::last_os_error());
+    for l in [&tcp4, &tcp6] {
+        l.set_nonblocking(true).unwrap();
+    }
+    for u in [&udp4, &udp6] {
+        u.set_nonblocking(true).unwrap();
+    }
+    let (mut tcp, mut udp, mut wire) = (0u64, 0u64, 0u64);
+    let write = |tcp: u64, udp: u64, wire: u64| {
+        let tmp = format!("{counts}.tmp");
+        fs::write(&tmp, format!("tcp={tcp} udp={udp} wire={wire}\n")).unwrap();
+        fs::rename(&tmp, counts).unwrap();
+    };
+    write(0, 0, 0);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline {
+        let mut fds = [
+            libc::pollfd { fd: tcp4.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: tcp6.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: udp4.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: udp6.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: cap.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: fds is a valid array of pollfd.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as u64, 200) };
+        let before = (tcp, udp, wire);
+        for l in [&tcp4, &tcp6] {
+            while l.accept().is_ok() {
+                tcp += 1;
+            }
+        }
+        for u in [&udp4, &udp6] {
+            while u.recv(&mut buf).is_ok() {
+                udp += 1;
+            }
+        }
+        loop {
+            // SAFETY: buf is valid for its length.
+            let n = unsafe { libc::recv(cap.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            if n <= 0 {
+                break;
+            }
+            if frame_matters(&buf[..n as usize], port) {
+                wire += 1;
+            }
+        }
+        if (tcp, udp, wire) != before {
+            write(tcp, udp, wire);
+        }
+    }
+}
+
+/// An IP packet (SOCK_DGRAM capture: no link header) to `port` over TCP/UDP, or any ICMP echo request.
+fn frame_matters(p: &[u8], port: u16) -> bool {
+    let (proto, l4) = match p.first().map(|b| b >> 4) {
+        Some(4) if p.len() >= 20 => (p[9], ((p[0] & 0x0f) as usize) * 4),
+        Some(6) if p.len() >= 40 => (p[6], 40),
+        _ => return false,
+    };
+    match proto {
+        6 | 17 => p.len() >= l4 + 4 && u16::from_be_bytes([p[l4 + 2], p[l4 + 3]]) == port,
+        1 => p.get(l4) == Some(&8),
+        58 => p.get(l4) == Some(&128),
+        _ => false,
+    }
+}
