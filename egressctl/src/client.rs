@@ -8,8 +8,8 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use std::io::Read as _;
 use egressd_common::protocol::{Op, Reply, Request, Response, MAX_MESSAGE_BYTES};
+use std::io::Read as _;
 
 pub struct Client {
     path: PathBuf,
@@ -42,15 +42,20 @@ impl Client {
             .read_line(&mut buf)
             .with_context(|| format!("reading egressd's reply on {}", self.path.display()))?;
         if n == 0 {
-            bail!("egressd closed the connection on {} without replying", self.path.display());
+            bail!(
+                "egressd closed the connection on {} without replying",
+                self.path.display()
+            );
         }
-        let response: Response = serde_json::from_str(&buf)
-            .with_context(|| format!("egressd sent a reply this egressctl cannot read: {}", buf.trim()))?;
+        let response: Response = serde_json::from_str(&buf).with_context(|| {
+            format!(
+                "egressd sent a reply this egressctl cannot read: {}",
+                buf.trim()
+            )
+        })?;
         match response.reply {
             Reply::Error { message } => bail!("egressd: {message}"),
             reply => Ok(reply),
         }
     }
 }
-
-

@@ -66,7 +66,11 @@ pub fn doctor(socket: &Path) -> ExitCode {
             }
         }
     } else {
-        r.line(Level::Info, "attach types", "skipped: loading test programs needs root (run `sudo egressctl doctor`)");
+        r.line(
+            Level::Info,
+            "attach types",
+            "skipped: loading test programs needs root (run `sudo egressctl doctor`)",
+        );
     }
 
     let bpffs = fs::read_to_string("/proc/self/mounts")
@@ -74,9 +78,17 @@ pub fn doctor(socket: &Path) -> ExitCode {
         .lines()
         .any(|l| l.split_whitespace().nth(2) == Some("bpf"));
     if bpffs {
-        r.line(Level::Ok, "bpffs", "mounted (programs stay pinned if egressd stops)");
+        r.line(
+            Level::Ok,
+            "bpffs",
+            "mounted (programs stay pinned if egressd stops)",
+        );
     } else {
-        r.line(Level::Info, "bpffs", "not mounted; egressd mounts it at /sys/fs/bpf when it starts");
+        r.line(
+            Level::Info,
+            "bpffs",
+            "not mounted; egressd mounts it at /sys/fs/bpf when it starts",
+        );
     }
 
     let lsm = fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
@@ -101,7 +113,9 @@ pub fn doctor(socket: &Path) -> ExitCode {
     }
 
     if r.failed {
-        println!("\nSome checks failed: egressd cannot enforce on this kernel until they are fixed.");
+        println!(
+            "\nSome checks failed: egressd cannot enforce on this kernel until they are fixed."
+        );
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS

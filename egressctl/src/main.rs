@@ -12,7 +12,10 @@ use clap::{Parser, Subcommand};
 use egressd_common::protocol::{DEFAULT_SOCKET, SOCKET_ENV};
 
 #[derive(Parser)]
-#[command(version, about = "Run tools with every non-loopback connection denied by the kernel, and inspect egressd")]
+#[command(
+    version,
+    about = "Run tools with every non-loopback connection denied by the kernel, and inspect egressd"
+)]
 struct Cli {
     /// egressd's control socket.
     #[arg(long, global = true, env = SOCKET_ENV, default_value = DEFAULT_SOCKET)]
@@ -30,7 +33,12 @@ enum Command {
         #[arg(long)]
         profile: Option<String>,
         /// The command and its arguments.
-        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
         command: Vec<String>,
     },
     /// Is egressd up, which hooks are attached, which policy is in force.

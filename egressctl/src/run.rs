@@ -43,7 +43,11 @@ pub fn run(socket: &Path, profile: Option<String>, argv: Vec<String>) -> anyhow:
 
     let status = spawn_and_wait(&started.id, &argv)?;
 
-    match Client::connect(socket).and_then(|mut c| c.call(Op::Summary { id: started.id.clone() })) {
+    match Client::connect(socket).and_then(|mut c| {
+        c.call(Op::Summary {
+            id: started.id.clone(),
+        })
+    }) {
         Ok(Reply::Session(s)) => eprintln!(
             "egressd: session {} {}: {} allowed, {} denied",
             s.id,
@@ -149,14 +153,23 @@ fn spawn_and_wait(session: &str, argv: &[String]) -> anyhow::Result<u8> {
             // SAFETY: closes descriptors only; close_range(2) with CLOSE_RANGE flags 0.
             let rc = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
             if rc != 0 {
-                eprintln!("egressctl: cannot close inherited descriptors; not running {}", argv[0]);
+                eprintln!(
+                    "egressctl: cannot close inherited descriptors; not running {}",
+                    argv[0]
+                );
                 // SAFETY: leaving the forked child without running destructors.
                 unsafe { libc::_exit(125) };
             }
             let err = execvp(&args[0], &args).unwrap_err();
             eprintln!("egressctl: cannot run {}: {err}", argv[0]);
             // SAFETY: as above. 127 is the shell's "command not found".
-            unsafe { libc::_exit(if err == nix::errno::Errno::ENOENT { 127 } else { 126 }) };
+            unsafe {
+                libc::_exit(if err == nix::errno::Errno::ENOENT {
+                    127
+                } else {
+                    126
+                })
+            };
         }
         ForkResult::Parent { child } => {
             CHILD.store(child.as_raw(), Ordering::Relaxed);
@@ -165,7 +178,12 @@ fn spawn_and_wait(session: &str, argv: &[String]) -> anyhow::Result<u8> {
             unsafe {
                 let _ = signal::signal(Signal::SIGINT, SigHandler::SigIgn);
                 let _ = signal::signal(Signal::SIGQUIT, SigHandler::SigIgn);
-                for sig in [Signal::SIGTERM, Signal::SIGHUP, Signal::SIGUSR1, Signal::SIGUSR2] {
+                for sig in [
+                    Signal::SIGTERM,
+                    Signal::SIGHUP,
+                    Signal::SIGUSR1,
+                    Signal::SIGUSR2,
+                ] {
                     let _ = signal::signal(sig, SigHandler::Handler(forward));
                 }
             }

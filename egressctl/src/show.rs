@@ -19,8 +19,18 @@ pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
     }
-    println!("egressd {} running (pid {}), socket {}", s.version, s.pid, socket.display());
-    println!("policy:   {} (default profile {}; profiles: {})", s.policy_source, s.default_profile, s.profiles.join(", "));
+    println!(
+        "egressd {} running (pid {}), socket {}",
+        s.version,
+        s.pid,
+        socket.display()
+    );
+    println!(
+        "policy:   {} (default profile {}; profiles: {})",
+        s.policy_source,
+        s.default_profile,
+        s.profiles.join(", ")
+    );
     println!("cgroup:   {}", s.cgroup_parent);
     println!("hooks:    {} attached and pinned", s.hooks.len());
     for h in &s.hooks {
@@ -48,7 +58,12 @@ pub fn ps(socket: &Path, json: bool) -> anyhow::Result<()> {
         "SESSION", "PROFILE", "UID", "PIDS", "STARTED", "ALLOWED", "DENIED"
     );
     for s in sessions {
-        let pids = s.pids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        let pids = s
+            .pids
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
         println!(
             "{:<9} {:<10} {:>6} {:<16} {:>9} {:>8} {:>7}  {}",
             s.id,
@@ -73,7 +88,10 @@ fn truncate(s: &str, n: usize) -> String {
 }
 
 fn ago(started: u64) -> String {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs();
     let d = now.saturating_sub(started);
     match d {
         0..=59 => format!("{d}s ago"),

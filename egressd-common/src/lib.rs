@@ -9,9 +9,9 @@
 extern crate std;
 
 #[cfg(feature = "user")]
-pub mod protocol;
-#[cfg(feature = "user")]
 pub mod prog_query;
+#[cfg(feature = "user")]
+pub mod protocol;
 
 /// Names of the maps in the eBPF object. The eBPF crate names its statics exactly like this; a test in
 /// `egressd` parses the built object and checks each name exists, so the two cannot drift apart.

@@ -35,9 +35,13 @@ pub enum Op {
     Status,
     Ps,
     /// Counters of one session (the caller's own, or any for root).
-    Summary { id: String },
+    Summary {
+        id: String,
+    },
     /// Check that every required program is effective on the session's cgroup.
-    CheckEnforced { id: String },
+    CheckEnforced {
+        id: String,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

@@ -98,7 +98,10 @@ fn judge_sock_addr(ctx: &SockAddrContext, dest: Dest) -> i32 {
         Some(p) => p,
         None => {
             if info.is_none() {
-                warn!(ctx, "egressd: task in no known session (cgroup {}): loopback only", session);
+                warn!(
+                    ctx,
+                    "egressd: task in no known session (cgroup {}): loopback only", session
+                );
             }
             (u32::MAX, Profile::default())
         }
@@ -135,7 +138,12 @@ fn dest4(ctx: &SockAddrContext) -> Dest {
 
 fn dest6(ctx: &SockAddrContext) -> Dest {
     let sa = sock_addr(ctx);
-    let ip = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+    let ip = [
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
+    ];
     Dest::v6(ip, sa.user_port, sa.protocol)
 }
 

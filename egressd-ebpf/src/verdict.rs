@@ -22,7 +22,9 @@ impl Dest {
     pub fn v4(ip: u32, port: u32, proto: u32) -> Self {
         let b = ip.to_ne_bytes();
         Dest {
-            addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]],
+            addr: [
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
+            ],
             port: u16::from_be(port as u16),
             proto: proto as u8,
         }
@@ -143,7 +145,10 @@ fn ranges_match(v: &AllowValue, dest: &Dest) -> bool {
     while i < MAX_PORT_RANGES {
         if i < n {
             let r = &v.ranges[i];
-            if (r.proto == PROTO_ANY || r.proto == dest.proto) && r.lo <= dest.port && dest.port <= r.hi {
+            if (r.proto == PROTO_ANY || r.proto == dest.proto)
+                && r.lo <= dest.port
+                && dest.port <= r.hi
+            {
                 return true;
             }
         }
@@ -166,7 +171,9 @@ pub fn packet_dest(ctx: &SkBuffContext) -> Option<Dest> {
             let ihl = ((first & 0x0f) as usize) * 4;
             let port = l4_port(ctx, proto, ihl);
             Some(Dest {
-                addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, dst[0], dst[1], dst[2], dst[3]],
+                addr: [
+                    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, dst[0], dst[1], dst[2], dst[3],
+                ],
                 port,
                 proto,
             })

@@ -52,7 +52,10 @@ fn unescape_mount_path(s: &str) -> String {
     let b = s.as_bytes();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v as char);
             i += 4;
@@ -78,7 +81,9 @@ impl Layout {
     pub fn new(parent_name: &str) -> Result<Layout, CgroupError> {
         let mount = cgroup2_mount()?;
         let parent = mount.join(parent_name.trim_start_matches('/'));
-        let depth = Path::new(parent_name.trim_start_matches('/')).components().count() as u32;
+        let depth = Path::new(parent_name.trim_start_matches('/'))
+            .components()
+            .count() as u32;
         Ok(Layout {
             mount,
             parent,

@@ -137,7 +137,11 @@ async fn handle(state: &State, caller: Caller, op: Op) -> Reply {
 }
 
 async fn view(state: &State, s: &Session) -> SessionView {
-    let counters = state.enforcer.counters(s.cgroup_id).await.unwrap_or_default();
+    let counters = state
+        .enforcer
+        .counters(s.cgroup_id)
+        .await
+        .unwrap_or_default();
     s.view(counters)
 }
 
@@ -194,7 +198,13 @@ async fn start_session(
         let Some(p) = policy.config.profiles.get(&name) else {
             return Err(format!(
                 "no profile {name:?}; profiles: {}",
-                policy.config.profiles.keys().cloned().collect::<Vec<_>>().join(", ")
+                policy
+                    .config
+                    .profiles
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         };
         let index = policy.index_of(&name).ok_or("profile index missing")?;

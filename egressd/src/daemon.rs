@@ -36,7 +36,8 @@ impl AsRawFd for Watcher {
 fn readable_fd<T: AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
     // SAFETY: `inner` owns its fd and the AsyncFd owns `inner`, so the fd stays open for as long as
     // it is registered and is deregistered before it is closed.
-    unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }.map_err(|e| e.into_parts().1)
+    unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
 }
 
 /// The policy in force and the stable index of each profile in the kernel's tables. Indices
@@ -68,7 +69,11 @@ impl PolicyState {
                 taken.insert(*i);
             }
         }
-        let new: Vec<&String> = config.profiles.keys().filter(|n| !out.contains_key(*n)).collect();
+        let new: Vec<&String> = config
+            .profiles
+            .keys()
+            .filter(|n| !out.contains_key(*n))
+            .collect();
         for name in new {
             let free = (0..egressd_common::MAX_PROFILES)
                 .find(|i| !taken.contains(i))
@@ -123,7 +128,10 @@ impl State {
             .0
             .add_watch(&s.dir.join("cgroup.events"), AddWatchFlags::IN_MODIFY)
         {
-            tracing::warn!("watching session {}: {e}; it will be noticed by the periodic sweep", s.id);
+            tracing::warn!(
+                "watching session {}: {e}; it will be noticed by the periodic sweep",
+                s.id
+            );
         }
     }
 
@@ -140,7 +148,8 @@ impl State {
         let indices = PolicyState::assign(&config, &policy.indices, &in_use)?;
         let mut compiled = Vec::new();
         for (name, index) in &indices {
-            let p = compile_profile(&config.profiles[name]).map_err(|e| format!("profile {name:?}: {e}"))?;
+            let p = compile_profile(&config.profiles[name])
+                .map_err(|e| format!("profile {name:?}: {e}"))?;
             compiled.push((*index, p));
         }
         self.enforcer
@@ -160,9 +169,13 @@ impl State {
         match Config::load(&self.config_path) {
             Ok((config, source)) => match self.apply_policy(config, source.clone()).await {
                 Ok(()) => tracing::info!(%source, "policy reloaded"),
-                Err(e) => tracing::error!("policy reload failed, the previous policy stays in force: {e}"),
+                Err(e) => {
+                    tracing::error!("policy reload failed, the previous policy stays in force: {e}")
+                }
             },
-            Err(e) => tracing::error!("policy reload refused, the previous policy stays in force: {e}"),
+            Err(e) => {
+                tracing::error!("policy reload refused, the previous policy stays in force: {e}")
+            }
         }
     }
 
@@ -196,7 +209,11 @@ impl State {
                 }
             };
             if session.profile_index != u32::MAX && !registered.contains_key(&session.cgroup_id) {
-                if let Err(e) = self.enforcer.add_session(session.cgroup_id, session.profile_index).await {
+                if let Err(e) = self
+                    .enforcer
+                    .add_session(session.cgroup_id, session.profile_index)
+                    .await
+                {
                     tracing::warn!(session = %id, "re-registering adopted session: {e}");
                 }
             }
@@ -214,8 +231,14 @@ impl State {
     pub async fn reap(&self) {
         let empty = self.registry.lock().await.empty();
         for id in empty {
-            let Some(s) = self.registry.lock().await.remove(&id) else { continue };
-            let totals = self.enforcer.remove_session(s.cgroup_id).await.unwrap_or_default();
+            let Some(s) = self.registry.lock().await.remove(&id) else {
+                continue;
+            };
+            let totals = self
+                .enforcer
+                .remove_session(s.cgroup_id)
+                .await
+                .unwrap_or_default();
             if let Err(e) = cgroup::remove(&s.dir) {
                 tracing::warn!(session = %id, "removing cgroup: {e}");
             }

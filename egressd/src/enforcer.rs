@@ -66,12 +66,36 @@ static PROGRAMS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 /// The hooks, in attach order. The backstop goes first so that no packet is ever judged by the socket
 /// hooks alone while the others are being attached.
 const HOOKS: [(&str, &str, u32); 6] = [
-    (programs::SKB_EGRESS, "cgroup_skb/egress", prog_query::ATTACH_INET_EGRESS),
-    (programs::SOCK_CREATE, "cgroup/sock_create", prog_query::ATTACH_INET_SOCK_CREATE),
-    (programs::CONNECT4, "cgroup/connect4", prog_query::ATTACH_INET4_CONNECT),
-    (programs::CONNECT6, "cgroup/connect6", prog_query::ATTACH_INET6_CONNECT),
-    (programs::SENDMSG4, "cgroup/sendmsg4", prog_query::ATTACH_UDP4_SENDMSG),
-    (programs::SENDMSG6, "cgroup/sendmsg6", prog_query::ATTACH_UDP6_SENDMSG),
+    (
+        programs::SKB_EGRESS,
+        "cgroup_skb/egress",
+        prog_query::ATTACH_INET_EGRESS,
+    ),
+    (
+        programs::SOCK_CREATE,
+        "cgroup/sock_create",
+        prog_query::ATTACH_INET_SOCK_CREATE,
+    ),
+    (
+        programs::CONNECT4,
+        "cgroup/connect4",
+        prog_query::ATTACH_INET4_CONNECT,
+    ),
+    (
+        programs::CONNECT6,
+        "cgroup/connect6",
+        prog_query::ATTACH_INET6_CONNECT,
+    ),
+    (
+        programs::SENDMSG4,
+        "cgroup/sendmsg4",
+        prog_query::ATTACH_UDP4_SENDMSG,
+    ),
+    (
+        programs::SENDMSG6,
+        "cgroup/sendmsg6",
+        prog_query::ATTACH_UDP6_SENDMSG,
+    ),
 ];
 
 pub struct Enforcer {
@@ -91,7 +115,10 @@ impl PinDir {
     }
 }
 
-fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> EnforcerError + 'a {
+fn io_err<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> EnforcerError + 'a {
     move |source| EnforcerError::Io {
         action,
         path: path.to_owned(),
@@ -108,8 +135,10 @@ impl Enforcer {
         for dir in [pins.maps(), pins.links()] {
             fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
         }
-        let map_paths: Vec<(&str, PathBuf)> =
-            maps::ALL.iter().map(|n| (*n, pins.maps().join(n))).collect();
+        let map_paths: Vec<(&str, PathBuf)> = maps::ALL
+            .iter()
+            .map(|n| (*n, pins.maps().join(n)))
+            .collect();
         let mut loader = EbpfLoader::new();
         loader.override_global(programs::GLOBAL_SESSION_LEVEL, &session_level, true);
         for (name, path) in &map_paths {
@@ -121,12 +150,10 @@ impl Enforcer {
         let mut hooks = Vec::new();
         for (name, attach_name, attach_type) in HOOKS {
             let prog_err = |source| EnforcerError::Program { name, source };
-            let program = ebpf
-                .program_mut(name)
-                .ok_or(EnforcerError::Program {
-                    name,
-                    source: aya::programs::ProgramError::NotLoaded,
-                })?;
+            let program = ebpf.program_mut(name).ok_or(EnforcerError::Program {
+                name,
+                source: aya::programs::ProgramError::NotLoaded,
+            })?;
             let link: FdLink = match program {
                 aya::programs::Program::CgroupSockAddr(p) => attach_sock_addr(name, p, &cgroup)?,
                 aya::programs::Program::CgroupSock(p) => attach_sock(name, p, &cgroup)?,
@@ -161,7 +188,9 @@ impl Enforcer {
     }
 
     fn map(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
-        self.ebpf.map_mut(name).ok_or(EnforcerError::MissingMap(name))
+        self.ebpf
+            .map_mut(name)
+            .ok_or(EnforcerError::MissingMap(name))
     }
 
     fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> EnforcerError {
@@ -176,22 +205,25 @@ impl Enforcer {
     /// flips the generation: one 4-byte map write switches every session at once.
     pub fn install_policy(&mut self, profiles: &[(u32, CompiledProfile)]) -> Result<()> {
         let generation = {
-            let gen: Array<&mut MapData, u32> =
-                Array::try_from(self.map(maps::POLICY_GEN)?).map_err(Self::map_err(maps::POLICY_GEN))?;
+            let gen: Array<&mut MapData, u32> = Array::try_from(self.map(maps::POLICY_GEN)?)
+                .map_err(Self::map_err(maps::POLICY_GEN))?;
             gen.get(&0, 0).map_err(Self::map_err(maps::POLICY_GEN))?
         };
         let next = generation ^ 1;
         let slots = policy_slot(next, 0)..policy_slot(next, 0) + MAX_PROFILES;
         {
             let mut table: Array<&mut MapData, Profile> =
-                Array::try_from(self.map(maps::PROFILES)?).map_err(Self::map_err(maps::PROFILES))?;
+                Array::try_from(self.map(maps::PROFILES)?)
+                    .map_err(Self::map_err(maps::PROFILES))?;
             for slot in slots.clone() {
                 let value = profiles
                     .iter()
                     .find(|(idx, _)| policy_slot(next, *idx) == slot)
                     .map(|(_, p)| p.profile)
                     .unwrap_or_default();
-                table.set(slot, value, 0).map_err(Self::map_err(maps::PROFILES))?;
+                table
+                    .set(slot, value, 0)
+                    .map_err(Self::map_err(maps::PROFILES))?;
             }
         }
         {
@@ -209,23 +241,30 @@ impl Enforcer {
                 let slot = policy_slot(next, *idx);
                 for (prefix, addr, value) in &compiled.allow {
                     let key = Key::new(*prefix, allow_key(slot, *addr));
-                    allow.insert(&key, value, 0).map_err(Self::map_err(maps::ALLOW))?;
+                    allow
+                        .insert(&key, value, 0)
+                        .map_err(Self::map_err(maps::ALLOW))?;
                 }
             }
         }
-        let mut gen: Array<&mut MapData, u32> =
-            Array::try_from(self.map(maps::POLICY_GEN)?).map_err(Self::map_err(maps::POLICY_GEN))?;
+        let mut gen: Array<&mut MapData, u32> = Array::try_from(self.map(maps::POLICY_GEN)?)
+            .map_err(Self::map_err(maps::POLICY_GEN))?;
         gen.set(0, next, 0).map_err(Self::map_err(maps::POLICY_GEN))
     }
 
     pub fn add_session(&mut self, cgroup_id: u64, profile: u32) -> Result<()> {
         {
             let mut counters: PerCpuHashMap<&mut MapData, u64, Counters> =
-                PerCpuHashMap::try_from(self.map(maps::COUNTERS)?).map_err(Self::map_err(maps::COUNTERS))?;
+                PerCpuHashMap::try_from(self.map(maps::COUNTERS)?)
+                    .map_err(Self::map_err(maps::COUNTERS))?;
             let cpus = nr_cpus().map_err(|(path, e)| io_err("reading", Path::new(path))(e))?;
-            let zeros = PerCpuValues::try_from(vec![Counters::default(); cpus])
-                .map_err(io_err("sizing per-CPU counters for", Path::new(maps::COUNTERS)))?;
-            counters.insert(cgroup_id, zeros, 0).map_err(Self::map_err(maps::COUNTERS))?;
+            let zeros = PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(io_err(
+                "sizing per-CPU counters for",
+                Path::new(maps::COUNTERS),
+            ))?;
+            counters
+                .insert(cgroup_id, zeros, 0)
+                .map_err(Self::map_err(maps::COUNTERS))?;
         }
         let mut sessions: HashMap<&mut MapData, u64, SessionInfo> =
             HashMap::try_from(self.map(maps::SESSIONS)?).map_err(Self::map_err(maps::SESSIONS))?;
@@ -239,11 +278,13 @@ impl Enforcer {
         let totals = self.counters(cgroup_id)?;
         {
             let mut sessions: HashMap<&mut MapData, u64, SessionInfo> =
-                HashMap::try_from(self.map(maps::SESSIONS)?).map_err(Self::map_err(maps::SESSIONS))?;
+                HashMap::try_from(self.map(maps::SESSIONS)?)
+                    .map_err(Self::map_err(maps::SESSIONS))?;
             let _ = sessions.remove(&cgroup_id);
         }
         let mut counters: PerCpuHashMap<&mut MapData, u64, Counters> =
-            PerCpuHashMap::try_from(self.map(maps::COUNTERS)?).map_err(Self::map_err(maps::COUNTERS))?;
+            PerCpuHashMap::try_from(self.map(maps::COUNTERS)?)
+                .map_err(Self::map_err(maps::COUNTERS))?;
         let _ = counters.remove(&cgroup_id);
         Ok(totals)
     }
@@ -252,12 +293,17 @@ impl Enforcer {
     pub fn registered_sessions(&mut self) -> Result<Vec<(u64, u32)>> {
         let sessions: HashMap<&mut MapData, u64, SessionInfo> =
             HashMap::try_from(self.map(maps::SESSIONS)?).map_err(Self::map_err(maps::SESSIONS))?;
-        Ok(sessions.iter().filter_map(|r| r.ok()).map(|(k, v)| (k, v.profile)).collect())
+        Ok(sessions
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, v)| (k, v.profile))
+            .collect())
     }
 
     pub fn counters(&mut self, cgroup_id: u64) -> Result<Counters> {
         let counters: PerCpuHashMap<&mut MapData, u64, Counters> =
-            PerCpuHashMap::try_from(self.map(maps::COUNTERS)?).map_err(Self::map_err(maps::COUNTERS))?;
+            PerCpuHashMap::try_from(self.map(maps::COUNTERS)?)
+                .map_err(Self::map_err(maps::COUNTERS))?;
         let mut total = Counters::default();
         match counters.get(&cgroup_id, 0) {
             Ok(per_cpu) => per_cpu.iter().for_each(|c| total.add(c)),
@@ -285,28 +331,45 @@ impl Enforcer {
 
 // `Single` means "no flags": the kernel refuses flags on cgroup bpf_link_create and always attaches
 // links in multi mode, so other tools' programs on the same cgroup keep running and so do ours.
-fn attach_sock_addr(name: &'static str, p: &mut CgroupSockAddr, cgroup: &fs::File) -> Result<FdLink> {
+fn attach_sock_addr(
+    name: &'static str,
+    p: &mut CgroupSockAddr,
+    cgroup: &fs::File,
+) -> Result<FdLink> {
     let prog_err = |source| EnforcerError::Program { name, source };
     p.load().map_err(prog_err)?;
-    let id = p.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(prog_err)?;
+    let id = p
+        .attach(cgroup.as_fd(), CgroupAttachMode::Single)
+        .map_err(prog_err)?;
     let link = p.take_link(id).map_err(prog_err)?;
-    link.try_into().map_err(|source| EnforcerError::Link { name, source })
+    link.try_into()
+        .map_err(|source| EnforcerError::Link { name, source })
 }
 
 fn attach_sock(name: &'static str, p: &mut CgroupSock, cgroup: &fs::File) -> Result<FdLink> {
     let prog_err = |source| EnforcerError::Program { name, source };
     p.load().map_err(prog_err)?;
-    let id = p.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(prog_err)?;
+    let id = p
+        .attach(cgroup.as_fd(), CgroupAttachMode::Single)
+        .map_err(prog_err)?;
     let link = p.take_link(id).map_err(prog_err)?;
-    link.try_into().map_err(|source| EnforcerError::Link { name, source })
+    link.try_into()
+        .map_err(|source| EnforcerError::Link { name, source })
 }
 
 fn attach_skb(name: &'static str, p: &mut CgroupSkb, cgroup: &fs::File) -> Result<FdLink> {
     let prog_err = |source| EnforcerError::Program { name, source };
     p.load().map_err(prog_err)?;
-    let id = p.attach(cgroup.as_fd(), CgroupSkbAttachType::Egress, CgroupAttachMode::Single).map_err(prog_err)?;
+    let id = p
+        .attach(
+            cgroup.as_fd(),
+            CgroupSkbAttachType::Egress,
+            CgroupAttachMode::Single,
+        )
+        .map_err(prog_err)?;
     let link = p.take_link(id).map_err(prog_err)?;
-    link.try_into().map_err(|source| EnforcerError::Link { name, source })
+    link.try_into()
+        .map_err(|source| EnforcerError::Link { name, source })
 }
 
 /// Pins `link` at `path`, replacing (and so detaching) a link a previous daemon pinned there. The new
@@ -339,7 +402,9 @@ fn replace_pinned_link(link: FdLink, path: &Path) -> Result<()> {
 pub fn unpin_all(pins: &PinDir) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     for dir in [pins.links(), pins.maps()] {
-        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
         for e in entries.filter_map(|e| e.ok()) {
             let path = e.path();
             fs::remove_file(&path).map_err(io_err("unpinning", &path))?;
@@ -375,7 +440,10 @@ pub enum HandleError {
 }
 
 impl Handle {
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, HandleError> {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, HandleError> {
         let (tx, rx) = oneshot::channel();
         self.0.send(make(tx)).await.map_err(|_| HandleError::Gone)?;
         rx.await.map_err(|_| HandleError::Gone)
@@ -385,10 +453,14 @@ impl Handle {
         Ok(self.ask(|tx| Command::InstallPolicy(p, tx)).await??)
     }
     pub async fn add_session(&self, cgroup_id: u64, profile: u32) -> Result<(), HandleError> {
-        Ok(self.ask(|tx| Command::AddSession(cgroup_id, profile, tx)).await??)
+        Ok(self
+            .ask(|tx| Command::AddSession(cgroup_id, profile, tx))
+            .await??)
     }
     pub async fn remove_session(&self, cgroup_id: u64) -> Result<Counters, HandleError> {
-        Ok(self.ask(|tx| Command::RemoveSession(cgroup_id, tx)).await??)
+        Ok(self
+            .ask(|tx| Command::RemoveSession(cgroup_id, tx))
+            .await??)
     }
     pub async fn counters(&self, cgroup_id: u64) -> Result<Counters, HandleError> {
         Ok(self.ask(|tx| Command::Counters(cgroup_id, tx)).await??)

@@ -44,7 +44,12 @@ struct Cli {
     #[arg(long, global = true, env = "EGRESSD_CGROUP", default_value = "egressd")]
     cgroup: String,
     /// Where programs' links and maps are pinned (bpffs).
-    #[arg(long, global = true, env = "EGRESSD_BPFFS", default_value = "/sys/fs/bpf/egressd")]
+    #[arg(
+        long,
+        global = true,
+        env = "EGRESSD_BPFFS",
+        default_value = "/sys/fs/bpf/egressd"
+    )]
     bpffs: PathBuf,
     #[command(subcommand)]
     command: Option<Command>,
@@ -72,7 +77,15 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Check { file }) => {
             let path = file.unwrap_or(cli.config);
             let (config, source) = Config::load(&path)?;
-            println!("{source}: ok, profiles: {}", config.profiles.keys().cloned().collect::<Vec<_>>().join(", "));
+            println!(
+                "{source}: ok, profiles: {}",
+                config
+                    .profiles
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
             Ok(())
         }
         Some(Command::Cleanup) => {
@@ -183,13 +196,17 @@ fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
 
 fn bind_socket(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListener> {
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        bail!("another egressd is already serving {}; stop it first", path.display());
+        bail!(
+            "another egressd is already serving {}; stop it first",
+            path.display()
+        );
     }
     let _ = std::fs::remove_file(path);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     let mode = match group {
         Some(name) => {
             let g = nix::unistd::Group::from_name(name)?
@@ -223,7 +240,10 @@ fn cleanup(cli: &Cli) -> anyhow::Result<()> {
     for id in layout.existing_sessions() {
         let dir = layout.session_dir(&id);
         if cgroup::populated(&dir) {
-            println!("session {id} still has processes; left {} in place (now unenforced)", dir.display());
+            println!(
+                "session {id} still has processes; left {} in place (now unenforced)",
+                dir.display()
+            );
         } else if cgroup::remove(&dir).is_ok() {
             println!("removed {}", dir.display());
         }

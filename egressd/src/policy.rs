@@ -129,7 +129,9 @@ impl FromStr for AllowRule {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, String> {
-        let bad = |why: &str| format!("allow rule {text:?}: {why} (expected CIDR[:port[-port]][/tcp|/udp], e.g. \"10.20.0.5/32:8000/tcp\")");
+        let bad = |why: &str| {
+            format!("allow rule {text:?}: {why} (expected CIDR[:port[-port]][/tcp|/udp], e.g. \"10.20.0.5/32:8000/tcp\")")
+        };
         let (rest, proto) = if let Some(r) = text.strip_suffix("/tcp") {
             (r, PROTO_TCP)
         } else if let Some(r) = text.strip_suffix("/udp") {
@@ -167,7 +169,10 @@ impl FromStr for AllowRule {
         };
         let net = IpNet::new(ip, prefix).map_err(|_| bad("prefix length too long"))?;
         if net.trunc() != net {
-            return Err(bad(&format!("host bits set; did you mean {}?", net.trunc())));
+            return Err(bad(&format!(
+                "host bits set; did you mean {}?",
+                net.trunc()
+            )));
         }
         let ports = match ports {
             None => None,
@@ -366,13 +371,21 @@ pub fn describe(p: &ProfileConfig) -> String {
         Loopback::All(false) => "no loopback".to_string(),
         Loopback::Ports(ports) => format!(
             "loopback ports {}",
-            ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
+            ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
         ),
     };
     let allow = if p.allow.is_empty() {
         "nothing else".to_string()
     } else {
-        p.allow.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
+        p.allow
+            .iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     format!("{mode}; allows {loopback}; {allow}")
 }
@@ -432,7 +445,8 @@ mod tests {
         assert!(msg.contains("line 4"), "{msg}");
         assert!(msg.contains("host bits set"), "{msg}");
 
-        let err = Config::parse(Path::new("x.toml"), "[profiles.a]\nmoed = \"audit\"\n").unwrap_err();
+        let err =
+            Config::parse(Path::new("x.toml"), "[profiles.a]\nmoed = \"audit\"\n").unwrap_err();
         assert!(err.to_string().contains("line 2"), "{err}");
         assert!(err.to_string().contains("unknown field"), "{err}");
 
@@ -450,9 +464,20 @@ mod tests {
             ..Default::default()
         };
         let c = compile_profile(&p).unwrap();
-        let narrow = c.allow.iter().find(|(len, _, _)| *len == 32 + 96 + 16).unwrap();
-        assert_eq!(narrow.2.n_ranges, 2, "the /16 entry must also allow the /8's port 443");
-        let wide = c.allow.iter().find(|(len, _, _)| *len == 32 + 96 + 8).unwrap();
+        let narrow = c
+            .allow
+            .iter()
+            .find(|(len, _, _)| *len == 32 + 96 + 16)
+            .unwrap();
+        assert_eq!(
+            narrow.2.n_ranges, 2,
+            "the /16 entry must also allow the /8's port 443"
+        );
+        let wide = c
+            .allow
+            .iter()
+            .find(|(len, _, _)| *len == 32 + 96 + 8)
+            .unwrap();
         assert_eq!(wide.2.n_ranges, 1);
     }
 }

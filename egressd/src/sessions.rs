@@ -52,10 +52,16 @@ pub fn now_secs() -> u64 {
 /// A short random session id (8 hex digits), unguessable enough that ids are not enumerable.
 pub fn new_id() -> String {
     let mut b = [0u8; 4];
-    let read = fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b));
+    let read =
+        fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b));
     if let Err(e) = read {
         tracing::warn!("getrandom failed ({e}); falling back to time-based id");
-        b = (SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) ^ std::process::id()).to_le_bytes();
+        b = (SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+            ^ std::process::id())
+        .to_le_bytes();
     }
     b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -35,7 +35,11 @@ pub fn bin_dir() -> PathBuf {
 
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
-    assert!(p.exists(), "{} is not built; run `cargo xtask test`", p.display());
+    assert!(
+        p.exists(),
+        "{} is not built; run `cargo xtask test`",
+        p.display()
+    );
     p
 }
 
@@ -87,7 +91,11 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(scratch: &Scratch, config: Option<&str>) -> Daemon {
-        let name = format!("egressd-t{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "egressd-t{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         let config_path = scratch.0.join("egressd.toml");
         if let Some(text) = config {
             fs::write(&config_path, text).unwrap();
@@ -117,7 +125,11 @@ impl Daemon {
     }
 
     pub fn spawn(&mut self) {
-        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let child = Command::new(bin("egressd"))
             .args(self.args())
             .stdin(Stdio::null())
@@ -129,9 +141,16 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("egressd exited ({status}): {}", fs::read_to_string(&self.log).unwrap_or_default());
+                panic!(
+                    "egressd exited ({status}): {}",
+                    fs::read_to_string(&self.log).unwrap_or_default()
+                );
             }
-            assert!(Instant::now() < deadline, "egressd did not come up: {}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "egressd did not come up: {}",
+                self.log_text()
+            );
             thread::sleep(Duration::from_millis(20));
         }
     }
@@ -172,7 +191,12 @@ impl Daemon {
 
     /// `egressctl run -- ARGS` as `uid`, waited for.
     pub fn run(&self, uid: u32, args: &[&str]) -> Output {
-        self.ctl(uid).arg("run").arg("--").args(args).output().unwrap()
+        self.ctl(uid)
+            .arg("run")
+            .arg("--")
+            .args(args)
+            .output()
+            .unwrap()
     }
 }
 
@@ -220,10 +244,16 @@ impl Outside {
     pub fn new(scratch: &Scratch) -> Outside {
         let n = NEXT.fetch_add(1, Ordering::Relaxed) % 250 + 1;
         let tag = format!("{}x{n}", std::process::id() % 10000);
-        let (netns, host_if, out_if) = (format!("egt{tag}"), format!("egh{tag}"), format!("ego{tag}"));
+        let (netns, host_if, out_if) = (
+            format!("egt{tag}"),
+            format!("egh{tag}"),
+            format!("ego{tag}"),
+        );
         let (v4h, v4) = (format!("198.18.{n}.1"), format!("198.18.{n}.2"));
         let (v6h, v6) = (format!("fd00:e9:{n:x}::1"), format!("fd00:e9:{n:x}::2"));
-        let _ = sh(&format!("ip netns del {netns} 2>/dev/null; ip link del {host_if} 2>/dev/null"));
+        let _ = sh(&format!(
+            "ip netns del {netns} 2>/dev/null; ip link del {host_if} 2>/dev/null"
+        ));
         let mut o = Outside {
             netns: netns.clone(),
             host_if: host_if.clone(),
@@ -233,13 +263,17 @@ impl Outside {
             listener: None,
         };
         must(&format!("ip netns add {netns}"));
-        must(&format!("ip link add {host_if} type veth peer name {out_if}"));
+        must(&format!(
+            "ip link add {host_if} type veth peer name {out_if}"
+        ));
         must(&format!("ip link set {out_if} netns {netns}"));
         must(&format!("ip addr add {v4h}/24 dev {host_if}"));
         must(&format!("ip -6 addr add {v6h}/64 dev {host_if} nodad"));
         must(&format!("ip link set {host_if} up"));
         must(&format!("ip -n {netns} addr add {v4}/24 dev {out_if}"));
-        must(&format!("ip -n {netns} -6 addr add {v6}/64 dev {out_if} nodad"));
+        must(&format!(
+            "ip -n {netns} -6 addr add {v6}/64 dev {out_if} nodad"
+        ));
         must(&format!("ip -n {netns} link set {out_if} up"));
         must(&format!("ip -n {netns} link set lo up"));
         let child = Command::new("ip")
@@ -291,7 +325,10 @@ impl Drop for Outside {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = sh(&format!("ip netns del {}; ip link del {} 2>/dev/null", self.netns, self.host_if));
+        let _ = sh(&format!(
+            "ip netns del {}; ip link del {} 2>/dev/null",
+            self.netns, self.host_if
+        ));
     }
 }
 

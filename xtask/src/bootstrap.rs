@@ -33,8 +33,14 @@ fn nightly_sysroot() -> anyhow::Result<PathBuf> {
 }
 
 fn rust_src() -> anyhow::Result<()> {
-    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
-        .unwrap_or_default();
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
@@ -61,7 +67,10 @@ fn bpf_linker(sysroot: &std::path::Path) -> anyhow::Result<()> {
         if v.contains(BPF_LINKER_VERSION) {
             return Ok(());
         }
-        eprintln!("bootstrap: found {} ; installing bpf-linker {BPF_LINKER_VERSION}", v.trim());
+        eprintln!(
+            "bootstrap: found {} ; installing bpf-linker {BPF_LINKER_VERSION}",
+            v.trim()
+        );
     }
     let llvm = nightly_llvm_major()?;
     // bpf-linker links against the libLLVM that nightly rustc ships; its build looks for the
@@ -72,7 +81,12 @@ fn bpf_linker(sysroot: &std::path::Path) -> anyhow::Result<()> {
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .find(|n| n.starts_with("libLLVM.so."))
-        .with_context(|| format!("nightly ships no libLLVM.so.* in {}; cannot build bpf-linker", lib.display()))?;
+        .with_context(|| {
+            format!(
+                "nightly ships no libLLVM.so.* in {}; cannot build bpf-linker",
+                lib.display()
+            )
+        })?;
     let link = lib.join("libLLVM.so");
     if !link.exists() {
         std::os::unix::fs::symlink(&shipped, &link)
@@ -83,8 +97,15 @@ fn bpf_linker(sysroot: &std::path::Path) -> anyhow::Result<()> {
     let status = Command::new("cargo")
         .env("LLVM_PREFIX", sysroot)
         .args([
-            "+stable", "install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked",
-            "--no-default-features", "--features", &feature,
+            "+stable",
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--no-default-features",
+            "--features",
+            &feature,
         ])
         .status()
         .context("running cargo install bpf-linker")?;
@@ -101,7 +122,9 @@ fn bpf_linker(sysroot: &std::path::Path) -> anyhow::Result<()> {
 fn debian_tools() -> anyhow::Result<()> {
     let missing: Vec<&str> = [("ip", "iproute2"), ("setpriv", "util-linux")]
         .into_iter()
-        .filter(|(bin, _)| output(Command::new("sh").args(["-c", &format!("command -v {bin}")])).is_none())
+        .filter(|(bin, _)| {
+            output(Command::new("sh").args(["-c", &format!("command -v {bin}")])).is_none()
+        })
         .map(|(_, pkg)| pkg)
         .collect();
     if missing.is_empty() {
@@ -110,7 +133,9 @@ fn debian_tools() -> anyhow::Result<()> {
     eprintln!("bootstrap: installing {} with apt-get", missing.join(" "));
     check(Command::new("apt-get").arg("update"), "apt-get update")?;
     check(
-        Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(&missing),
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing),
         "apt-get install",
     )
 }

@@ -32,7 +32,12 @@ enum Task {
         /// Profile for the session.
         #[arg(long)]
         profile: Option<String>,
-        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
         command: Vec<String>,
     },
     /// Bootstrap, build, and run every test: unit tests and the kernel tests (needs root).
@@ -63,7 +68,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 pub fn cargo() -> Command {
@@ -73,7 +81,9 @@ pub fn cargo() -> Command {
 }
 
 pub fn check(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
-    let status = cmd.status().with_context(|| format!("{what}: cannot start {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("{what}: cannot start {cmd:?}"))?;
     if !status.success() {
         bail!("{what} failed ({status}): {cmd:?}");
     }

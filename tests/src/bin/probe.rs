@@ -16,7 +16,9 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     match a.as_slice() {
-        ["listen", v4, v6, port, iface, counts] => listen(v4, v6, port.parse().unwrap(), iface, counts),
+        ["listen", v4, v6, port, iface, counts] => {
+            listen(v4, v6, port.parse().unwrap(), iface, counts)
+        }
         ["attempt", kind, target] => exit(attempt(kind, target)),
         ["wait-attempt", file, kind, target] => {
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -73,11 +75,15 @@ fn attempt(kind: &str, target: &str) -> i32 {
     let addr = || -> SocketAddr { target.parse().expect("target must be IP:port") };
     let timeout = Duration::from_secs(2);
     match kind {
-        "tcp" => report(TcpStream::connect_timeout(&addr(), timeout).and_then(|mut s| s.write_all(PAYLOAD))),
+        "tcp" => report(
+            TcpStream::connect_timeout(&addr(), timeout).and_then(|mut s| s.write_all(PAYLOAD)),
+        ),
         "tcp-v4mapped" => {
             // An IPv6 socket to ::ffff:a.b.c.d: the kernel sends IPv4.
             let a = addr();
-            let IpAddr::V4(v4) = a.ip() else { panic!("tcp-v4mapped takes an IPv4 target") };
+            let IpAddr::V4(v4) = a.ip() else {
+                panic!("tcp-v4mapped takes an IPv4 target")
+            };
             let mapped = SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), a.port());
             report(TcpStream::connect_timeout(&mapped, timeout))
         }
@@ -96,20 +102,24 @@ fn attempt(kind: &str, target: &str) -> i32 {
                 .unwrap();
             status.code().unwrap_or(4)
         }
-        "raw" => report(raw_socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_UDP).and_then(|fd| {
-            raw_send(&fd, &addr())
-        })),
-        "ping" => report(raw_socket(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP).and_then(|fd| {
-            raw_send(&fd, &addr())
-        })),
+        "raw" => report(
+            raw_socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_UDP)
+                .and_then(|fd| raw_send(&fd, &addr())),
+        ),
+        "ping" => report(
+            raw_socket(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP)
+                .and_then(|fd| raw_send(&fd, &addr())),
+        ),
         "loopback-tcp" => {
             let l = TcpListener::bind(target).unwrap();
-            report(TcpStream::connect_timeout(&l.local_addr().unwrap(), timeout).and_then(|mut s| {
-                s.write_all(PAYLOAD)?;
-                let (mut c, _) = l.accept()?;
-                let mut buf = [0u8; PAYLOAD.len()];
-                c.read_exact(&mut buf)
-            }))
+            report(
+                TcpStream::connect_timeout(&l.local_addr().unwrap(), timeout).and_then(|mut s| {
+                    s.write_all(PAYLOAD)?;
+                    let (mut c, _) = l.accept()?;
+                    let mut buf = [0u8; PAYLOAD.len()];
+                    c.read_exact(&mut buf)
+                }),
+            )
         }
         "loopback-udp" => {
             let r = UdpSocket::bind(target).unwrap();
@@ -156,14 +166,27 @@ fn raw_socket(family: i32, ty: i32, proto: i32) -> io::Result<OwnedFd> {
 
 /// For raw UDP: a UDP header to the target port; for ping: an echo request.
 fn raw_send(fd: &OwnedFd, a: &SocketAddr) -> io::Result<usize> {
-    let SocketAddr::V4(v4) = a else { panic!("raw attempts are IPv4") };
+    let SocketAddr::V4(v4) = a else {
+        panic!("raw attempts are IPv4")
+    };
     let port = v4.port().to_be_bytes();
-    let mut pkt = vec![0x30, 0x39, port[0], port[1], 0, 8 + PAYLOAD.len() as u8, 0, 0];
+    let mut pkt = vec![
+        0x30,
+        0x39,
+        port[0],
+        port[1],
+        0,
+        8 + PAYLOAD.len() as u8,
+        0,
+        0,
+    ];
     pkt.extend_from_slice(PAYLOAD);
     let sin = libc::sockaddr_in {
         sin_family: libc::AF_INET as u16,
         sin_port: 0,
-        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(v4.ip().octets()),
+        },
         sin_zero: [0; 8],
     };
     // SAFETY: valid buffer and sockaddr_in for the call's duration.
@@ -192,7 +215,13 @@ fn listen(v4: &str, v6: &str, port: u16, iface: &str, counts: &str) {
     let udp4 = UdpSocket::bind((v4, port)).expect("bind udp4");
     let udp6 = UdpSocket::bind((v6.parse::<Ipv6Addr>().unwrap(), port)).expect("bind udp6");
     // SAFETY: socket(2) for an AF_PACKET capture; owned right away.
-    let cap = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, (libc::ETH_P_ALL as u16).to_be() as i32) };
+    let cap = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_DGRAM,
+            (libc::ETH_P_ALL as u16).to_be() as i32,
+        )
+    };
     assert!(cap >= 0, "AF_PACKET socket: {}", io::Error::last_os_error());
     // SAFETY: fresh fd.
     let cap = unsafe { OwnedFd::from_raw_fd(cap) };
@@ -208,7 +237,11 @@ fn listen(v4: &str, v6: &str, port: u16, iface: &str, counts: &str) {
     };
     // SAFETY: valid sockaddr_ll for the call.
     let rc = unsafe {
-        libc::bind(cap.as_raw_fd(), (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32)
+        libc::bind(
+            cap.as_raw_fd(),
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
     };
     assert_eq!(rc, 0, "bind capture: {}", io::Error::last_os_error());
     for l in [&tcp4, &tcp6] {
@@ -228,11 +261,31 @@ fn listen(v4: &str, v6: &str, port: u16, iface: &str, counts: &str) {
     let mut buf = [0u8; 2048];
     while Instant::now() < deadline {
         let mut fds = [
-            libc::pollfd { fd: tcp4.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: tcp6.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: udp4.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: udp6.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: cap.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd {
+                fd: tcp4.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: tcp6.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: udp4.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: udp6.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: cap.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
         // SAFETY: fds is a valid array of pollfd.
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as u64, 200) };
@@ -249,7 +302,14 @@ fn listen(v4: &str, v6: &str, port: u16, iface: &str, counts: &str) {
         }
         loop {
             // SAFETY: buf is valid for its length.
-            let n = unsafe { libc::recv(cap.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            let n = unsafe {
+                libc::recv(
+                    cap.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
             if n <= 0 {
                 break;
             }
