@@ -91,15 +91,20 @@ pub fn doctor(socket: &Path) -> ExitCode {
         );
     }
 
-    let lsm = fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
-    if lsm.split(',').any(|m| m.trim() == "bpf") {
-        r.line(Level::Ok, "BPF LSM", format!("active ({})", lsm.trim()));
-    } else {
-        r.line(
+    match fs::read_to_string("/sys/kernel/security/lsm") {
+        Err(e) => r.line(
+            Level::Info,
+            "BPF LSM",
+            format!("unknown: cannot read /sys/kernel/security/lsm ({e}); is securityfs mounted?"),
+        ),
+        Ok(lsm) if lsm.split(',').any(|m| m.trim() == "bpf") => {
+            r.line(Level::Ok, "BPF LSM", format!("active ({})", lsm.trim()))
+        }
+        Ok(_) => r.line(
             Level::Info,
             "BPF LSM",
             "not active; not used yet (later hardening layers will; add `lsm=...,bpf` to the kernel command line)",
-        );
+        ),
     }
 
     match Client::connect(socket).and_then(|mut c| c.call(Op::Status)) {
