@@ -11,6 +11,8 @@ extern crate std;
 #[cfg(feature = "user")]
 pub mod prog_query;
 #[cfg(feature = "user")]
+pub mod audit;
+#[cfg(feature = "user")]
 pub mod protocol;
 
 /// Names of the maps in the eBPF object. The eBPF crate names its statics exactly like this; a test in
@@ -26,8 +28,10 @@ pub mod maps {
     pub const POLICY_GEN: &str = "POLICY_GEN";
     /// `PerCpuHashMap<u64 session cgroup id, Counters>`: verdict counters per session.
     pub const COUNTERS: &str = "COUNTERS";
+    /// `RingBuf` of `Event`s: every verdict, for the audit log.
+    pub const EVENTS: &str = "EVENTS";
     /// All map names, for checks that walk them.
-    pub const ALL: [&str; 5] = [SESSIONS, PROFILES, ALLOW, POLICY_GEN, COUNTERS];
+    pub const ALL: [&str; 6] = [SESSIONS, PROFILES, ALLOW, POLICY_GEN, COUNTERS, EVENTS];
 }
 
 /// Names of the programs in the eBPF object, and the globals user space sets at load time.
@@ -133,8 +137,10 @@ pub struct Counters {
     pub backstop_dropped: u64,
     /// Sockets refused at creation (raw, ICMP ping).
     pub sockets_refused: u64,
+    /// Audit events that found the ring buffer full: counted here, written to the log as `lost`.
+    pub events_lost: u64,
 }
-const _: () = assert!(core::mem::size_of::<Counters>() == 32);
+const _: () = assert!(core::mem::size_of::<Counters>() == 40);
 
 impl Counters {
     pub fn add(&mut self, other: &Counters) {
@@ -142,6 +148,7 @@ impl Counters {
         self.denied += other.denied;
         self.backstop_dropped += other.backstop_dropped;
         self.sockets_refused += other.sockets_refused;
+        self.events_lost += other.events_lost;
     }
 }
 
@@ -154,6 +161,7 @@ mod user {
     unsafe impl aya::Pod for AllowKey {}
     unsafe impl aya::Pod for AllowValue {}
     unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for Event {}
 }
 
 /// Why a verdict was reached; carried in audit events and shown to users.
@@ -162,3 +170,51 @@ pub const REASON_ALLOW_RULE: u8 = 2;
 pub const REASON_DEFAULT_DENY: u8 = 3;
 pub const REASON_LOOPBACK_PORT: u8 = 4;
 pub const REASON_FORBIDDEN_SOCKET: u8 = 5;
+
+/// Default size of the `EVENTS` ring buffer (bytes; a power of two, a multiple of the page size).
+pub const DEFAULT_RING_BYTES: u32 = 1 << 20;
+
+/// Which hook decided.
+pub const HOOK_CONNECT4: u8 = 1;
+pub const HOOK_CONNECT6: u8 = 2;
+pub const HOOK_SENDMSG4: u8 = 3;
+pub const HOOK_SENDMSG6: u8 = 4;
+pub const HOOK_SOCK_CREATE: u8 = 5;
+pub const HOOK_SKB_EGRESS: u8 = 6;
+
+pub const VERDICT_ALLOWED: u8 = 1;
+pub const VERDICT_DENIED: u8 = 2;
+/// Audit mode: the policy would deny, the packet was let through.
+pub const VERDICT_AUDIT_DENIED: u8 = 3;
+
+/// One decision, as the kernel reports it through `EVENTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// CLOCK_BOOTTIME in ns (`bpf_ktime_get_boot_ns`), converted to wall time by user space.
+    pub boot_ns: u64,
+    /// Session cgroup id.
+    pub session: u64,
+    /// `bpf_get_current_pid_tgid`: tgid in the high half, thread id in the low. 0 for the backstop.
+    pub pid_tgid: u64,
+    /// `bpf_get_current_uid_gid`: gid high, uid low.
+    pub uid_gid: u64,
+    /// Destination, IPv4 as IPv4-mapped IPv6 (family says which).
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub hook: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    /// IPPROTO_TCP/UDP/ICMP...; for sock_create, the refused socket's protocol.
+    pub proto: u8,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: u8,
+    /// Policy generation in force when the decision was taken.
+    pub policy_gen: u32,
+    pub comm: [u8; 16],
+    pub _pad2: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<Event>() == 80);
+/// A loopback address in a packet leaving through a device other than `lo` (source routing, DNAT).
+pub const REASON_OFF_LOOPBACK: u8 = 6;

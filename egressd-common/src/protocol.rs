@@ -90,6 +90,8 @@ pub struct DaemonStatus {
     pub default_profile: String,
     pub profiles: Vec<String>,
     pub sessions: usize,
+    /// The audit log egressd writes (readers need root or the log's group).
+    pub audit_path: String,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

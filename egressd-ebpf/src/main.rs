@@ -15,19 +15,24 @@
 mod verdict;
 
 use aya_ebpf::{
-    bindings::{bpf_sock, bpf_sock_addr},
-    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_skb_ancestor_cgroup_id},
+    bindings::{bpf_sock, bpf_sock_addr, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, bpf_skb_ancestor_cgroup_id,
+    },
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map},
-    maps::{Array, HashMap, LpmTrie, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, PerCpuHashMap, RingBuf},
     programs::{SkBuffContext, SockAddrContext, SockContext},
 };
 use aya_log_ebpf::warn;
 use egressd_common::{
-    AllowKey, AllowValue, Counters, Profile, SessionInfo, MAX_ALLOW_ENTRIES, MAX_PROFILES,
-    MAX_SESSIONS,
+    AllowKey, AllowValue, Counters, Event, Profile, SessionInfo, DEFAULT_RING_BYTES, HOOK_CONNECT4,
+    HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SKB_EGRESS, HOOK_SOCK_CREATE, MAX_ALLOW_ENTRIES,
+    MAX_PROFILES, MAX_SESSIONS, REASON_DEFAULT_DENY, REASON_FORBIDDEN_SOCKET, VERDICT_ALLOWED, VERDICT_AUDIT_DENIED,
+    VERDICT_DENIED,
 };
 
-use crate::verdict::{Decision, Dest};
+use crate::verdict::Dest;
 
 /// Set by user space at load time: the cgroup level of session cgroups.
 #[no_mangle]
@@ -45,6 +50,8 @@ static ALLOW: LpmTrie<AllowKey, AllowValue> = LpmTrie::pinned(MAX_ALLOW_ENTRIES,
 static POLICY_GEN: Array<u32> = Array::pinned(1, 0);
 #[map]
 static COUNTERS: PerCpuHashMap<u64, Counters> = PerCpuHashMap::pinned(MAX_SESSIONS, 0);
+#[map]
+static EVENTS: RingBuf = RingBuf::pinned(DEFAULT_RING_BYTES, 0);
 
 const ALLOW_VERDICT: i32 = 1;
 const DENY_VERDICT: i32 = 0;
@@ -55,6 +62,7 @@ const SOCK_PACKET: u32 = 10;
 const IPPROTO_ICMP: u32 = 1;
 const IPPROTO_ICMPV6: u32 = 58;
 const LOOPBACK_IFINDEX: u32 = 1;
+const AF_INET6: u32 = 10;
 
 #[inline(always)]
 fn session_level() -> u32 {
@@ -75,11 +83,56 @@ fn current_session() -> (u64, Option<SessionInfo>) {
 }
 
 #[inline(always)]
-fn profile_for(info: Option<SessionInfo>) -> Option<(u32, Profile)> {
+fn policy_generation() -> u32 {
+    POLICY_GEN.get(0).copied().unwrap_or(0)
+}
+
+#[inline(always)]
+fn profile_for(info: Option<SessionInfo>, generation: u32) -> Option<(u32, Profile)> {
     let info = info?;
-    let generation = POLICY_GEN.get(0).copied().unwrap_or(0);
     let slot = egressd_common::policy_slot(generation, info.profile);
     PROFILES.get(slot).map(|p| (slot, *p))
+}
+
+/// Reports a decision to user space. Submitted without a wakeup: waking the reader on every event
+/// costs microseconds per hook call. The reader is woken once the ring is a quarter full, and drains
+/// on a short timer otherwise. A full ring is counted per session, never silent.
+#[inline(always)]
+fn report(session: u64, dest: &Dest, hook: u8, verdict: u8, reason: u8, generation: u32, task: bool) {
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        count(session, |c| c.events_lost += 1);
+        return;
+    };
+    // SAFETY: helpers without pointer arguments.
+    let (pid_tgid, uid_gid, boot_ns) = unsafe {
+        if task {
+            (bpf_get_current_pid_tgid(), bpf_get_current_uid_gid(), bpf_ktime_get_boot_ns())
+        } else {
+            (0, 0, bpf_ktime_get_boot_ns())
+        }
+    };
+    let comm = if task { bpf_get_current_comm().unwrap_or([0; 16]) } else { [0; 16] };
+    entry.write(Event {
+        boot_ns,
+        session,
+        pid_tgid,
+        uid_gid,
+        addr: dest.addr,
+        port: dest.port,
+        hook,
+        verdict,
+        reason,
+        proto: dest.proto,
+        family: dest.family,
+        _pad: 0,
+        policy_gen: generation,
+        comm,
+        _pad2: [0; 4],
+    });
+    let avail = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    let size = EVENTS.query(BPF_RB_RING_SIZE as u64);
+    let flags = if avail > size / 4 { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    entry.submit(flags as u64);
 }
 
 #[inline(always)]
@@ -92,9 +145,10 @@ fn count(session: u64, f: impl FnOnce(&mut Counters)) {
 
 /// Decides a socket-address hook and counts it. Returns the hook's return value.
 #[inline(always)]
-fn judge_sock_addr(ctx: &SockAddrContext, dest: Dest) -> i32 {
+fn judge_sock_addr(ctx: &SockAddrContext, dest: Dest, hook: u8) -> i32 {
     let (session, info) = current_session();
-    let (slot, profile) = match profile_for(info) {
+    let generation = policy_generation();
+    let (slot, profile) = match profile_for(info, generation) {
         Some(p) => p,
         None => {
             if info.is_none() {
@@ -107,22 +161,19 @@ fn judge_sock_addr(ctx: &SockAddrContext, dest: Dest) -> i32 {
         }
     };
     let decision = verdict::decide(&ALLOW, slot, &profile, &dest, false);
-    finish(session, &profile, decision)
-}
-
-#[inline(always)]
-fn finish(session: u64, profile: &Profile, decision: Decision) -> i32 {
-    if decision.allowed {
+    let (ret, verdict) = if decision.allowed {
         count(session, |c| c.allowed += 1);
-        ALLOW_VERDICT
+        (ALLOW_VERDICT, VERDICT_ALLOWED)
     } else {
         count(session, |c| c.denied += 1);
-        if verdict::audit_only(profile) {
-            ALLOW_VERDICT
+        if verdict::audit_only(&profile) {
+            (ALLOW_VERDICT, VERDICT_AUDIT_DENIED)
         } else {
-            DENY_VERDICT
+            (DENY_VERDICT, VERDICT_DENIED)
         }
-    }
+    };
+    report(session, &dest, hook, verdict, decision.reason, generation, true);
+    ret
 }
 
 #[inline(always)]
@@ -149,22 +200,22 @@ fn dest6(ctx: &SockAddrContext) -> Dest {
 
 #[cgroup_sock_addr(connect4)]
 pub fn egressd_connect4(ctx: SockAddrContext) -> i32 {
-    judge_sock_addr(&ctx, dest4(&ctx))
+    judge_sock_addr(&ctx, dest4(&ctx), HOOK_CONNECT4)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn egressd_connect6(ctx: SockAddrContext) -> i32 {
-    judge_sock_addr(&ctx, dest6(&ctx))
+    judge_sock_addr(&ctx, dest6(&ctx), HOOK_CONNECT6)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn egressd_sendmsg4(ctx: SockAddrContext) -> i32 {
-    judge_sock_addr(&ctx, dest4(&ctx))
+    judge_sock_addr(&ctx, dest4(&ctx), HOOK_SENDMSG4)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn egressd_sendmsg6(ctx: SockAddrContext) -> i32 {
-    judge_sock_addr(&ctx, dest6(&ctx))
+    judge_sock_addr(&ctx, dest6(&ctx), HOOK_SENDMSG6)
 }
 
 #[cgroup_sock(sock_create)]
@@ -179,11 +230,20 @@ pub fn egressd_sock_create(ctx: SockContext) -> i32 {
         return ALLOW_VERDICT;
     }
     let (session, info) = current_session();
+    let generation = policy_generation();
     count(session, |c| c.sockets_refused += 1);
-    match profile_for(info) {
-        Some((_, p)) if verdict::audit_only(&p) => ALLOW_VERDICT,
-        _ => DENY_VERDICT,
-    }
+    let (ret, verdict) = match profile_for(info, generation) {
+        Some((_, p)) if verdict::audit_only(&p) => (ALLOW_VERDICT, VERDICT_AUDIT_DENIED),
+        _ => (DENY_VERDICT, VERDICT_DENIED),
+    };
+    let dest = Dest {
+        family: if sk.family == AF_INET6 { 6 } else { 4 },
+        addr: [0; 16],
+        port: 0,
+        proto: proto as u8,
+    };
+    report(session, &dest, HOOK_SOCK_CREATE, verdict, REASON_FORBIDDEN_SOCKET, generation, true);
+    ret
 }
 
 #[cgroup_skb(egress)]
@@ -197,19 +257,30 @@ pub fn egressd_skb_egress(ctx: SkBuffContext) -> i32 {
     let session = unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb.cast(), session_level() as i32) };
     // SAFETY: the value is plain old data copied out immediately.
     let info = unsafe { SESSIONS.get(&session) }.copied();
-    let (slot, profile) = profile_for(info).unwrap_or((u32::MAX, Profile::default()));
+    let generation = policy_generation();
+    let (slot, profile) = profile_for(info, generation).unwrap_or((u32::MAX, Profile::default()));
     // A packet whose header cannot be read is nothing a socket hook could have allowed: drop it.
-    if let Some(dest) = verdict::packet_dest(&ctx) {
-        if verdict::decide(&ALLOW, slot, &profile, &dest, true).allowed {
-            return ALLOW_VERDICT;
+    let dest = verdict::packet_dest(&ctx);
+    let reason = match &dest {
+        Some(d) => {
+            let decision = verdict::decide(&ALLOW, slot, &profile, d, true);
+            if decision.allowed {
+                return ALLOW_VERDICT;
+            }
+            decision.reason
         }
-    }
+        None => REASON_DEFAULT_DENY,
+    };
     count(session, |c| c.backstop_dropped += 1);
-    if verdict::audit_only(&profile) {
-        ALLOW_VERDICT
+    let (ret, verdict) = if verdict::audit_only(&profile) {
+        (ALLOW_VERDICT, VERDICT_AUDIT_DENIED)
     } else {
-        DENY_VERDICT
-    }
+        (DENY_VERDICT, VERDICT_DENIED)
+    };
+    let dest = dest.unwrap_or(Dest { family: 0, addr: [0; 16], port: 0, proto: 0 });
+    // Softirq context is possible here (retransmits): no task fields.
+    report(session, &dest, HOOK_SKB_EGRESS, verdict, reason, generation, false);
+    ret
 }
 
 #[cfg(not(test))]

@@ -4,13 +4,15 @@ use aya_ebpf::{maps::lpm_trie::Key, maps::LpmTrie, programs::SkBuffContext};
 use egressd_common::{
     AllowKey, AllowValue, Profile, MAX_LOOPBACK_PORTS, MAX_PORT_RANGES, PROFILE_AUDIT_MODE,
     PROFILE_LOOPBACK_ALL, PROFILE_PRESENT, PROTO_ANY, REASON_ALLOW_RULE, REASON_DEFAULT_DENY,
-    REASON_LOOPBACK, REASON_LOOPBACK_PORT,
+    REASON_LOOPBACK, REASON_LOOPBACK_PORT, REASON_OFF_LOOPBACK,
 };
 
 /// A destination in IPv6 form: IPv4 is stored IPv4-mapped, so `::ffff:a.b.c.d` and `a.b.c.d` are
 /// the same destination by construction.
 #[derive(Clone, Copy)]
 pub struct Dest {
+    /// 4 or 6: the family of the hook or packet (the address is always stored as IPv6).
+    pub family: u8,
     pub addr: [u8; 16],
     pub port: u16,
     pub proto: u8,
@@ -22,6 +24,7 @@ impl Dest {
     pub fn v4(ip: u32, port: u32, proto: u32) -> Self {
         let b = ip.to_ne_bytes();
         Dest {
+            family: 4,
             addr: [
                 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
             ],
@@ -43,6 +46,7 @@ impl Dest {
             i += 1;
         }
         Dest {
+            family: 6,
             addr,
             port: u16::from_be(port as u16),
             proto: proto as u8,
@@ -67,7 +71,6 @@ impl Dest {
 
 pub struct Decision {
     pub allowed: bool,
-    #[allow(dead_code)] // carried into audit events
     pub reason: u8,
 }
 
@@ -86,7 +89,13 @@ pub fn decide(
     dest: &Dest,
     on_wire: bool,
 ) -> Decision {
-    if !on_wire && dest.is_local() {
+    if dest.is_local() {
+        if on_wire {
+            return Decision {
+                allowed: false,
+                reason: REASON_OFF_LOOPBACK,
+            };
+        }
         return loopback(profile, dest.port);
     }
     if slot != u32::MAX {
@@ -171,6 +180,7 @@ pub fn packet_dest(ctx: &SkBuffContext) -> Option<Dest> {
             let ihl = ((first & 0x0f) as usize) * 4;
             let port = l4_port(ctx, proto, ihl);
             Some(Dest {
+                family: 4,
                 addr: [
                     0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, dst[0], dst[1], dst[2], dst[3],
                 ],
@@ -182,7 +192,12 @@ pub fn packet_dest(ctx: &SkBuffContext) -> Option<Dest> {
             let proto: u8 = ctx.load(6).ok()?;
             let addr: [u8; 16] = ctx.load(24).ok()?;
             let port = l4_port(ctx, proto, 40);
-            Some(Dest { addr, port, proto })
+            Some(Dest {
+                family: 6,
+                addr,
+                port,
+                proto,
+            })
         }
         _ => None,
     }

@@ -169,6 +169,7 @@ async fn status(state: &State) -> Reply {
         default_profile: policy.config.default_profile.clone(),
         profiles: policy.config.profiles.keys().cloned().collect(),
         sessions: state.registry.lock().await.len(),
+        audit_path: state.audit_path.display().to_string(),
     })
 }
 
@@ -248,6 +249,10 @@ async fn start_session(
         session = %id, uid = caller.uid, pid, profile = %profile, argv = ?session.argv,
         "session started"
     );
+    let hash = state.policy.read().await.hash.clone();
+    state
+        .audit(crate::audit::Message::SessionStart(session.clone(), hash, false))
+        .await;
     let cgroup = session.cgroup.clone();
     state.registry.lock().await.insert(session);
     Ok(SessionStarted {

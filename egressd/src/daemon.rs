@@ -17,6 +17,7 @@ use tokio::{
 };
 
 use crate::{
+    audit,
     cgroup::{self, Layout},
     enforcer::Handle,
     policy::{compile_profile, Config},
@@ -33,7 +34,7 @@ impl AsRawFd for Watcher {
 }
 
 /// Registers an fd-owning value with the tokio reactor for readability.
-fn readable_fd<T: AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
+pub fn readable_fd<T: AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
     // SAFETY: `inner` owns its fd and the AsyncFd owns `inner`, so the fd stays open for as long as
     // it is registered and is deregistered before it is closed.
     unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }
@@ -45,6 +46,8 @@ fn readable_fd<T: AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
 pub struct PolicyState {
     pub config: Config,
     pub source: String,
+    /// Short hash of `config`, carried in audit records.
+    pub hash: String,
     indices: BTreeMap<String, u32>,
 }
 
@@ -92,15 +95,24 @@ pub struct State {
     pub registry: Mutex<Registry>,
     pub state_dir: StateDir,
     pub config_path: PathBuf,
+    pub audit: tokio::sync::mpsc::Sender<audit::Message>,
+    pub audit_path: PathBuf,
     watcher: AsyncFd<Watcher>,
+}
+
+/// What the daemon needs besides the enforcer to build its state.
+pub struct Wiring {
+    pub state_dir: StateDir,
+    pub config_path: PathBuf,
+    pub audit: tokio::sync::mpsc::Sender<audit::Message>,
+    pub audit_path: PathBuf,
 }
 
 impl State {
     pub fn new(
         layout: Layout,
         enforcer: Handle,
-        state_dir: StateDir,
-        config_path: PathBuf,
+        wiring: Wiring,
         config: Config,
         source: String,
     ) -> std::io::Result<State> {
@@ -109,15 +121,26 @@ impl State {
             layout,
             enforcer,
             policy: RwLock::new(PolicyState {
+                hash: crate::policy::policy_hash(&config),
                 config,
                 source,
                 indices: BTreeMap::new(),
             }),
             registry: Mutex::new(Registry::default()),
-            state_dir,
-            config_path,
+            state_dir: wiring.state_dir,
+            config_path: wiring.config_path,
+            audit: wiring.audit,
+            audit_path: wiring.audit_path,
             watcher: readable_fd(Watcher(inotify))?,
         })
+    }
+
+    /// Hands a record to the audit task. The channel is bounded: a stalled disk slows session
+    /// setup rather than dropping session records.
+    pub async fn audit(&self, msg: audit::Message) {
+        if self.audit.send(msg).await.is_err() {
+            tracing::error!("audit task has stopped: session records are not being written");
+        }
     }
 
     /// Wake the reaper when the session's cgroup.events changes (it does when the cgroup empties).
@@ -152,13 +175,15 @@ impl State {
                 .map_err(|e| format!("profile {name:?}: {e}"))?;
             compiled.push((*index, p));
         }
+        let hash = crate::policy::policy_hash(&config);
         self.enforcer
-            .install_policy(compiled)
+            .install_policy(compiled, hash.clone())
             .await
             .map_err(|e| e.to_string())?;
         *policy = PolicyState {
             config,
             source,
+            hash,
             indices,
         };
         Ok(())
@@ -220,6 +245,8 @@ impl State {
             kept.insert(session.cgroup_id);
             self.watch(&session);
             tracing::info!(session = %id, profile = %session.profile, "adopted running session");
+            let hash = self.policy.read().await.hash.clone();
+            self.audit(audit::Message::SessionStart(session.clone(), hash, true)).await;
             self.registry.lock().await.insert(session);
         }
         for cgroup_id in registered.keys().filter(|id| !kept.contains(id)) {
@@ -243,6 +270,7 @@ impl State {
                 tracing::warn!(session = %id, "removing cgroup: {e}");
             }
             self.state_dir.forget(&id);
+            self.audit(audit::Message::SessionEnd(s.clone(), totals)).await;
             tracing::info!(
                 session = %id, profile = %s.profile, uid = s.uid,
                 allowed = totals.allowed, denied = totals.denied,

@@ -8,7 +8,7 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuHashMap, PerCpuValues},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuHashMap, PerCpuValues, RingBuf},
     programs::{
         links::{FdLink, PinnedLink},
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
@@ -25,7 +25,10 @@ use egressd_common::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::policy::{allow_key, CompiledProfile};
+use crate::{
+    audit::PolicyHashes,
+    policy::{allow_key, CompiledProfile},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnforcerError {
@@ -101,6 +104,8 @@ const HOOKS: [(&str, &str, u32); 6] = [
 pub struct Enforcer {
     ebpf: Ebpf,
     hooks: Vec<(HookStatus, u32)>,
+    /// Policy hash per generation, read by the audit task to label decisions.
+    hashes: PolicyHashes,
 }
 
 /// Pin layout under bpffs: `<dir>/maps/<MAP>` and `<dir>/links/<program>`.
@@ -131,7 +136,13 @@ impl Enforcer {
     /// attaches them to `parent` and pins the links. Links of a previous daemon are replaced only
     /// after the new ones are attached: there is no instant without enforcement, and no double attach
     /// is left behind.
-    pub fn load(parent: &Path, session_level: u32, pins: &PinDir) -> Result<Enforcer> {
+    pub fn load(
+        parent: &Path,
+        session_level: u32,
+        ring_bytes: u32,
+        pins: &PinDir,
+        hashes: PolicyHashes,
+    ) -> Result<Enforcer> {
         for dir in [pins.maps(), pins.links()] {
             fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
         }
@@ -141,6 +152,7 @@ impl Enforcer {
             .collect();
         let mut loader = EbpfLoader::new();
         loader.override_global(programs::GLOBAL_SESSION_LEVEL, &session_level, true);
+        loader.map_max_entries(maps::EVENTS, ring_bytes);
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -173,7 +185,13 @@ impl Enforcer {
                 attach_type,
             ));
         }
-        Ok(Enforcer { ebpf, hooks })
+        Ok(Enforcer { ebpf, hooks, hashes })
+    }
+
+    /// The audit events ring buffer, for the task that drains it (the only map that leaves us).
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self.ebpf.take_map(maps::EVENTS).ok_or(EnforcerError::MissingMap(maps::EVENTS))?;
+        RingBuf::try_from(map).map_err(Self::map_err(maps::EVENTS))
     }
 
     /// The aya-log ring buffer of the programs, for the task that bridges it into tracing.
@@ -202,14 +220,19 @@ impl Enforcer {
     }
 
     /// Writes the profiles into the half of the double-buffered policy that is not in force, then
-    /// flips the generation: one 4-byte map write switches every session at once.
-    pub fn install_policy(&mut self, profiles: &[(u32, CompiledProfile)]) -> Result<()> {
+    /// flips the generation: one 4-byte map write switches every session at once. Returns the
+    /// generation now in force.
+    pub fn install_policy(&mut self, profiles: &[(u32, CompiledProfile)], hash: String) -> Result<u32> {
         let generation = {
             let gen: Array<&mut MapData, u32> = Array::try_from(self.map(maps::POLICY_GEN)?)
                 .map_err(Self::map_err(maps::POLICY_GEN))?;
             gen.get(&0, 0).map_err(Self::map_err(maps::POLICY_GEN))?
         };
         let next = generation ^ 1;
+        // Known before the flip, so no decision under the new generation lacks its policy hash.
+        if let Ok(mut h) = self.hashes.lock() {
+            h.insert(next, hash);
+        }
         let slots = policy_slot(next, 0)..policy_slot(next, 0) + MAX_PROFILES;
         {
             let mut table: Array<&mut MapData, Profile> =
@@ -249,7 +272,8 @@ impl Enforcer {
         }
         let mut gen: Array<&mut MapData, u32> = Array::try_from(self.map(maps::POLICY_GEN)?)
             .map_err(Self::map_err(maps::POLICY_GEN))?;
-        gen.set(0, next, 0).map_err(Self::map_err(maps::POLICY_GEN))
+        gen.set(0, next, 0).map_err(Self::map_err(maps::POLICY_GEN))?;
+        Ok(next)
     }
 
     pub fn add_session(&mut self, cgroup_id: u64, profile: u32) -> Result<()> {
@@ -418,7 +442,7 @@ pub fn unpin_all(pins: &PinDir) -> Result<Vec<PathBuf>> {
 
 /// Requests to the enforcer task.
 pub enum Command {
-    InstallPolicy(Vec<(u32, CompiledProfile)>, oneshot::Sender<Result<()>>),
+    InstallPolicy(Vec<(u32, CompiledProfile)>, String, oneshot::Sender<Result<u32>>),
     AddSession(u64, u32, oneshot::Sender<Result<()>>),
     RemoveSession(u64, oneshot::Sender<Result<Counters>>),
     Counters(u64, oneshot::Sender<Result<Counters>>),
@@ -449,8 +473,12 @@ impl Handle {
         rx.await.map_err(|_| HandleError::Gone)
     }
 
-    pub async fn install_policy(&self, p: Vec<(u32, CompiledProfile)>) -> Result<(), HandleError> {
-        Ok(self.ask(|tx| Command::InstallPolicy(p, tx)).await??)
+    pub async fn install_policy(
+        &self,
+        p: Vec<(u32, CompiledProfile)>,
+        hash: String,
+    ) -> Result<u32, HandleError> {
+        Ok(self.ask(|tx| Command::InstallPolicy(p, hash, tx)).await??)
     }
     pub async fn add_session(&self, cgroup_id: u64, profile: u32) -> Result<(), HandleError> {
         Ok(self
@@ -483,7 +511,7 @@ pub fn spawn(mut enforcer: Enforcer) -> Handle {
         while let Some(cmd) = rx.recv().await {
             // Replies are best effort: a caller that went away does not stop the enforcer.
             match cmd {
-                Command::InstallPolicy(p, r) => drop(r.send(enforcer.install_policy(&p))),
+                Command::InstallPolicy(p, h, r) => drop(r.send(enforcer.install_policy(&p, h))),
                 Command::AddSession(id, prof, r) => drop(r.send(enforcer.add_session(id, prof))),
                 Command::RemoveSession(id, r) => drop(r.send(enforcer.remove_session(id))),
                 Command::Counters(id, r) => drop(r.send(enforcer.counters(id))),

@@ -1,6 +1,7 @@
 //! egressd: the root daemon. Loads and pins the kernel programs, creates one cgroup per sandbox,
 //! owns the policy and answers `egressctl` on a unix socket.
 
+mod audit;
 mod cgroup;
 mod control;
 mod daemon;
@@ -133,22 +134,51 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let socket = bind_socket(&cli.socket, config.socket_group.as_deref())?;
 
+    let audit_path = config.audit.path();
+    let writer = audit::Writer::open(&audit_path, config.audit.max_bytes(), config.audit.keep())
+        .with_context(|| format!("opening the audit log {}", audit_path.display()))?;
+
     let pins = PinDir(cli.bpffs.clone());
-    let mut enforcer = Enforcer::load(&layout.parent, layout.session_level, &pins)
-        .context("attaching the kernel programs")?;
+    let hashes = audit::PolicyHashes::default();
+    let mut enforcer = Enforcer::load(
+        &layout.parent,
+        layout.session_level,
+        config.audit.ring_buffer_bytes(),
+        &pins,
+        hashes.clone(),
+    )
+    .context("attaching the kernel programs")?;
     let hooks = enforcer.hooks();
     if let Some(logger) = enforcer.take_logger() {
         tokio::spawn(daemon::kernel_logs(logger));
     }
+    let events = enforcer.take_events()?;
     let handle = enforcer::spawn(enforcer);
+    let (audit_tx, audit_rx) = tokio::sync::mpsc::channel(256);
+    let tuning = audit::Tuning {
+        fold_window: config.audit.fold_window(),
+    };
+    // The pinned ring buffer may hold events from before a restart: they are drained first.
+    let audit_task = tokio::spawn(audit::run(events, writer, handle.clone(), hashes, tuning, audit_rx));
     let state = Arc::new(State::new(
         layout,
         handle,
-        StateDir(sessions::state_dir_for(&cli.socket)),
-        cli.config.clone(),
+        daemon::Wiring {
+            state_dir: StateDir(sessions::state_dir_for(&cli.socket)),
+            config_path: cli.config.clone(),
+            audit: audit_tx,
+            audit_path,
+        },
         config.clone(),
         source.clone(),
     )?);
+    state
+        .audit(audit::Message::Note(format!(
+            "egressd {} started (pid {}), policy: {source}",
+            env!("CARGO_PKG_VERSION"),
+            std::process::id()
+        )))
+        .await;
     state.adopt_sessions().await;
     state
         .apply_policy(config, source.clone())
@@ -179,6 +209,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     // Links and maps stay pinned: stopping the daemon never opens a sandbox.
     let _ = std::fs::remove_file(&cli.socket);
+    state.audit(audit::Message::Note("egressd stopping; enforcement stays pinned".into())).await;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    state.audit(audit::Message::Flush(done_tx)).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), done_rx).await;
+    audit_task.abort();
     tracing::info!("egressd stopping; enforcement stays pinned in the kernel");
     Ok(())
 }

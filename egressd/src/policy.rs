@@ -50,7 +50,36 @@ pub struct Config {
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
+    /// Default /var/log/egressd/audit.jsonl.
     pub path: Option<PathBuf>,
+    /// Rotate when the file reaches this size (default 64 MiB).
+    pub max_bytes: Option<u64>,
+    /// Rotated files kept (default 10).
+    pub keep: Option<u32>,
+    /// Size of the kernel's event ring buffer: a power of two, at least 4096 (default 1 MiB).
+    pub ring_buffer_bytes: Option<u32>,
+    /// Identical decisions within this window are written once with a count (default 1000; 0 off).
+    pub fold_window_ms: Option<u64>,
+}
+
+pub const DEFAULT_AUDIT_PATH: &str = "/var/log/egressd/audit.jsonl";
+
+impl AuditConfig {
+    pub fn path(&self) -> PathBuf {
+        self.path.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_AUDIT_PATH))
+    }
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes.unwrap_or(64 << 20)
+    }
+    pub fn keep(&self) -> u32 {
+        self.keep.unwrap_or(10)
+    }
+    pub fn ring_buffer_bytes(&self) -> u32 {
+        self.ring_buffer_bytes.unwrap_or(egressd_common::DEFAULT_RING_BYTES)
+    }
+    pub fn fold_window(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.fold_window_ms.unwrap_or(1000))
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -261,6 +290,12 @@ impl Config {
                 self.profiles.keys().cloned().collect::<Vec<_>>().join(", ")
             ));
         }
+        let ring = self.audit.ring_buffer_bytes();
+        if !ring.is_power_of_two() || ring < 4096 {
+            return Err(format!(
+                "audit.ring_buffer_bytes = {ring}: must be a power of two and at least 4096"
+            ));
+        }
         if self.profiles.len() > egressd_common::MAX_PROFILES as usize {
             return Err(format!(
                 "{} profiles; at most {} are supported",
@@ -358,6 +393,13 @@ pub fn allow_key(slot: u32, addr: [u8; 16]) -> AllowKey {
         slot: slot.to_be_bytes(),
         addr,
     }
+}
+
+/// Short hash of a policy, carried in audit records so a decision can be tied to the rules in force.
+pub fn policy_hash(config: &Config) -> String {
+    use sha2::Digest as _;
+    let text = toml::to_string(config).unwrap_or_default();
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))[..16].to_string()
 }
 
 /// One line for a person: what a session under this profile may reach.

@@ -82,6 +82,7 @@ impl Drop for Scratch {
 /// A private egressd: its own cgroup parent, bpffs pin directory and socket, so tests never touch a
 /// system egressd and can run side by side.
 pub struct Daemon {
+    pub audit: PathBuf,
     pub name: String,
     pub socket: PathBuf,
     pub config: PathBuf,
@@ -91,16 +92,30 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(scratch: &Scratch, config: Option<&str>) -> Daemon {
+        Self::start_with(scratch, config, "")
+    }
+
+    /// `config` is the policy (profiles); the audit log always goes to the scratch directory, with
+    /// `audit_extra` (TOML lines) added to the `[audit]` table.
+    pub fn start_with(scratch: &Scratch, config: Option<&str>, audit_extra: &str) -> Daemon {
         let name = format!(
             "egressd-t{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
         let config_path = scratch.0.join("egressd.toml");
-        if let Some(text) = config {
-            fs::write(&config_path, text).unwrap();
-        }
+        let audit = scratch.0.join("audit.jsonl");
+        fs::write(
+            &config_path,
+            format!(
+                "{}\n[audit]\npath = \"{}\"\n{audit_extra}\n",
+                config.unwrap_or(""),
+                audit.display()
+            ),
+        )
+        .unwrap();
         let mut d = Daemon {
+            audit,
             socket: scratch.0.join("egressd.sock"),
             config: config_path,
             log: scratch.0.join("egressd.log"),

@@ -150,10 +150,18 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     }
     // Build everything first so the tests find current egressd and egressctl binaries.
     check(cargo().arg("build"), "building the workspace")?;
-    let mut cmd = cargo();
-    cmd.arg("test");
-    if !args.is_empty() {
-        cmd.arg("--").args(args);
+    // Unit tests first, the kernel tests last, so the run ends on their summary.
+    check(cargo().args(["test", "--lib", "--bins"]).args(args_after(args)), "the unit tests")?;
+    check(
+        cargo().args(["test", "-p", "egressd-tests", "--test", "*"]).args(args_after(args)),
+        "the kernel tests",
+    )
+}
+
+fn args_after(args: &[String]) -> Vec<String> {
+    if args.is_empty() {
+        Vec::new()
+    } else {
+        std::iter::once("--".to_string()).chain(args.iter().cloned()).collect()
     }
-    check(&mut cmd, "the tests")
 }
