@@ -1,6 +1,7 @@
 //! egressctl: start tools in a sandbox whose network is cut off in the kernel, and ask egressd
 //! what it enforces.
 
+mod audit;
 mod client;
 mod doctor;
 mod run;
@@ -53,6 +54,8 @@ enum Command {
     },
     /// Check that this kernel has what egressd needs, and say what is missing.
     Doctor,
+    /// Read, export and verify the audit log.
+    Audit(audit::AuditArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
         Command::Status { json } => show::status(&cli.socket, json).map(|()| ExitCode::SUCCESS),
         Command::Ps { json } => show::ps(&cli.socket, json).map(|()| ExitCode::SUCCESS),
         Command::Doctor => Ok(doctor::doctor(&cli.socket)),
+        Command::Audit(args) => audit::audit(&cli.socket, args),
     };
     match result {
         Ok(code) => code,

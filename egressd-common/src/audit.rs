@@ -126,8 +126,11 @@ pub fn verify<R: BufRead>(
             if line.is_empty() {
                 continue;
             }
-            let rec: Record = serde_json::from_slice(&line)
-                .map_err(|e| broken(format!("not an audit record ({e}): the line was edited or is not from egressd")))?;
+            let rec: Record = serde_json::from_slice(&line).map_err(|e| {
+                broken(format!(
+                    "not an audit record ({e}): the line was edited or is not from egressd"
+                ))
+            })?;
             if let Some(h) = &head {
                 if rec.prev != h.hash {
                     return Err(broken(format!(
@@ -142,7 +145,10 @@ pub fn verify<R: BufRead>(
                     )));
                 }
             } else if rec.prev == GENESIS && rec.seq != 1 {
-                return Err(broken(format!("the first record has seq {} instead of 1", rec.seq)));
+                return Err(broken(format!(
+                    "the first record has seq {} instead of 1",
+                    rec.seq
+                )));
             }
             head = Some(ChainHead {
                 seq: rec.seq,
@@ -159,8 +165,12 @@ pub fn head_of(text: &[u8]) -> io::Result<Option<ChainHead>> {
     let Some(last) = text.split(|b| *b == b'\n').rev().find(|l| !l.is_empty()) else {
         return Ok(None);
     };
-    let rec: Record = serde_json::from_slice(last)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("last line is not an audit record: {e}")))?;
+    let rec: Record = serde_json::from_slice(last).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("last line is not an audit record: {e}"),
+        )
+    })?;
     Ok(Some(ChainHead {
         seq: rec.seq,
         hash: line_hash(last),

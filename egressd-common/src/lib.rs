@@ -9,9 +9,9 @@
 extern crate std;
 
 #[cfg(feature = "user")]
-pub mod prog_query;
-#[cfg(feature = "user")]
 pub mod audit;
+#[cfg(feature = "user")]
+pub mod prog_query;
 #[cfg(feature = "user")]
 pub mod protocol;
 

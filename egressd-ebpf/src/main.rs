@@ -15,7 +15,10 @@
 mod verdict;
 
 use aya_ebpf::{
-    bindings::{bpf_sock, bpf_sock_addr, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
+    bindings::{
+        bpf_sock, bpf_sock_addr, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        BPF_RB_RING_SIZE,
+    },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, bpf_skb_ancestor_cgroup_id,
@@ -27,9 +30,9 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use egressd_common::{
     AllowKey, AllowValue, Counters, Event, Profile, SessionInfo, DEFAULT_RING_BYTES, HOOK_CONNECT4,
-    HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SKB_EGRESS, HOOK_SOCK_CREATE, MAX_ALLOW_ENTRIES,
-    MAX_PROFILES, MAX_SESSIONS, REASON_DEFAULT_DENY, REASON_FORBIDDEN_SOCKET, VERDICT_ALLOWED, VERDICT_AUDIT_DENIED,
-    VERDICT_DENIED,
+    HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SKB_EGRESS, HOOK_SOCK_CREATE,
+    MAX_ALLOW_ENTRIES, MAX_PROFILES, MAX_SESSIONS, REASON_DEFAULT_DENY, REASON_FORBIDDEN_SOCKET,
+    VERDICT_ALLOWED, VERDICT_AUDIT_DENIED, VERDICT_DENIED,
 };
 
 use crate::verdict::Dest;
@@ -98,7 +101,15 @@ fn profile_for(info: Option<SessionInfo>, generation: u32) -> Option<(u32, Profi
 /// costs microseconds per hook call. The reader is woken once the ring is a quarter full, and drains
 /// on a short timer otherwise. A full ring is counted per session, never silent.
 #[inline(always)]
-fn report(session: u64, dest: &Dest, hook: u8, verdict: u8, reason: u8, generation: u32, task: bool) {
+fn report(
+    session: u64,
+    dest: &Dest,
+    hook: u8,
+    verdict: u8,
+    reason: u8,
+    generation: u32,
+    task: bool,
+) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count(session, |c| c.events_lost += 1);
         return;
@@ -106,12 +117,20 @@ fn report(session: u64, dest: &Dest, hook: u8, verdict: u8, reason: u8, generati
     // SAFETY: helpers without pointer arguments.
     let (pid_tgid, uid_gid, boot_ns) = unsafe {
         if task {
-            (bpf_get_current_pid_tgid(), bpf_get_current_uid_gid(), bpf_ktime_get_boot_ns())
+            (
+                bpf_get_current_pid_tgid(),
+                bpf_get_current_uid_gid(),
+                bpf_ktime_get_boot_ns(),
+            )
         } else {
             (0, 0, bpf_ktime_get_boot_ns())
         }
     };
-    let comm = if task { bpf_get_current_comm().unwrap_or([0; 16]) } else { [0; 16] };
+    let comm = if task {
+        bpf_get_current_comm().unwrap_or([0; 16])
+    } else {
+        [0; 16]
+    };
     entry.write(Event {
         boot_ns,
         session,
@@ -131,7 +150,11 @@ fn report(session: u64, dest: &Dest, hook: u8, verdict: u8, reason: u8, generati
     });
     let avail = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
     let size = EVENTS.query(BPF_RB_RING_SIZE as u64);
-    let flags = if avail > size / 4 { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    let flags = if avail > size / 4 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
     entry.submit(flags as u64);
 }
 
@@ -172,7 +195,15 @@ fn judge_sock_addr(ctx: &SockAddrContext, dest: Dest, hook: u8) -> i32 {
             (DENY_VERDICT, VERDICT_DENIED)
         }
     };
-    report(session, &dest, hook, verdict, decision.reason, generation, true);
+    report(
+        session,
+        &dest,
+        hook,
+        verdict,
+        decision.reason,
+        generation,
+        true,
+    );
     ret
 }
 
@@ -242,7 +273,15 @@ pub fn egressd_sock_create(ctx: SockContext) -> i32 {
         port: 0,
         proto: proto as u8,
     };
-    report(session, &dest, HOOK_SOCK_CREATE, verdict, REASON_FORBIDDEN_SOCKET, generation, true);
+    report(
+        session,
+        &dest,
+        HOOK_SOCK_CREATE,
+        verdict,
+        REASON_FORBIDDEN_SOCKET,
+        generation,
+        true,
+    );
     ret
 }
 
@@ -277,9 +316,22 @@ pub fn egressd_skb_egress(ctx: SkBuffContext) -> i32 {
     } else {
         (DENY_VERDICT, VERDICT_DENIED)
     };
-    let dest = dest.unwrap_or(Dest { family: 0, addr: [0; 16], port: 0, proto: 0 });
+    let dest = dest.unwrap_or(Dest {
+        family: 0,
+        addr: [0; 16],
+        port: 0,
+        proto: 0,
+    });
     // Softirq context is possible here (retransmits): no task fields.
-    report(session, &dest, HOOK_SKB_EGRESS, verdict, reason, generation, false);
+    report(
+        session,
+        &dest,
+        HOOK_SKB_EGRESS,
+        verdict,
+        reason,
+        generation,
+        false,
+    );
     ret
 }
 

@@ -71,9 +71,19 @@ impl Writer {
                     Err(e) => {
                         // A torn last line (crash mid-write): continue after it; `verify` will
                         // point at it, which is the truth.
-                        tracing::warn!("{}: {e}; the chain continues after it", candidate.display());
-                        let last = text.split(|b| *b == b'\n').rev().find(|l| !l.is_empty()).unwrap_or(&[]);
-                        head = Some(ChainHead { seq: 0, hash: line_hash(last) });
+                        tracing::warn!(
+                            "{}: {e}; the chain continues after it",
+                            candidate.display()
+                        );
+                        let last = text
+                            .split(|b| *b == b'\n')
+                            .rev()
+                            .find(|l| !l.is_empty())
+                            .unwrap_or(&[]);
+                        head = Some(ChainHead {
+                            seq: 0,
+                            hash: line_hash(last),
+                        });
                         break;
                     }
                 }
@@ -357,7 +367,9 @@ impl Pipeline {
         let audit_mode = ev.verdict == VERDICT_AUDIT_DENIED;
         let reason = reason_name(ev.reason);
         let dest = match ev.family {
-            4 => Some(Ipv4Addr::new(ev.addr[12], ev.addr[13], ev.addr[14], ev.addr[15]).to_string()),
+            4 => {
+                Some(Ipv4Addr::new(ev.addr[12], ev.addr[13], ev.addr[14], ev.addr[15]).to_string())
+            }
             6 => Some(Ipv6Addr::from(ev.addr).to_string()),
             _ => None,
         };
@@ -380,9 +392,24 @@ impl Pipeline {
             protocol: Some(proto_name(ev.proto)),
             dest: if sock_create { None } else { dest },
             port: (!sock_create).then_some(ev.port),
-            verdict: Some(if ev.verdict == VERDICT_ALLOWED || audit_mode { "allowed" } else { "denied" }.into()),
-            reason: Some(if audit_mode { format!("audit mode: would deny ({reason})") } else { reason.into() }),
-            policy: self.hashes.lock().ok().and_then(|h| h.get(&ev.policy_gen).cloned()),
+            verdict: Some(
+                if ev.verdict == VERDICT_ALLOWED || audit_mode {
+                    "allowed"
+                } else {
+                    "denied"
+                }
+                .into(),
+            ),
+            reason: Some(if audit_mode {
+                format!("audit mode: would deny ({reason})")
+            } else {
+                reason.into()
+            }),
+            policy: self
+                .hashes
+                .lock()
+                .ok()
+                .and_then(|h| h.get(&ev.policy_gen).cloned()),
             count: Some(1),
             ..Default::default()
         }
@@ -405,7 +432,9 @@ impl Pipeline {
     }
 
     fn lost_record(&mut self, cgroup_id: u64, total_lost: u64) {
-        let Some(live) = self.sessions.get_mut(&cgroup_id) else { return };
+        let Some(live) = self.sessions.get_mut(&cgroup_id) else {
+            return;
+        };
         if total_lost <= live.lost_reported {
             return;
         }
@@ -536,14 +565,23 @@ mod tests {
     }
 
     fn lines(path: &Path) -> Vec<String> {
-        fs::read_to_string(path).unwrap().lines().map(String::from).collect()
+        fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect()
     }
 
     fn check(files: &[PathBuf]) -> Result<u64, String> {
-        let readers = files
-            .iter()
-            .map(|f| (f.display().to_string(), io::BufReader::new(fs::File::open(f).unwrap())));
-        verify(readers).map(|(n, _)| n).map_err(|b| format!("{}:{}: {}", b.file, b.line, b.reason))
+        let readers = files.iter().map(|f| {
+            (
+                f.display().to_string(),
+                io::BufReader::new(fs::File::open(f).unwrap()),
+            )
+        });
+        verify(readers)
+            .map(|(n, _)| n)
+            .map_err(|b| format!("{}:{}: {}", b.file, b.line, b.reason))
     }
 
     #[test]
@@ -563,7 +601,11 @@ mod tests {
         }
         w.flush().unwrap();
         assert!(rotated(&path, 1).exists(), "600 bytes should have rotated");
-        let mut files: Vec<PathBuf> = (1..=3).rev().map(|n| rotated(&path, n)).filter(|p| p.exists()).collect();
+        let mut files: Vec<PathBuf> = (1..=3)
+            .rev()
+            .map(|n| rotated(&path, n))
+            .filter(|p| p.exists())
+            .collect();
         files.push(path.clone());
         assert_eq!(check(&files), Ok(6));
 

@@ -251,7 +251,11 @@ async fn start_session(
     );
     let hash = state.policy.read().await.hash.clone();
     state
-        .audit(crate::audit::Message::SessionStart(session.clone(), hash, false))
+        .audit(crate::audit::Message::SessionStart(
+            session.clone(),
+            hash,
+            false,
+        ))
         .await;
     let cgroup = session.cgroup.clone();
     state.registry.lock().await.insert(session);

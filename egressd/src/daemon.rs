@@ -246,7 +246,8 @@ impl State {
             self.watch(&session);
             tracing::info!(session = %id, profile = %session.profile, "adopted running session");
             let hash = self.policy.read().await.hash.clone();
-            self.audit(audit::Message::SessionStart(session.clone(), hash, true)).await;
+            self.audit(audit::Message::SessionStart(session.clone(), hash, true))
+                .await;
             self.registry.lock().await.insert(session);
         }
         for cgroup_id in registered.keys().filter(|id| !kept.contains(id)) {
@@ -270,7 +271,8 @@ impl State {
                 tracing::warn!(session = %id, "removing cgroup: {e}");
             }
             self.state_dir.forget(&id);
-            self.audit(audit::Message::SessionEnd(s.clone(), totals)).await;
+            self.audit(audit::Message::SessionEnd(s.clone(), totals))
+                .await;
             tracing::info!(
                 session = %id, profile = %s.profile, uid = s.uid,
                 allowed = totals.allowed, denied = totals.denied,

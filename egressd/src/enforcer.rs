@@ -185,12 +185,19 @@ impl Enforcer {
                 attach_type,
             ));
         }
-        Ok(Enforcer { ebpf, hooks, hashes })
+        Ok(Enforcer {
+            ebpf,
+            hooks,
+            hashes,
+        })
     }
 
     /// The audit events ring buffer, for the task that drains it (the only map that leaves us).
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
-        let map = self.ebpf.take_map(maps::EVENTS).ok_or(EnforcerError::MissingMap(maps::EVENTS))?;
+        let map = self
+            .ebpf
+            .take_map(maps::EVENTS)
+            .ok_or(EnforcerError::MissingMap(maps::EVENTS))?;
         RingBuf::try_from(map).map_err(Self::map_err(maps::EVENTS))
     }
 
@@ -222,7 +229,11 @@ impl Enforcer {
     /// Writes the profiles into the half of the double-buffered policy that is not in force, then
     /// flips the generation: one 4-byte map write switches every session at once. Returns the
     /// generation now in force.
-    pub fn install_policy(&mut self, profiles: &[(u32, CompiledProfile)], hash: String) -> Result<u32> {
+    pub fn install_policy(
+        &mut self,
+        profiles: &[(u32, CompiledProfile)],
+        hash: String,
+    ) -> Result<u32> {
         let generation = {
             let gen: Array<&mut MapData, u32> = Array::try_from(self.map(maps::POLICY_GEN)?)
                 .map_err(Self::map_err(maps::POLICY_GEN))?;
@@ -272,7 +283,8 @@ impl Enforcer {
         }
         let mut gen: Array<&mut MapData, u32> = Array::try_from(self.map(maps::POLICY_GEN)?)
             .map_err(Self::map_err(maps::POLICY_GEN))?;
-        gen.set(0, next, 0).map_err(Self::map_err(maps::POLICY_GEN))?;
+        gen.set(0, next, 0)
+            .map_err(Self::map_err(maps::POLICY_GEN))?;
         Ok(next)
     }
 
@@ -442,7 +454,11 @@ pub fn unpin_all(pins: &PinDir) -> Result<Vec<PathBuf>> {
 
 /// Requests to the enforcer task.
 pub enum Command {
-    InstallPolicy(Vec<(u32, CompiledProfile)>, String, oneshot::Sender<Result<u32>>),
+    InstallPolicy(
+        Vec<(u32, CompiledProfile)>,
+        String,
+        oneshot::Sender<Result<u32>>,
+    ),
     AddSession(u64, u32, oneshot::Sender<Result<()>>),
     RemoveSession(u64, oneshot::Sender<Result<Counters>>),
     Counters(u64, oneshot::Sender<Result<Counters>>),

@@ -159,7 +159,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         fold_window: config.audit.fold_window(),
     };
     // The pinned ring buffer may hold events from before a restart: they are drained first.
-    let audit_task = tokio::spawn(audit::run(events, writer, handle.clone(), hashes, tuning, audit_rx));
+    let audit_task = tokio::spawn(audit::run(
+        events,
+        writer,
+        handle.clone(),
+        hashes,
+        tuning,
+        audit_rx,
+    ));
     let state = Arc::new(State::new(
         layout,
         handle,
@@ -209,7 +216,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     // Links and maps stay pinned: stopping the daemon never opens a sandbox.
     let _ = std::fs::remove_file(&cli.socket);
-    state.audit(audit::Message::Note("egressd stopping; enforcement stays pinned".into())).await;
+    state
+        .audit(audit::Message::Note(
+            "egressd stopping; enforcement stays pinned".into(),
+        ))
+        .await;
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     state.audit(audit::Message::Flush(done_tx)).await;
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), done_rx).await;

@@ -66,7 +66,9 @@ pub const DEFAULT_AUDIT_PATH: &str = "/var/log/egressd/audit.jsonl";
 
 impl AuditConfig {
     pub fn path(&self) -> PathBuf {
-        self.path.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_AUDIT_PATH))
+        self.path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_AUDIT_PATH))
     }
     pub fn max_bytes(&self) -> u64 {
         self.max_bytes.unwrap_or(64 << 20)
@@ -75,7 +77,8 @@ impl AuditConfig {
         self.keep.unwrap_or(10)
     }
     pub fn ring_buffer_bytes(&self) -> u32 {
-        self.ring_buffer_bytes.unwrap_or(egressd_common::DEFAULT_RING_BYTES)
+        self.ring_buffer_bytes
+            .unwrap_or(egressd_common::DEFAULT_RING_BYTES)
     }
     pub fn fold_window(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.fold_window_ms.unwrap_or(1000))

@@ -391,3 +391,97 @@ pub fn session_dirs(d: &Daemon) -> Vec<PathBuf> {
         })
         .unwrap_or_default()
 }
+
+/// Drop order matters: the outside host and the daemon go before their scratch directory.
+pub struct World {
+    pub outside: Outside,
+    pub daemon: Daemon,
+    pub scratch: Scratch,
+}
+
+pub fn world(tag: &str) -> World {
+    world_with(tag, |_| None)
+}
+
+pub fn world_with(tag: &str, config: impl FnOnce(&Outside) -> Option<String>) -> World {
+    world_audit(tag, config, "")
+}
+
+/// A world whose daemon's `[audit]` table gets `audit_extra`.
+pub fn world_audit(
+    tag: &str,
+    config: impl FnOnce(&Outside) -> Option<String>,
+    audit_extra: &str,
+) -> World {
+    require_root();
+    let scratch = Scratch::new(tag);
+    let outside = Outside::new(&scratch);
+    let config = config(&outside);
+    let daemon = Daemon::start_with(&scratch, config.as_deref(), audit_extra);
+    World {
+        outside,
+        daemon,
+        scratch,
+    }
+}
+
+pub fn attempt(w: &World, uid: u32, kind: &str, target: &str) -> std::process::Output {
+    let probe = probe();
+    w.daemon
+        .run(uid, &[probe.to_str().unwrap(), "attempt", kind, target])
+}
+
+/// The session id from egressctl's start line (`egressd: session ID (profile ...`).
+pub fn session_id(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    err.lines()
+        .find_map(|l| l.strip_prefix("egressd: session "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no session line in egressctl's output:\n{}", text(out)))
+        .to_string()
+}
+
+/// The pid the probe printed (`allowed pid=N` / `denied pid=N: ...`).
+pub fn probe_pid(out: &Output) -> u32 {
+    let s = String::from_utf8_lossy(&out.stdout);
+    s.split("pid=")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in the probe's output:\n{}", text(out)))
+}
+
+/// Every record of the daemon's audit log (all files, oldest first), as JSON values.
+pub fn audit_records(d: &Daemon) -> Vec<serde_json::Value> {
+    let mut files: Vec<PathBuf> = (1..100)
+        .rev()
+        .map(|n| PathBuf::from(format!("{}.{n}", d.audit.display())))
+        .filter(|p| p.exists())
+        .collect();
+    files.push(d.audit.clone());
+    files
+        .iter()
+        .flat_map(|f| {
+            fs::read_to_string(f)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| !l.is_empty())
+                .map(|l| {
+                    serde_json::from_str(l).unwrap_or_else(|e| panic!("bad audit line {l}: {e}"))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Waits for a session's `session_end` record and returns all records.
+pub fn records_after_end(d: &Daemon, session: &str) -> Vec<serde_json::Value> {
+    let mut records = Vec::new();
+    wait_until(&format!("the session_end record of {session}"), 15, || {
+        records = audit_records(d);
+        records
+            .iter()
+            .any(|r| r["type"] == "session_end" && r["session"] == session)
+    });
+    records
+}

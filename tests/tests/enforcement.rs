@@ -6,36 +6,6 @@ use std::{fs, process::Command};
 use egressd_common::prog_query;
 use egressd_tests::*;
 
-/// Drop order matters: the outside host and the daemon go before their scratch directory.
-struct World {
-    outside: Outside,
-    daemon: Daemon,
-    scratch: Scratch,
-}
-
-fn world(tag: &str) -> World {
-    world_with(tag, |_| None)
-}
-
-fn world_with(tag: &str, config: impl FnOnce(&Outside) -> Option<String>) -> World {
-    require_root();
-    let scratch = Scratch::new(tag);
-    let outside = Outside::new(&scratch);
-    let config = config(&outside);
-    let daemon = Daemon::start(&scratch, config.as_deref());
-    World {
-        outside,
-        daemon,
-        scratch,
-    }
-}
-
-fn attempt(w: &World, uid: u32, kind: &str, target: &str) -> std::process::Output {
-    let probe = probe();
-    w.daemon
-        .run(uid, &[probe.to_str().unwrap(), "attempt", kind, target])
-}
-
 #[test]
 fn every_way_out_is_refused_and_nothing_reaches_the_outside_host() {
     let w = world("ways");

@@ -151,9 +151,16 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     // Build everything first so the tests find current egressd and egressctl binaries.
     check(cargo().arg("build"), "building the workspace")?;
     // Unit tests first, the kernel tests last, so the run ends on their summary.
-    check(cargo().args(["test", "--lib", "--bins"]).args(args_after(args)), "the unit tests")?;
     check(
-        cargo().args(["test", "-p", "egressd-tests", "--test", "*"]).args(args_after(args)),
+        cargo()
+            .args(["test", "--lib", "--bins"])
+            .args(args_after(args)),
+        "the unit tests",
+    )?;
+    check(
+        cargo()
+            .args(["test", "-p", "egressd-tests", "--test", "*"])
+            .args(args_after(args)),
         "the kernel tests",
     )
 }
@@ -162,6 +169,8 @@ fn args_after(args: &[String]) -> Vec<String> {
     if args.is_empty() {
         Vec::new()
     } else {
-        std::iter::once("--".to_string()).chain(args.iter().cloned()).collect()
+        std::iter::once("--".to_string())
+            .chain(args.iter().cloned())
+            .collect()
     }
 }

@@ -55,11 +55,11 @@ fn main() {
 fn report<T>(r: io::Result<T>) -> i32 {
     match r {
         Ok(_) => {
-            println!("allowed");
+            println!("allowed pid={}", std::process::id());
             0
         }
         Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) => {
-            println!("denied: {e}");
+            println!("denied pid={}: {e}", std::process::id());
             3
         }
         Err(e) => {
@@ -110,6 +110,16 @@ fn attempt(kind: &str, target: &str) -> i32 {
             raw_socket(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP)
                 .and_then(|fd| raw_send(&fd, &addr())),
         ),
+        "flood-udp" => {
+            // TARGET,N: N unconnected sends as fast as possible; prints how many were refused.
+            let (t, n) = target.split_once(',').expect("flood-udp takes IP:port,N");
+            let a: SocketAddr = t.parse().unwrap();
+            let n: u64 = n.parse().unwrap();
+            let s = udp_for(&a).unwrap();
+            let refused = (0..n).filter(|_| s.send_to(PAYLOAD, a).is_err()).count();
+            println!("refused={refused} of {n}");
+            0
+        }
         "loopback-tcp" => {
             let l = TcpListener::bind(target).unwrap();
             report(

@@ -1,0 +1,590 @@
+//! `egressctl audit`: read, filter, export and verify egressd's audit log.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{self, BufRead as _, BufReader, Read as _, Seek as _, Write},
+    net::IpAddr,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Subcommand, ValueEnum};
+use egressd_common::{
+    audit::{verify, Record},
+    protocol::{Op, Reply},
+};
+use ipnet::IpNet;
+
+use crate::client::Client;
+
+#[derive(Args)]
+pub struct AuditArgs {
+    /// The log to read (default: the one the running egressd writes, else /var/log/egressd/audit.jsonl).
+    #[arg(long, global = true)]
+    file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: AuditCommand,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// The latest records, as a table (or JSON lines).
+    Tail {
+        /// Keep printing new records as they are written.
+        #[arg(short, long)]
+        follow: bool,
+        /// How many records to show first.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+        #[command(flatten)]
+        filter: Filter,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Records matching the filters, for a compliance report.
+    Export {
+        #[command(flatten)]
+        filter: Filter,
+        #[arg(long, value_enum, default_value_t = Format::Jsonl)]
+        format: Format,
+        /// Write here instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Check the hash chain; names the first line that breaks it. Exit 1 if broken.
+    Verify {
+        /// Files in order, oldest first (default: the log and its rotated files).
+        files: Vec<PathBuf>,
+    },
+    /// Per session and per destination: allowed, denied, lost.
+    Summary {
+        /// RFC 3339 time, or an age such as 1h, 7d.
+        #[arg(long)]
+        since: Option<String>,
+    },
+}
+
+#[derive(Args, Clone, Default)]
+struct Filter {
+    /// RFC 3339 time (2026-11-01, 2026-11-01T08:00:00Z) or an age (1h, 7d).
+    #[arg(long)]
+    since: Option<String>,
+    #[arg(long)]
+    until: Option<String>,
+    #[arg(long)]
+    session: Option<String>,
+    #[arg(long, value_parser = ["allowed", "denied"])]
+    verdict: Option<String>,
+    /// Destination network, e.g. 10.0.0.0/8.
+    #[arg(long)]
+    dest: Option<IpNet>,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Format {
+    Jsonl,
+    Csv,
+    /// OCSF 1.1 Network Activity (class 4001) events, one JSON object per line.
+    Ocsf,
+}
+
+pub fn audit(socket: &Path, args: AuditArgs) -> anyhow::Result<ExitCode> {
+    let log = match args.file {
+        Some(f) => f,
+        None => daemon_log(socket).unwrap_or_else(|| PathBuf::from("/var/log/egressd/audit.jsonl")),
+    };
+    match args.command {
+        AuditCommand::Verify { files } => verify_cmd(&log, files),
+        AuditCommand::Tail {
+            follow,
+            lines,
+            filter,
+            json,
+        } => {
+            let m = Matcher::new(&filter)?;
+            let records: Vec<Record> = read_all(&log)?
+                .into_iter()
+                .filter(|r| m.matches(r))
+                .collect();
+            let start = records.len().saturating_sub(lines);
+            let mut out = io::stdout().lock();
+            if !json {
+                writeln!(out, "{}", table_header())?;
+            }
+            for r in &records[start..] {
+                print_record(&mut out, r, json)?;
+            }
+            out.flush()?;
+            if follow {
+                follow_log(&log, &m, json)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Export {
+            filter,
+            format,
+            output,
+        } => {
+            let m = Matcher::new(&filter)?;
+            let records = read_all(&log)?.into_iter().filter(|r| m.matches(r));
+            let out: Box<dyn Write> = match &output {
+                Some(p) => Box::new(
+                    fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+                ),
+                None => Box::new(io::stdout().lock()),
+            };
+            export(out, records, format)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Summary { since } => {
+            let m = Matcher::new(&Filter {
+                since,
+                ..Default::default()
+            })?;
+            summary(
+                read_all(&log)?
+                    .into_iter()
+                    .filter(|r| m.matches(r))
+                    .collect(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn daemon_log(socket: &Path) -> Option<PathBuf> {
+    match Client::connect(socket).ok()?.call(Op::Status).ok()? {
+        Reply::Status(s) => Some(PathBuf::from(s.audit_path)),
+        _ => None,
+    }
+}
+
+/// The log and its rotated files, oldest first.
+fn log_files(log: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for n in (1..=1000).rev() {
+        let mut p = log.as_os_str().to_owned();
+        p.push(format!(".{n}"));
+        let p = PathBuf::from(p);
+        if p.exists() {
+            files.push(p);
+        }
+    }
+    files.push(log.to_owned());
+    files
+}
+
+fn open(path: &Path) -> anyhow::Result<fs::File> {
+    fs::File::open(path).with_context(|| {
+        format!(
+            "cannot read {}; reading the audit log needs root or the log's group (your own sessions' totals: `egressctl ps`)",
+            path.display()
+        )
+    })
+}
+
+fn read_all(log: &Path) -> anyhow::Result<Vec<Record>> {
+    let mut out = Vec::new();
+    for f in log_files(log) {
+        if !f.exists() {
+            continue;
+        }
+        for (i, line) in BufReader::new(open(&f)?).lines().enumerate() {
+            let line = line?;
+            if line.is_empty() {
+                continue;
+            }
+            let r: Record = serde_json::from_str(&line).with_context(|| {
+                format!(
+                    "{} line {}: not an audit record (try `egressctl audit verify`)",
+                    f.display(),
+                    i + 1
+                )
+            })?;
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+fn verify_cmd(log: &Path, files: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
+    let files = if files.is_empty() {
+        log_files(log)
+    } else {
+        files
+    };
+    let mut readers = Vec::new();
+    for f in &files {
+        readers.push((f.display().to_string(), BufReader::new(open(f)?)));
+    }
+    match verify(readers) {
+        Ok((n, head)) => {
+            let last = head.map(|h| h.seq).unwrap_or(0);
+            let first = (last + 1).saturating_sub(n);
+            println!(
+                "ok: {n} records in {} file(s), hash chain intact (seq {first}..{last})",
+                files.len()
+            );
+            if first > 1 {
+                println!("note: the chain starts at seq {first}: older files were rotated away (retention) or removed");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(b) => {
+            println!("BROKEN: {} line {}: {}", b.file, b.line, b.reason);
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// Parses `T` as RFC 3339 (date alone allowed) or as an age before now (1h, 7d, 30m).
+fn parse_time(t: &str) -> anyhow::Result<SystemTime> {
+    if let Ok(ts) = humantime::parse_rfc3339_weak(t) {
+        return Ok(ts);
+    }
+    if let Ok(ts) = humantime::parse_rfc3339_weak(&format!("{t} 00:00:00")) {
+        return Ok(ts);
+    }
+    if let Ok(age) = humantime::parse_duration(t) {
+        return Ok(SystemTime::now() - age);
+    }
+    bail!("{t:?} is neither an RFC 3339 time (2026-11-01T08:00:00Z) nor an age (1h, 7d)")
+}
+
+struct Matcher {
+    since: Option<SystemTime>,
+    until: Option<SystemTime>,
+    session: Option<String>,
+    verdict: Option<String>,
+    dest: Option<IpNet>,
+}
+
+impl Matcher {
+    fn new(f: &Filter) -> anyhow::Result<Matcher> {
+        Ok(Matcher {
+            since: f.since.as_deref().map(parse_time).transpose()?,
+            until: f.until.as_deref().map(parse_time).transpose()?,
+            session: f.session.clone(),
+            verdict: f.verdict.clone(),
+            dest: f.dest,
+        })
+    }
+
+    fn matches(&self, r: &Record) -> bool {
+        if self.since.is_some() || self.until.is_some() {
+            let Ok(t) = humantime::parse_rfc3339(&r.time) else {
+                return false;
+            };
+            if self.since.is_some_and(|s| t < s) || self.until.is_some_and(|u| t > u) {
+                return false;
+            }
+        }
+        if self
+            .session
+            .as_ref()
+            .is_some_and(|s| r.session.as_ref() != Some(s))
+        {
+            return false;
+        }
+        if self.verdict.is_some() && r.verdict != self.verdict {
+            return false;
+        }
+        if let Some(net) = self.dest {
+            let ip: Option<IpAddr> = r.dest.as_deref().and_then(|d| d.parse().ok());
+            if !ip.is_some_and(|ip| net.contains(&ip)) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+fn table_header() -> String {
+    format!(
+        "{:<23} {:<8} {:>7} {:<15} {:<11} {:<30} {:<7} {:>5}  REASON",
+        "TIME", "SESSION", "PID", "COMM", "HOOK", "DESTINATION", "VERDICT", "COUNT"
+    )
+}
+
+fn short_time(t: &str) -> String {
+    // 2026-11-22T14:48:02.299347354Z -> 2026-11-22 14:48:02.299
+    let t = t.replace('T', " ");
+    t.get(..23).unwrap_or(&t).to_string()
+}
+
+fn destination(r: &Record) -> String {
+    match (&r.dest, r.port, &r.protocol) {
+        (Some(d), Some(p), Some(proto)) if d.contains(':') => format!("[{d}]:{p}/{proto}"),
+        (Some(d), Some(p), Some(proto)) => format!("{d}:{p}/{proto}"),
+        (None, _, Some(proto)) => format!("({proto} socket)"),
+        _ => String::new(),
+    }
+}
+
+fn print_record(out: &mut impl Write, r: &Record, json: bool) -> io::Result<()> {
+    if json {
+        return writeln!(out, "{}", serde_json::to_string(r).unwrap_or_default());
+    }
+    let session = r.session.clone().unwrap_or_default();
+    match r.kind.as_str() {
+        "decision" => writeln!(
+            out,
+            "{:<23} {:<8} {:>7} {:<15} {:<11} {:<30} {:<7} {:>5}  {}",
+            short_time(&r.time),
+            session,
+            r.pid.map(|p| p.to_string()).unwrap_or_default(),
+            r.comm.clone().unwrap_or_default(),
+            r.hook.clone().unwrap_or_default(),
+            destination(r),
+            r.verdict.clone().unwrap_or_default(),
+            r.count.unwrap_or(1),
+            r.reason.clone().unwrap_or_default()
+        ),
+        "session_start" => writeln!(
+            out,
+            "{:<23} {:<8} session start: profile {}, uid {}: {}",
+            short_time(&r.time),
+            session,
+            r.profile.clone().unwrap_or_default(),
+            r.uid.unwrap_or(0),
+            shown_argv(r.argv.as_deref().unwrap_or_default())
+        ),
+        "session_end" => writeln!(
+            out,
+            "{:<23} {:<8} session end: {} allowed, {} denied, {} lost, {} s",
+            short_time(&r.time),
+            session,
+            r.allowed.unwrap_or(0),
+            r.denied.unwrap_or(0),
+            r.lost.unwrap_or(0),
+            r.duration_s.unwrap_or(0)
+        ),
+        "lost" => writeln!(
+            out,
+            "{:<23} {:<8} LOST {} events (ring buffer full; counted, not itemised)",
+            short_time(&r.time),
+            session,
+            r.count.unwrap_or(0)
+        ),
+        _ => writeln!(
+            out,
+            "{:<23} {:<8} {}",
+            short_time(&r.time),
+            session,
+            r.message.clone().unwrap_or_else(|| r.kind.clone())
+        ),
+    }
+}
+
+/// A command line for one table row: arguments with spaces, quotes or control characters are quoted
+/// and escaped, so a row stays one line and says exactly what ran.
+fn shown_argv(argv: &[String]) -> String {
+    argv.iter()
+        .map(|a| {
+            if a.is_empty()
+                || a.chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == '\'')
+            {
+                format!("{a:?}")
+            } else {
+                a.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Prints records appended after the current end, following rotation.
+fn follow_log(log: &Path, m: &Matcher, json: bool) -> anyhow::Result<()> {
+    let mut file = open(log)?;
+    let mut inode = file.metadata()?.ino();
+    let mut pos = file.seek(io::SeekFrom::End(0))?;
+    let mut pending = String::new();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        if let Ok(meta) = fs::metadata(log) {
+            if meta.ino() != inode || meta.len() < pos {
+                file = open(log)?;
+                inode = meta.ino();
+                pos = 0;
+            }
+        }
+        file.seek(io::SeekFrom::Start(pos))?;
+        let mut chunk = String::new();
+        pos += file.read_to_string(&mut chunk)? as u64;
+        pending.push_str(&chunk);
+        let mut out = io::stdout().lock();
+        while let Some(nl) = pending.find('\n') {
+            let line: String = pending.drain(..=nl).collect();
+            if let Ok(r) = serde_json::from_str::<Record>(line.trim_end()) {
+                if m.matches(&r) {
+                    print_record(&mut out, &r, json)?;
+                }
+            }
+        }
+        out.flush()?;
+    }
+}
+
+const CSV_COLUMNS: [&str; 22] = [
+    "time", "seq", "type", "session", "pid", "tgid", "uid", "comm", "exe", "hook", "family",
+    "protocol", "dest", "port", "verdict", "reason", "policy", "count", "profile", "argv", "lost",
+    "message",
+];
+
+fn export(
+    out: Box<dyn Write>,
+    records: impl Iterator<Item = Record>,
+    format: Format,
+) -> anyhow::Result<()> {
+    match format {
+        Format::Jsonl | Format::Ocsf => {
+            let mut out = io::BufWriter::new(out);
+            for r in records {
+                if format == Format::Ocsf {
+                    match ocsf(&r) {
+                        Some(v) => serde_json::to_writer(&mut out, &v)?,
+                        None => continue,
+                    }
+                } else {
+                    // The record as logged, field order and `prev` included.
+                    serde_json::to_writer(&mut out, &r)?;
+                }
+                out.write_all(b"\n")?;
+            }
+            out.flush()?;
+        }
+        Format::Csv => {
+            let mut w = csv::Writer::from_writer(out);
+            w.write_record(CSV_COLUMNS)?;
+            let s = |o: &Option<String>| o.clone().unwrap_or_default();
+            let n = |o: Option<u64>| o.map(|v| v.to_string()).unwrap_or_default();
+            for r in records {
+                w.write_record([
+                    r.time.clone(),
+                    r.seq.to_string(),
+                    r.kind.clone(),
+                    s(&r.session),
+                    n(r.pid.map(u64::from)),
+                    n(r.tgid.map(u64::from)),
+                    n(r.uid.map(u64::from)),
+                    s(&r.comm),
+                    s(&r.exe),
+                    s(&r.hook),
+                    s(&r.family),
+                    s(&r.protocol),
+                    s(&r.dest),
+                    n(r.port.map(u64::from)),
+                    s(&r.verdict),
+                    s(&r.reason),
+                    s(&r.policy),
+                    n(r.count),
+                    s(&r.profile),
+                    r.argv.clone().map(|a| a.join(" ")).unwrap_or_default(),
+                    n(r.lost),
+                    s(&r.message),
+                ])?;
+            }
+            w.flush()?;
+        }
+    }
+    Ok(())
+}
+
+/// An OCSF 1.1 Network Activity event (class 4001) for a decision record.
+fn ocsf(r: &Record) -> Option<serde_json::Value> {
+    if r.kind != "decision" {
+        return None;
+    }
+    let time_ms = humantime::parse_rfc3339(&r.time)
+        .ok()?
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .ok()?
+        .as_millis() as u64;
+    let denied = r.verdict.as_deref() == Some("denied");
+    Some(serde_json::json!({
+        "category_uid": 4,
+        "class_uid": 4001,
+        "activity_id": 1,
+        "type_uid": 400101,
+        "severity_id": if denied { 3 } else { 1 },
+        "status_id": if denied { 2 } else { 1 },
+        "action_id": if denied { 2 } else { 1 },
+        "disposition_id": if denied { 2 } else { 1 },
+        "time": time_ms,
+        "count": r.count.unwrap_or(1),
+        "message": r.reason,
+        "metadata": {
+            "version": "1.1.0",
+            "product": { "name": "egressd", "vendor_name": "egressd" },
+            "sequence": r.seq,
+            "correlation_uid": r.session,
+        },
+        "connection_info": { "direction_id": 2, "protocol_name": r.protocol },
+        "dst_endpoint": { "ip": r.dest, "port": r.port },
+        "actor": {
+            "process": {
+                "pid": r.tgid,
+                "name": r.comm,
+                "file": r.exe.as_ref().map(|p| serde_json::json!({ "path": p })),
+                "user": { "uid": r.uid.map(|u| u.to_string()) },
+            }
+        },
+        "unmapped": { "hook": r.hook, "policy": r.policy, "egressd_seq": r.seq },
+    }))
+}
+
+#[derive(Default)]
+struct Tally {
+    allowed: u64,
+    denied: u64,
+    lost: u64,
+}
+
+fn summary(records: Vec<Record>) {
+    let mut sessions: BTreeMap<String, (Tally, Option<String>)> = BTreeMap::new();
+    let mut dests: BTreeMap<String, Tally> = BTreeMap::new();
+    for r in &records {
+        let session = r.session.clone().unwrap_or_default();
+        match r.kind.as_str() {
+            "decision" => {
+                let n = r.count.unwrap_or(1);
+                let entry = &mut sessions.entry(session).or_default().0;
+                let d = dests.entry(destination(r)).or_default();
+                if r.verdict.as_deref() == Some("denied") {
+                    entry.denied += n;
+                    d.denied += n;
+                } else {
+                    entry.allowed += n;
+                    d.allowed += n;
+                }
+            }
+            "lost" => sessions.entry(session).or_default().0.lost += r.count.unwrap_or(0),
+            "session_start" => sessions.entry(session).or_default().1 = r.profile.clone(),
+            _ => {}
+        }
+    }
+    println!(
+        "{:<10} {:<10} {:>9} {:>9} {:>7}",
+        "SESSION", "PROFILE", "ALLOWED", "DENIED", "LOST"
+    );
+    for (id, (t, profile)) in &sessions {
+        println!(
+            "{:<10} {:<10} {:>9} {:>9} {:>7}",
+            id,
+            profile.clone().unwrap_or_default(),
+            t.allowed,
+            t.denied,
+            t.lost
+        );
+    }
+    println!();
+    println!("{:<40} {:>9} {:>9}", "DESTINATION", "ALLOWED", "DENIED");
+    for (d, t) in &dests {
+        println!("{:<40} {:>9} {:>9}", d, t.allowed, t.denied);
+    }
+}
