@@ -160,6 +160,11 @@ pub enum Message {
 /// Short hashes of the policy of each generation (the kernel alternates two).
 pub type PolicyHashes = Arc<Mutex<HashMap<u32, String>>>;
 
+/// Session ids by cgroup id. Written by the control task before a caller enters its cgroup, so no
+/// event can arrive for a session the audit task cannot name; removed by the audit task once the
+/// session's last events are written.
+pub type SessionNames = Arc<Mutex<HashMap<u64, String>>>;
+
 #[derive(Clone, Copy)]
 pub struct Tuning {
     pub fold_window: Duration,
@@ -191,6 +196,7 @@ struct Pipeline {
     writer: Writer,
     enforcer: Handle,
     hashes: PolicyHashes,
+    names: SessionNames,
     tuning: Tuning,
     sessions: HashMap<u64, Live>,
     folds: HashMap<FoldKey, Pending>,
@@ -200,11 +206,16 @@ struct Pipeline {
 }
 
 /// Runs the pipeline until the channel closes.
+pub struct Shared {
+    pub hashes: PolicyHashes,
+    pub names: SessionNames,
+}
+
 pub async fn run(
     ring: RingBuf<MapData>,
     writer: Writer,
     enforcer: Handle,
-    hashes: PolicyHashes,
+    shared: Shared,
     tuning: Tuning,
     mut rx: mpsc::Receiver<Message>,
 ) {
@@ -218,7 +229,8 @@ pub async fn run(
     let mut p = Pipeline {
         writer,
         enforcer,
-        hashes,
+        hashes: shared.hashes,
+        names: shared.names,
         tuning,
         sessions: HashMap::new(),
         folds: HashMap::new(),
@@ -416,9 +428,10 @@ impl Pipeline {
     }
 
     fn session_id(&self, cgroup_id: u64) -> String {
-        self.sessions
-            .get(&cgroup_id)
-            .map(|l| l.id.clone())
+        self.names
+            .lock()
+            .ok()
+            .and_then(|n| n.get(&cgroup_id).cloned())
             .unwrap_or_else(|| format!("unknown-cgroup-{cgroup_id}"))
     }
 
@@ -478,6 +491,9 @@ impl Pipeline {
                 self.flush_folds(false, Some(s.cgroup_id));
                 self.lost_record(s.cgroup_id, totals.events_lost);
                 self.sessions.remove(&s.cgroup_id);
+                if let Ok(mut n) = self.names.lock() {
+                    n.remove(&s.cgroup_id);
+                }
                 self.write(Record {
                     time: now_rfc3339(),
                     kind: "session_end".into(),

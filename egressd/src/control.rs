@@ -226,7 +226,8 @@ async fn start_session(
         started: sessions::now_secs(),
         argv,
     };
-    // The policy is in the kernel before the caller enters the cgroup.
+    // The policy is in the kernel, and the audit task knows the session, before the caller enters.
+    state.name(&session);
     let setup = async {
         state
             .enforcer

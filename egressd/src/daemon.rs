@@ -97,6 +97,7 @@ pub struct State {
     pub config_path: PathBuf,
     pub audit: tokio::sync::mpsc::Sender<audit::Message>,
     pub audit_path: PathBuf,
+    pub names: audit::SessionNames,
     watcher: AsyncFd<Watcher>,
 }
 
@@ -106,6 +107,7 @@ pub struct Wiring {
     pub config_path: PathBuf,
     pub audit: tokio::sync::mpsc::Sender<audit::Message>,
     pub audit_path: PathBuf,
+    pub names: audit::SessionNames,
 }
 
 impl State {
@@ -131,6 +133,7 @@ impl State {
             config_path: wiring.config_path,
             audit: wiring.audit,
             audit_path: wiring.audit_path,
+            names: wiring.names,
             watcher: readable_fd(Watcher(inotify))?,
         })
     }
@@ -140,6 +143,13 @@ impl State {
     pub async fn audit(&self, msg: audit::Message) {
         if self.audit.send(msg).await.is_err() {
             tracing::error!("audit task has stopped: session records are not being written");
+        }
+    }
+
+    /// Lets the audit task name the session's events (before any can exist).
+    pub fn name(&self, s: &Session) {
+        if let Ok(mut n) = self.names.lock() {
+            n.insert(s.cgroup_id, s.id.clone());
         }
     }
 
@@ -243,6 +253,7 @@ impl State {
                 }
             }
             kept.insert(session.cgroup_id);
+            self.name(&session);
             self.watch(&session);
             tracing::info!(session = %id, profile = %session.profile, "adopted running session");
             let hash = self.policy.read().await.hash.clone();

@@ -159,11 +159,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         fold_window: config.audit.fold_window(),
     };
     // The pinned ring buffer may hold events from before a restart: they are drained first.
+    let names = audit::SessionNames::default();
+    let shared = audit::Shared {
+        hashes,
+        names: names.clone(),
+    };
     let audit_task = tokio::spawn(audit::run(
         events,
         writer,
         handle.clone(),
-        hashes,
+        shared,
         tuning,
         audit_rx,
     ));
@@ -175,6 +180,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             config_path: cli.config.clone(),
             audit: audit_tx,
             audit_path,
+            names,
         },
         config.clone(),
         source.clone(),

@@ -170,6 +170,13 @@ impl Daemon {
         }
     }
 
+    /// Stops (SIGSTOP) or resumes (SIGCONT) the daemon process.
+    pub fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("daemon running").id();
+        // SAFETY: kill(2) on our own child.
+        assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
+    }
+
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -484,4 +491,16 @@ pub fn records_after_end(d: &Daemon, session: &str) -> Vec<serde_json::Value> {
             .any(|r| r["type"] == "session_end" && r["session"] == session)
     });
     records
+}
+
+/// Waits until a sandboxed command is really running: the session cgroup holds egressctl and its
+/// child, so setup and the enforcement check are over.
+pub fn wait_for_running_session(d: &Daemon) {
+    wait_until("a running session", 15, || {
+        session_dirs(d).iter().any(|dir| {
+            fs::read_to_string(dir.join("cgroup.procs"))
+                .map(|p| p.lines().count() >= 2)
+                .unwrap_or(false)
+        })
+    });
 }

@@ -200,9 +200,7 @@ fn enforcement_survives_kill_9_and_new_runs_fail_closed() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    wait_until("the session cgroup", 10, || {
-        !session_dirs(&w.daemon).is_empty()
-    });
+    wait_for_running_session(&w.daemon);
     let parent = fs::File::open(w.daemon.cgroup_dir()).unwrap();
     let before = prog_query::effective_programs(&parent, prog_query::ATTACH_INET4_CONNECT).unwrap();
     w.daemon.kill9();
@@ -449,9 +447,7 @@ fn a_missing_hook_is_caught_by_the_backstop_and_refused_by_run() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    wait_until("the session cgroup", 10, || {
-        !session_dirs(&w.daemon).is_empty()
-    });
+    wait_for_running_session(&w.daemon);
     // Unpinning the connect4 link detaches it (egressd holds no other reference).
     fs::remove_file(format!(
         "/sys/fs/bpf/{}/links/egressd_connect4",
