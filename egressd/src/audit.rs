@@ -29,6 +29,7 @@ use crate::{enforcer::Handle, sessions::Session};
 /// Appends records to the log with the hash chain, rotating by size.
 pub struct Writer {
     path: PathBuf,
+    gid: Option<u32>,
     file: BufWriter<fs::File>,
     size: u64,
     head: ChainHead,
@@ -36,13 +37,16 @@ pub struct Writer {
     keep: u32,
 }
 
-fn open_log(path: &Path) -> io::Result<fs::File> {
+fn open_log(path: &Path, gid: Option<u32>) -> io::Result<fs::File> {
     let f = fs::OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o640)
         .open(path)?;
     f.set_permissions(fs::Permissions::from_mode(0o640))?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::fchown(&f, Some(0), Some(gid))?;
+    }
     Ok(f)
 }
 
@@ -55,7 +59,7 @@ fn rotated(path: &Path, n: u32) -> PathBuf {
 impl Writer {
     /// Opens the log and finds where its chain ends (in the current file, or the newest rotated
     /// one), so a restarted daemon continues the chain.
-    pub fn open(path: &Path, max_bytes: u64, keep: u32) -> io::Result<Writer> {
+    pub fn open(path: &Path, max_bytes: u64, keep: u32, gid: Option<u32>) -> io::Result<Writer> {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir)?;
         }
@@ -89,7 +93,7 @@ impl Writer {
                 }
             }
         }
-        let file = open_log(path)?;
+        let file = open_log(path, gid)?;
         let size = file.metadata()?.len();
         if size > 0 && !fs::read(path)?.ends_with(b"\n") {
             // Never glue a new record onto a torn line.
@@ -97,6 +101,7 @@ impl Writer {
         }
         Ok(Writer {
             path: path.to_owned(),
+            gid,
             file: BufWriter::new(file),
             size,
             head: head.unwrap_or_else(ChainHead::genesis),
@@ -137,7 +142,7 @@ impl Writer {
             }
         }
         fs::rename(&self.path, rotated(&self.path, 1))?;
-        self.file = BufWriter::new(open_log(&self.path)?);
+        self.file = BufWriter::new(open_log(&self.path, self.gid)?);
         self.size = 0;
         Ok(())
     }
@@ -605,13 +610,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("egressd-audit-unit-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let path = dir.join("audit.jsonl");
-        let mut w = Writer::open(&path, 600, 3).unwrap();
+        let mut w = Writer::open(&path, 600, 3, None).unwrap();
         for _ in 0..3 {
             w.append(rec("decision")).unwrap();
         }
         w.flush().unwrap();
         drop(w);
-        let mut w = Writer::open(&path, 600, 3).unwrap();
+        let mut w = Writer::open(&path, 600, 3, None).unwrap();
         for _ in 0..3 {
             w.append(rec("decision")).unwrap();
         }

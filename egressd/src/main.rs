@@ -135,8 +135,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let socket = bind_socket(&cli.socket, config.socket_group.as_deref())?;
 
     let audit_path = config.audit.path();
-    let writer = audit::Writer::open(&audit_path, config.audit.max_bytes(), config.audit.keep())
-        .with_context(|| format!("opening the audit log {}", audit_path.display()))?;
+    let audit_gid = match &config.audit.group {
+        Some(name) => Some(
+            nix::unistd::Group::from_name(name)?
+                .with_context(|| format!("audit.group {name:?} does not exist"))?
+                .gid
+                .as_raw(),
+        ),
+        None => None,
+    };
+    let writer = audit::Writer::open(
+        &audit_path,
+        config.audit.max_bytes(),
+        config.audit.keep(),
+        audit_gid,
+    )
+    .with_context(|| format!("opening the audit log {}", audit_path.display()))?;
 
     let pins = PinDir(cli.bpffs.clone());
     let hashes = audit::PolicyHashes::default();
@@ -154,27 +168,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let events = enforcer.take_events()?;
     let handle = enforcer::spawn(enforcer);
-    let (audit_tx, audit_rx) = tokio::sync::mpsc::channel(256);
+    // Large enough that adopting every session of a crashed daemon never waits on the audit task,
+    // which starts only after adoption.
+    let (audit_tx, audit_rx) =
+        tokio::sync::mpsc::channel(egressd_common::MAX_SESSIONS as usize + 64);
     let tuning = audit::Tuning {
         fold_window: config.audit.fold_window(),
     };
-    // The pinned ring buffer may hold events from before a restart: they are drained first.
     let names = audit::SessionNames::default();
     let shared = audit::Shared {
         hashes,
         names: names.clone(),
     };
-    let audit_task = tokio::spawn(audit::run(
-        events,
-        writer,
-        handle.clone(),
-        shared,
-        tuning,
-        audit_rx,
-    ));
     let state = Arc::new(State::new(
         layout,
-        handle,
+        handle.clone(),
         daemon::Wiring {
             state_dir: StateDir(sessions::state_dir_for(&cli.socket)),
             config_path: cli.config.clone(),
@@ -192,7 +200,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             std::process::id()
         )))
         .await;
+    // Sessions are named before the audit task drains the pinned ring buffer, which may hold
+    // events taken while no daemon was running.
     state.adopt_sessions().await;
+    let audit_task = tokio::spawn(audit::run(events, writer, handle, shared, tuning, audit_rx));
     state
         .apply_policy(config, source.clone())
         .await
@@ -207,6 +218,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     );
     notify_systemd_ready();
 
+    // Sessions that emptied while no daemon ran end now.
+    state.reap().await;
     tokio::spawn(daemon::reaper(state.clone()));
     tokio::spawn(control::serve(state.clone(), socket));
 

@@ -60,6 +60,8 @@ pub struct AuditConfig {
     pub ring_buffer_bytes: Option<u32>,
     /// Identical decisions within this window are written once with a count (default 1000; 0 off).
     pub fold_window_ms: Option<u64>,
+    /// Group that may read the log (files are 0640 root:GROUP); root only when absent.
+    pub group: Option<String>,
 }
 
 pub const DEFAULT_AUDIT_PATH: &str = "/var/log/egressd/audit.jsonl";

@@ -276,3 +276,40 @@ fn a_flood_through_a_tiny_ring_buffer_is_accounted_for_exactly() {
     assert_eq!(end["denied"], N);
     assert_eq!(w.outside.counts(), Counts::default());
 }
+
+#[test]
+fn decisions_taken_while_the_daemon_is_down_are_written_after_restart() {
+    let mut w = world("audit-restart");
+    let go = w.scratch.0.join("go");
+    let sandbox = w
+        .daemon
+        .ctl(NOBODY)
+        .args(["run", "--"])
+        .arg(probe())
+        .args([
+            "wait-attempt",
+            go.to_str().unwrap(),
+            "tcp",
+            &w.outside.tcp4(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_running_session(&w.daemon);
+    w.daemon.kill9();
+    fs::write(&go, b"go").unwrap();
+    let out = sandbox.wait_with_output().unwrap();
+    assert_eq!(probe_code(&out), 3, "{}", text(&out));
+    let session = session_id(&out);
+    // The event waits in the pinned ring buffer; the restarted daemon adopts the session, drains
+    // the ring, and ends the (now empty) session.
+    w.daemon.spawn();
+    let records = records_after_end(&w.daemon, &session);
+    let denied = of_session(&records, &session, "decision");
+    assert_eq!(denied.len(), 1, "{records:?}");
+    assert_eq!(denied[0]["pid"], probe_pid(&out));
+    assert_eq!(denied[0]["verdict"], "denied");
+    let v = verify(&w.daemon, &[]);
+    assert!(v.status.success(), "{}", text(&v));
+}
