@@ -4,6 +4,7 @@
 mod audit;
 mod client;
 mod doctor;
+mod policy;
 mod run;
 mod show;
 
@@ -56,6 +57,9 @@ enum Command {
     Doctor,
     /// Read, export and verify the audit log.
     Audit(audit::AuditArgs),
+    /// Check, show and reload the policy.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +70,7 @@ fn main() -> ExitCode {
         Command::Ps { json } => show::ps(&cli.socket, json).map(|()| ExitCode::SUCCESS),
         Command::Doctor => Ok(doctor::doctor(&cli.socket)),
         Command::Audit(args) => audit::audit(&cli.socket, args),
+        Command::Policy(cmd) => policy::policy(&cli.socket, cmd),
     };
     match result {
         Ok(code) => code,

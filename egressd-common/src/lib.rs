@@ -11,6 +11,8 @@ extern crate std;
 #[cfg(feature = "user")]
 pub mod audit;
 #[cfg(feature = "user")]
+pub mod policy;
+#[cfg(feature = "user")]
 pub mod prog_query;
 #[cfg(feature = "user")]
 pub mod protocol;

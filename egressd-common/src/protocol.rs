@@ -42,6 +42,12 @@ pub enum Op {
     CheckEnforced {
         id: String,
     },
+    /// The policy in force, defaults filled in (one profile, or all).
+    PolicyShow {
+        profile: Option<String>,
+    },
+    /// Re-read the policy file (root only; same as SIGHUP).
+    Reload,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -59,7 +65,18 @@ pub enum Reply {
     Sessions(Vec<SessionView>),
     Session(SessionView),
     Enforced(EnforcementCheck),
+    Policy(PolicyView),
     Error { message: String },
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct PolicyView {
+    /// The file it came from, or "built-in default".
+    pub source: String,
+    /// Short hash, as in audit records.
+    pub hash: String,
+    /// The policy (the shape of the TOML file), with defaults filled in.
+    pub policy: serde_json::Value,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

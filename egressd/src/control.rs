@@ -1,11 +1,12 @@
 //! The control socket: newline-delimited JSON, one request per line, the caller identified by
 //! SO_PEERCRED only. A bad message gets an error reply and never harms the daemon or other clients.
 
+use egressd_common::policy::describe;
 use std::{sync::Arc, time::Duration};
 
 use egressd_common::protocol::{
-    DaemonStatus, EnforcementCheck, Op, Reply, Request, Response, SessionStarted, SessionView,
-    MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
+    DaemonStatus, EnforcementCheck, Op, PolicyView, Reply, Request, Response, SessionStarted,
+    SessionView, MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
 };
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
@@ -15,7 +16,6 @@ use tokio::{
 use crate::{
     cgroup,
     daemon::State,
-    policy::describe,
     sessions::{self, Session},
 };
 
@@ -126,6 +126,36 @@ async fn handle(state: &State, caller: Caller, op: Op) -> Reply {
             Ok(s) => Reply::Session(view(state, &s).await),
             Err(m) => error(m),
         },
+        Op::PolicyShow { profile } => {
+            let policy = state.policy.read().await;
+            let mut value = match serde_json::to_value(&policy.config) {
+                Ok(v) => v,
+                Err(e) => return error(e.to_string()),
+            };
+            if let Some(name) = profile {
+                let Some(p) = value["profiles"].get(&name).cloned() else {
+                    return error(format!("no profile {name:?}"));
+                };
+                value["profiles"] = serde_json::json!({ name: p });
+            }
+            Reply::Policy(PolicyView {
+                source: policy.source.clone(),
+                hash: policy.hash.clone(),
+                policy: value,
+            })
+        }
+        Op::Reload if caller.uid != 0 => error("only root may reload the policy"),
+        Op::Reload => match state.reload().await {
+            Ok(()) => {
+                let policy = state.policy.read().await;
+                Reply::Policy(PolicyView {
+                    source: policy.source.clone(),
+                    hash: policy.hash.clone(),
+                    policy: serde_json::to_value(&policy.config).unwrap_or_default(),
+                })
+            }
+            Err(e) => error(e),
+        },
         Op::CheckEnforced { id } => match owned_session(state, caller, &id).await {
             Ok(s) => match state.enforcer.missing_on(s.dir.clone()).await {
                 Ok(missing) => Reply::Enforced(EnforcementCheck { missing }),
@@ -208,6 +238,16 @@ async fn start_session(
                     .join(", ")
             ));
         };
+        let (user, groups) = user_and_groups(caller.uid);
+        if !policy
+            .config
+            .may_use(&name, caller.uid, user.as_deref(), &groups)
+        {
+            return Err(format!(
+                "profile {name:?} is not granted to uid {} (see [access] in {})",
+                caller.uid, policy.source
+            ));
+        }
         let index = policy.index_of(&name).ok_or("profile index missing")?;
         (name, index, describe(p))
     };
@@ -266,4 +306,19 @@ async fn start_session(
         cgroup,
         allows,
     })
+}
+
+/// The caller's user name and group names, from the user and group databases.
+fn user_and_groups(uid: u32) -> (Option<String>, Vec<String>) {
+    use nix::unistd::{getgrouplist, Group, Uid, User};
+    let Ok(Some(user)) = User::from_uid(Uid::from_raw(uid)) else {
+        return (None, Vec::new());
+    };
+    let name = std::ffi::CString::new(user.name.clone()).unwrap_or_default();
+    let groups = getgrouplist(&name, user.gid)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|gid| Group::from_gid(gid).ok().flatten().map(|g| g.name))
+        .collect();
+    (Some(user.name), groups)
 }

@@ -1,6 +1,7 @@
 //! The daemon's shared state and its long-running tasks: policy (re)load, session adoption and
 //! the reaper that ends sessions whose cgroup has emptied.
 
+use egressd_common::policy::{compile_profile, Config};
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
@@ -20,7 +21,6 @@ use crate::{
     audit,
     cgroup::{self, Layout},
     enforcer::Handle,
-    policy::{compile_profile, Config},
     sessions::{Registry, Session, StateDir},
 };
 
@@ -123,7 +123,7 @@ impl State {
             layout,
             enforcer,
             policy: RwLock::new(PolicyState {
-                hash: crate::policy::policy_hash(&config),
+                hash: egressd_common::policy::policy_hash(&config),
                 config,
                 source,
                 indices: BTreeMap::new(),
@@ -185,7 +185,7 @@ impl State {
                 .map_err(|e| format!("profile {name:?}: {e}"))?;
             compiled.push((*index, p));
         }
-        let hash = crate::policy::policy_hash(&config);
+        let hash = egressd_common::policy::policy_hash(&config);
         self.enforcer
             .install_policy(compiled, hash.clone())
             .await
@@ -199,19 +199,32 @@ impl State {
         Ok(())
     }
 
-    /// Re-reads the config file (SIGHUP). A file that does not validate changes nothing.
-    pub async fn reload(&self) {
-        match Config::load(&self.config_path) {
-            Ok((config, source)) => match self.apply_policy(config, source.clone()).await {
-                Ok(()) => tracing::info!(%source, "policy reloaded"),
-                Err(e) => {
-                    tracing::error!("policy reload failed, the previous policy stays in force: {e}")
-                }
-            },
+    /// Re-reads the config file (SIGHUP, `egressctl policy reload`). A file that does not validate
+    /// changes nothing.
+    pub async fn reload(&self) -> Result<(), String> {
+        let result = match Config::load(&self.config_path) {
+            Ok((config, source)) => self.apply_policy(config, source).await,
+            Err(e) => Err(e.to_string()),
+        };
+        match &result {
+            Ok(()) => {
+                let (source, hash) = {
+                    let p = self.policy.read().await;
+                    (p.source.clone(), p.hash.clone())
+                };
+                tracing::info!(%source, %hash, "policy reloaded");
+                self.audit(audit::Message::Note(format!(
+                    "policy reloaded from {source} ({hash})"
+                )))
+                .await;
+            }
             Err(e) => {
-                tracing::error!("policy reload refused, the previous policy stays in force: {e}")
+                tracing::error!("policy reload refused, the previous policy stays in force: {e}");
+                self.audit(audit::Message::Note(format!("policy reload refused: {e}")))
+                    .await;
             }
         }
+        result.map_err(|e| format!("reload refused, the previous policy stays in force: {e}"))
     }
 
     /// Takes over the sessions a previous daemon left running (their cgroups and pinned map entries).

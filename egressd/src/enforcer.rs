@@ -1,6 +1,7 @@
 //! The one owner of the loaded eBPF object: programs, links and maps. Other tasks talk to it over a
 //! channel (`Handle`), so no map is ever written from two places at once.
 
+use egressd_common::policy::{allow_key, CompiledProfile};
 use std::{
     fs,
     os::fd::AsFd as _,
@@ -25,10 +26,7 @@ use egressd_common::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{
-    audit::PolicyHashes,
-    policy::{allow_key, CompiledProfile},
-};
+use crate::audit::PolicyHashes;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnforcerError {

@@ -6,7 +6,6 @@ mod cgroup;
 mod control;
 mod daemon;
 mod enforcer;
-mod policy;
 mod sessions;
 
 use std::{
@@ -23,11 +22,12 @@ use tokio::{
     signal::unix::{signal, SignalKind},
 };
 
+use egressd_common::policy::{Config, DEFAULT_CONFIG_PATH};
+
 use crate::{
     cgroup::Layout,
     daemon::State,
     enforcer::{Enforcer, PinDir},
-    policy::{Config, DEFAULT_CONFIG_PATH},
     sessions::StateDir,
 };
 
@@ -228,7 +228,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
-            _ = hup.recv() => state.reload().await,
+            _ = hup.recv() => { let _ = state.reload().await; }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }

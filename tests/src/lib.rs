@@ -126,6 +126,15 @@ impl Daemon {
         d
     }
 
+    /// Rewrites the policy file (keeping the audit log where it is), without reloading.
+    pub fn write_policy(&self, policy: &str) {
+        fs::write(
+            &self.config,
+            format!("{policy}\n[audit]\npath = \"{}\"\n", self.audit.display()),
+        )
+        .unwrap();
+    }
+
     pub fn args(&self) -> Vec<String> {
         vec![
             "--config".into(),
@@ -225,12 +234,26 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
+        // End whatever a failed test left running in its sessions, so the cgroups can go.
+        let parent = self.cgroup_dir();
+        if fs::write(parent.join("cgroup.kill"), "1").is_ok() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while crate::populated(&parent) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = Command::new(bin("egressd"))
             .args(self.args())
             .arg("cleanup")
             .output();
         let _ = fs::remove_dir_all(cgroup2_mount().join(&self.name));
     }
+}
+
+fn populated(dir: &std::path::Path) -> bool {
+    fs::read_to_string(dir.join("cgroup.events"))
+        .map(|s| s.lines().any(|l| l == "populated 1"))
+        .unwrap_or(false)
 }
 
 pub fn cgroup2_mount() -> PathBuf {

@@ -123,6 +123,24 @@ fn attempt(kind: &str, target: &str) -> i32 {
             println!("refused={refused} of {n}");
             0
         }
+        "storm" => {
+            // ALLOWED,DENIED,N: N connects to each, alternating; prints the outcome counts.
+            let parts: Vec<&str> = target.split(',').collect();
+            let (ok_to, no_to): (SocketAddr, SocketAddr) =
+                (parts[0].parse().unwrap(), parts[1].parse().unwrap());
+            let n: u64 = parts[2].parse().unwrap();
+            let (mut allowed_fail, mut denied_ok) = (0, 0);
+            for _ in 0..n {
+                if TcpStream::connect_timeout(&ok_to, timeout).is_err() {
+                    allowed_fail += 1;
+                }
+                if TcpStream::connect_timeout(&no_to, timeout).is_ok() {
+                    denied_ok += 1;
+                }
+            }
+            println!("allowed_fail={allowed_fail} denied_ok={denied_ok} of {n}");
+            0
+        }
         "loopback-tcp" => {
             let l = TcpListener::bind(target).unwrap();
             report(

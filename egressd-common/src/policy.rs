@@ -1,14 +1,18 @@
-//! The policy file (TOML) and its translation into the kernel's map values.
+//! The policy file (TOML), shared by egressd (which enforces it) and egressctl (which checks and
+//! shows it), and its translation into the kernel's map values.
 
 use std::{
+    borrow::ToOwned,
     collections::BTreeMap,
-    fmt,
+    fmt, format,
     net::IpAddr,
     path::{Path, PathBuf},
     str::FromStr,
+    string::{String, ToString},
+    vec::Vec,
 };
 
-use egressd_common::{
+use crate::{
     AllowKey, AllowValue, PortRange, Profile as KernelProfile, MAX_LOOPBACK_PORTS, MAX_PORT_RANGES,
     PROFILE_AUDIT_MODE, PROFILE_LOOPBACK_ALL, PROFILE_PRESENT, PROTO_ANY, PROTO_TCP, PROTO_UDP,
 };
@@ -45,6 +49,24 @@ pub struct Config {
     pub audit: AuditConfig,
     #[serde(default = "builtin_profiles")]
     pub profiles: BTreeMap<String, ProfileConfig>,
+    /// Who may use which profile. Without this table every user may use every profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<Access>,
+}
+
+/// Profiles users may start sessions with. root may use any profile.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Access {
+    /// Profiles every user may use (default: the default profile only).
+    #[serde(default)]
+    pub everyone: Option<Vec<String>>,
+    /// Extra profiles per user name.
+    #[serde(default)]
+    pub users: BTreeMap<String, Vec<String>>,
+    /// Extra profiles per group name (the user's groups from the group database).
+    #[serde(default)]
+    pub groups: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -79,8 +101,7 @@ impl AuditConfig {
         self.keep.unwrap_or(10)
     }
     pub fn ring_buffer_bytes(&self) -> u32 {
-        self.ring_buffer_bytes
-            .unwrap_or(egressd_common::DEFAULT_RING_BYTES)
+        self.ring_buffer_bytes.unwrap_or(crate::DEFAULT_RING_BYTES)
     }
     pub fn fold_window(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.fold_window_ms.unwrap_or(1000))
@@ -155,6 +176,7 @@ impl Default for Config {
             socket_group: None,
             audit: AuditConfig::default(),
             profiles: builtin_profiles(),
+            access: None,
         }
     }
 }
@@ -301,17 +323,57 @@ impl Config {
                 "audit.ring_buffer_bytes = {ring}: must be a power of two and at least 4096"
             ));
         }
-        if self.profiles.len() > egressd_common::MAX_PROFILES as usize {
+        if self.profiles.len() > crate::MAX_PROFILES as usize {
             return Err(format!(
                 "{} profiles; at most {} are supported",
                 self.profiles.len(),
-                egressd_common::MAX_PROFILES
+                crate::MAX_PROFILES
             ));
         }
         for (name, p) in &self.profiles {
             compile_profile(p).map_err(|e| format!("profile {name:?}: {e}"))?;
         }
+        if let Some(access) = &self.access {
+            let named = access
+                .everyone
+                .iter()
+                .flatten()
+                .map(|p| ("access.everyone", p))
+                .chain(access.users.values().flatten().map(|p| ("access.users", p)))
+                .chain(
+                    access
+                        .groups
+                        .values()
+                        .flatten()
+                        .map(|p| ("access.groups", p)),
+                );
+            for (table, p) in named {
+                if !self.profiles.contains_key(p) {
+                    return Err(format!("{table} names profile {p:?}, which is not defined"));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Whether a caller may start a session with `profile`: root always; others as `[access]` says.
+    pub fn may_use(&self, profile: &str, uid: u32, user: Option<&str>, groups: &[String]) -> bool {
+        if uid == 0 {
+            return true;
+        }
+        let Some(access) = &self.access else {
+            return true;
+        };
+        let named = |list: &Vec<String>| list.iter().any(|p| p == profile);
+        let everyone = match &access.everyone {
+            Some(list) => named(list),
+            None => profile == self.default_profile,
+        };
+        everyone
+            || user.and_then(|u| access.users.get(u)).is_some_and(named)
+            || groups
+                .iter()
+                .any(|g| access.groups.get(g).is_some_and(named))
     }
 }
 
@@ -403,6 +465,7 @@ pub fn allow_key(slot: u32, addr: [u8; 16]) -> AllowKey {
 /// Short hash of a policy, carried in audit records so a decision can be tied to the rules in force.
 pub fn policy_hash(config: &Config) -> String {
     use sha2::Digest as _;
+
     let text = toml::to_string(config).unwrap_or_default();
     hex::encode(sha2::Sha256::digest(text.as_bytes()))[..16].to_string()
 }
@@ -502,9 +565,28 @@ mod tests {
     }
 
     #[test]
+    fn access_grants_profiles_by_user_and_group() {
+        let text = "default_profile = \"airgap\"\n[profiles.airgap]\n[profiles.lan]\n[profiles.ops]\n[access]\nusers = { alice = [\"lan\"] }\ngroups = { sre = [\"ops\"] }\n";
+        let c = Config::parse(Path::new("x.toml"), text).unwrap();
+        assert!(c.may_use("airgap", 1000, Some("bob"), &[]));
+        assert!(!c.may_use("lan", 1000, Some("bob"), &[]));
+        assert!(c.may_use("lan", 1001, Some("alice"), &[]));
+        assert!(c.may_use("ops", 1000, Some("bob"), &["sre".to_string()]));
+        assert!(c.may_use("ops", 0, None, &[]));
+        let bad = "[profiles.airgap]\n[access]\neveryone = [\"nope\"]\n";
+        let err = Config::parse(Path::new("x.toml"), bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("access.everyone names profile \"nope\""),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn longest_match_keeps_wider_rules_ports() {
         let p = ProfileConfig {
-            allow: vec![
+            allow: std::vec![
                 "10.0.0.0/8:443/tcp".parse().unwrap(),
                 "10.1.0.0/16:8000".parse().unwrap(),
             ],

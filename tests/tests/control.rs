@@ -1,0 +1,215 @@
+//! Policy reload, access control on the socket, and uninstall, against a real kernel.
+
+use std::{fs, process::Command};
+
+use egressd_tests::*;
+
+fn allow_outside(o: &Outside, extra: &str) -> String {
+    format!(
+        "default_profile = \"lan\"\n[profiles.lan]\nallow = [\"{}/32:{PORT}/tcp\"{extra}]\n",
+        o.v4
+    )
+}
+
+#[test]
+fn reload_is_root_only_and_a_broken_file_changes_nothing() {
+    let w = world_with("reload", |o| Some(allow_outside(o, "")));
+    let out = w
+        .daemon
+        .ctl(NOBODY)
+        .args(["policy", "reload"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("only root may reload"),
+        "{}",
+        text(&out)
+    );
+
+    w.daemon
+        .write_policy("[profiles.lan]\nallow = [\"10.0.0.1/8\"]\n");
+    let out = w.daemon.ctl(0).args(["policy", "reload"]).output().unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("line 2")
+            && err.contains("host bits set")
+            && err.contains("previous policy stays"),
+        "{err}"
+    );
+    let still = attempt(&w, NOBODY, "tcp", &w.outside.tcp4());
+    assert_eq!(
+        probe_code(&still),
+        0,
+        "the old policy did not stay in force:\n{}",
+        text(&still)
+    );
+
+    w.daemon
+        .write_policy("default_profile = \"lan\"\n[profiles.lan]\n");
+    let out = w.daemon.ctl(0).args(["policy", "reload"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let now = attempt(&w, NOBODY, "tcp", &w.outside.tcp4());
+    assert_eq!(
+        probe_code(&now),
+        3,
+        "the new policy is not in force:\n{}",
+        text(&now)
+    );
+
+    let show = w
+        .daemon
+        .ctl(NOBODY)
+        .args(["policy", "show", "--json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(
+        v["policy"]["profiles"]["lan"]["mode"], "enforce",
+        "defaults filled in: {v}"
+    );
+    assert_eq!(v["policy"]["profiles"]["lan"]["loopback"], true);
+}
+
+#[test]
+fn reloads_during_a_connect_storm_never_leave_a_gap() {
+    let w = world_with("storm", |o| Some(allow_outside(o, "")));
+    const N: u64 = 300;
+    let storm = format!("{},{}:{},{N}", w.outside.tcp4(), w.outside.v4, PORT + 1);
+    let sandbox = w
+        .daemon
+        .ctl(NOBODY)
+        .args(["run", "--"])
+        .arg(probe())
+        .args(["attempt", "storm", &storm])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Alternate between two policies that agree on both destinations and differ elsewhere, so
+    // every reload writes the other half of the maps and flips.
+    let mut reloads = 0;
+    while !session_dirs(&w.daemon).is_empty() || reloads == 0 {
+        let extra = if reloads % 2 == 0 {
+            ", \"192.0.2.0/24\""
+        } else {
+            ""
+        };
+        w.daemon.write_policy(&allow_outside(&w.outside, extra));
+        let out = w.daemon.ctl(0).args(["policy", "reload"]).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        reloads += 1;
+        if reloads > 2000 {
+            break;
+        }
+    }
+    let out = sandbox.wait_with_output().unwrap();
+    let so = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        so.contains(&format!("allowed_fail=0 denied_ok=0 of {N}")),
+        "a reload let a verdict slip ({reloads} reloads):\n{}",
+        text(&out)
+    );
+    assert!(
+        reloads >= 5,
+        "the storm ended before the reloads ran ({reloads})"
+    );
+    assert_eq!(
+        w.outside.counts().tcp,
+        N,
+        "the outside host saw a different number of connections"
+    );
+}
+
+#[test]
+fn users_get_only_granted_profiles_and_their_own_sessions() {
+    let w = world_with("access", |o| {
+        Some(format!(
+            "{}[profiles.airgap]\n[access]\neveryone = [\"airgap\"]\n",
+            allow_outside(o, "")
+                .replace("default_profile = \"lan\"", "default_profile = \"airgap\"")
+        ))
+    });
+    let marker = w.scratch.0.join("ran");
+    let out = w
+        .daemon
+        .ctl(NOBODY)
+        .args(["run", "--profile", "lan", "--"])
+        .arg(probe())
+        .args(["touch", marker.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not granted"),
+        "{}",
+        text(&out)
+    );
+    assert!(!marker.exists());
+    let root = w
+        .daemon
+        .ctl(0)
+        .args(["run", "--profile", "lan", "--"])
+        .arg(probe())
+        .args(["attempt", "tcp", &w.outside.tcp4()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        probe_code(&root),
+        0,
+        "root may use any profile:\n{}",
+        text(&root)
+    );
+
+    // A root session is invisible to another user, and its id gives them nothing.
+    let mut sleeper = w
+        .daemon
+        .ctl(0)
+        .args(["run", "--", "sleep", "30"])
+        .spawn()
+        .unwrap();
+    wait_for_running_session(&w.daemon);
+    let ps = w
+        .daemon
+        .ctl(NOBODY)
+        .args(["ps", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&ps.stdout).trim(),
+        "[]",
+        "{}",
+        text(&ps)
+    );
+    let ps = w.daemon.ctl(0).args(["ps", "--json"]).output().unwrap();
+    let sessions: serde_json::Value = serde_json::from_slice(&ps.stdout).unwrap();
+    assert_eq!(sessions.as_array().unwrap().len(), 1, "{sessions}");
+    // The session's processes are ended by the fixture (cgroup.kill) when the daemon is dropped.
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
+
+#[test]
+fn cleanup_detaches_and_unpins_everything() {
+    let mut w = world("cleanup");
+    let out = attempt(&w, NOBODY, "tcp", &w.outside.tcp4());
+    assert_eq!(probe_code(&out), 3);
+    w.daemon.kill9();
+    let pins = format!("/sys/fs/bpf/{}", w.daemon.name);
+    assert!(fs::metadata(&pins).is_ok());
+    let out = Command::new(bin("egressd"))
+        .args(w.daemon.args())
+        .arg("cleanup")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(fs::metadata(&pins).is_err(), "pins left behind");
+    assert!(!w.daemon.cgroup_dir().exists(), "parent cgroup left behind");
+    // Nothing is attached any more: the same connect now leaves the machine.
+    let direct = Command::new(probe())
+        .args(["attempt", "tcp", &w.outside.tcp4()])
+        .output()
+        .unwrap();
+    assert_eq!(probe_code(&direct), 0);
+}
