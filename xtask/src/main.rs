@@ -1,6 +1,7 @@
 //! Project chores: `cargo xtask bootstrap | build | run | test`.
 
 mod bootstrap;
+mod package;
 
 use std::{
     os::unix::process::CommandExt as _,
@@ -40,6 +41,12 @@ enum Task {
         )]
         command: Vec<String>,
     },
+    /// Build the Debian package (target/debian/egressd_*.deb); with --check, also install it with
+    /// dpkg, verify the unit with systemd-analyze, run the installed binaries, and purge it.
+    Package {
+        #[arg(long)]
+        check: bool,
+    },
     /// Bootstrap, build, and run every test: unit tests and the kernel tests (needs root).
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
@@ -59,6 +66,11 @@ fn main() -> anyhow::Result<()> {
             bootstrap::run()?;
             build_release()?;
             run(profile, command)
+        }
+        Task::Package { check } => {
+            bootstrap::run()?;
+            build_release()?;
+            package::run(check)
         }
         Task::Test { args } => {
             bootstrap::run()?;
