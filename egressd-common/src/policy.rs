@@ -84,6 +84,8 @@ pub struct AuditConfig {
     pub fold_window_ms: Option<u64>,
     /// Group that may read the log (files are 0640 root:GROUP); root only when absent.
     pub group: Option<String>,
+    /// Also send every record to syslog (RFC 5424) at this socket, e.g. "/dev/log".
+    pub syslog: Option<PathBuf>,
 }
 
 pub const DEFAULT_AUDIT_PATH: &str = "/var/log/egressd/audit.jsonl";

@@ -110,7 +110,8 @@ impl Writer {
         })
     }
 
-    pub fn append(&mut self, mut rec: Record) -> io::Result<()> {
+    /// Appends one record and returns the line as written (without its newline).
+    pub fn append(&mut self, mut rec: Record) -> io::Result<Vec<u8>> {
         rec.seq = self.head.seq + 1;
         rec.prev = std::mem::take(&mut self.head.hash);
         let line = serde_json::to_vec(&rec).map_err(io::Error::other)?;
@@ -124,7 +125,7 @@ impl Writer {
         if self.size >= self.max_bytes {
             self.rotate()?;
         }
-        Ok(())
+        Ok(line)
     }
 
     /// Pushes buffered lines to the file and to disk: what a crash can lose is what came after.
@@ -175,6 +176,55 @@ pub struct Tuning {
     pub fold_window: Duration,
 }
 
+/// A copy of every record to syslog (RFC 5424 over the local datagram socket, which journald also
+/// serves), so fleets can ship the log with what they already run. The file stays the record of
+/// truth: a syslog failure is reported once and never stops the file.
+pub struct Syslog {
+    sock: std::os::unix::net::UnixDatagram,
+    path: PathBuf,
+    host: String,
+    warned: bool,
+}
+
+impl Syslog {
+    pub fn new(path: &Path) -> io::Result<Syslog> {
+        let sock = std::os::unix::net::UnixDatagram::unbound()?;
+        sock.set_nonblocking(true)?;
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "-".into());
+        Ok(Syslog {
+            sock,
+            path: path.to_owned(),
+            host,
+            warned: false,
+        })
+    }
+
+    fn send(&mut self, rec_kind: &str, denied: bool, line: &[u8]) {
+        // Facility 13 (log audit); warning for denials, info otherwise.
+        let pri = 13 * 8 + if denied { 4 } else { 6 };
+        let mut msg = format!(
+            "<{pri}>1 {} {} egressd {} {rec_kind} - ",
+            now_rfc3339(),
+            self.host,
+            std::process::id()
+        )
+        .into_bytes();
+        msg.extend_from_slice(line);
+        if let Err(e) = self.sock.send_to(&msg, &self.path) {
+            if !self.warned {
+                tracing::warn!(
+                    "audit: syslog copy to {} failed: {e} (the audit file is unaffected)",
+                    self.path.display()
+                );
+                self.warned = true;
+            }
+        }
+    }
+}
+
 #[derive(Hash, PartialEq, Eq, Clone)]
 struct FoldKey {
     session: u64,
@@ -199,6 +249,7 @@ struct Live {
 
 struct Pipeline {
     writer: Writer,
+    syslog: Option<Syslog>,
     enforcer: Handle,
     hashes: PolicyHashes,
     names: SessionNames,
@@ -214,6 +265,7 @@ struct Pipeline {
 pub struct Shared {
     pub hashes: PolicyHashes,
     pub names: SessionNames,
+    pub syslog: Option<Syslog>,
 }
 
 pub async fn run(
@@ -233,6 +285,7 @@ pub async fn run(
     };
     let mut p = Pipeline {
         writer,
+        syslog: shared.syslog,
         enforcer,
         hashes: shared.hashes,
         names: shared.names,
@@ -284,8 +337,15 @@ fn boot_offset_ns() -> i128 {
 
 impl Pipeline {
     fn write(&mut self, rec: Record) {
-        if let Err(e) = self.writer.append(rec) {
-            tracing::error!("audit: writing {}: {e}", self.writer.path.display());
+        let kind = rec.kind.clone();
+        let denied = rec.verdict.as_deref() == Some("denied") || rec.kind == "lost";
+        match self.writer.append(rec) {
+            Ok(line) => {
+                if let Some(syslog) = &mut self.syslog {
+                    syslog.send(&kind, denied, &line);
+                }
+            }
+            Err(e) => tracing::error!("audit: writing {}: {e}", self.writer.path.display()),
         }
     }
 

@@ -176,9 +176,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         fold_window: config.audit.fold_window(),
     };
     let names = audit::SessionNames::default();
+    let syslog = match &config.audit.syslog {
+        Some(path) => Some(
+            audit::Syslog::new(path)
+                .with_context(|| format!("audit syslog socket {}", path.display()))?,
+        ),
+        None => None,
+    };
     let shared = audit::Shared {
         hashes,
         names: names.clone(),
+        syslog,
     };
     let state = Arc::new(State::new(
         layout,

@@ -313,3 +313,46 @@ fn decisions_taken_while_the_daemon_is_down_are_written_after_restart() {
     let v = verify(&w.daemon, &[]);
     assert!(v.status.success(), "{}", text(&v));
 }
+
+#[test]
+fn records_are_copied_to_syslog_in_rfc5424() {
+    require_root();
+    let scratch = Scratch::new("audit-syslog");
+    let sock_path = scratch.0.join("syslog.sock");
+    let sink = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sink.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let outside = Outside::new(&scratch);
+    let daemon = Daemon::start_with(
+        &scratch,
+        None,
+        &format!("syslog = \"{}\"", sock_path.display()),
+    );
+    let out = daemon.run(
+        NOBODY,
+        &[probe().to_str().unwrap(), "attempt", "tcp", &outside.tcp4()],
+    );
+    assert_eq!(probe_code(&out), 3, "{}", text(&out));
+    let session = session_id(&out);
+    let mut buf = vec![0u8; 65536];
+    let mut seen_denial = false;
+    for _ in 0..20 {
+        let Ok(n) = sink.recv(&mut buf) else { break };
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(
+            msg.starts_with('<') && msg.contains(">1 "),
+            "not RFC 5424: {msg}"
+        );
+        if msg.contains(&session) && msg.contains("\"verdict\":\"denied\"") {
+            assert!(
+                msg.starts_with("<108>1 "),
+                "a denial is facility log-audit, severity warning: {msg}"
+            );
+            seen_denial = true;
+            break;
+        }
+    }
+    assert!(seen_denial, "the denial never reached syslog");
+    drop(daemon);
+    drop(outside);
+}
