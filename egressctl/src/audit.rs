@@ -156,7 +156,7 @@ pub fn audit(socket: &Path, args: AuditArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn daemon_log(socket: &Path) -> Option<PathBuf> {
+pub fn daemon_log(socket: &Path) -> Option<PathBuf> {
     match Client::connect(socket).ok()?.call(Op::Status).ok()? {
         Reply::Status(s) => Some(PathBuf::from(s.audit_path)),
         _ => None,
@@ -187,7 +187,7 @@ fn open(path: &Path) -> anyhow::Result<fs::File> {
     })
 }
 
-fn read_all(log: &Path) -> anyhow::Result<Vec<Record>> {
+pub fn read_all(log: &Path) -> anyhow::Result<Vec<Record>> {
     let mut out = Vec::new();
     for f in log_files(log) {
         if !f.exists() {

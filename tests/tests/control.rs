@@ -213,3 +213,51 @@ fn cleanup_detaches_and_unpins_everything() {
         .unwrap();
     assert_eq!(probe_code(&direct), 0);
 }
+
+#[test]
+fn learn_writes_a_profile_allowing_exactly_what_an_audit_session_did() {
+    let w = world_with("learn", |_| {
+        Some("default_profile = \"watch\"\n[profiles.watch]\nmode = \"audit\"\n".to_string())
+    });
+    let out = attempt(&w, NOBODY, "tcp", &w.outside.tcp4());
+    assert_eq!(
+        probe_code(&out),
+        0,
+        "audit mode blocks nothing:\n{}",
+        text(&out)
+    );
+    let udp = format!("[{}]:{PORT}", w.outside.v6);
+    let out6 = attempt(&w, NOBODY, "udp-sendto", &udp);
+    assert_eq!(probe_code(&out6), 0, "{}", text(&out6));
+    let session = session_id(&out);
+    records_after_end(&w.daemon, &session);
+    records_after_end(&w.daemon, &session_id(&out6));
+
+    let learned = w
+        .daemon
+        .ctl(0)
+        .args(["policy", "learn", "--session", &session, "--name", "tool"])
+        .output()
+        .unwrap();
+    assert!(learned.status.success(), "{}", text(&learned));
+    let profile = String::from_utf8(learned.stdout).unwrap();
+    assert!(
+        profile.contains(&format!("\"{}/32:{PORT}/tcp\"", w.outside.v4)),
+        "{profile}"
+    );
+
+    // Adopted as the default profile, it allows that and nothing else.
+    w.daemon
+        .write_policy(&format!("default_profile = \"tool\"\n{profile}"));
+    let reload = w.daemon.ctl(0).args(["policy", "reload"]).output().unwrap();
+    assert!(reload.status.success(), "{}", text(&reload));
+    let again = attempt(&w, NOBODY, "tcp", &w.outside.tcp4());
+    assert_eq!(probe_code(&again), 0, "{}", text(&again));
+    let other = attempt(&w, NOBODY, "udp-sendto", &udp);
+    assert_eq!(
+        probe_code(&other),
+        3,
+        "a destination of another session was allowed:\n{}",
+        text(&other)
+    );
+}

@@ -1,6 +1,7 @@
 //! Project chores: `cargo xtask bootstrap | build | run | test`.
 
 mod bootstrap;
+mod fuzz;
 mod package;
 
 use std::{
@@ -47,7 +48,13 @@ enum Task {
         #[arg(long)]
         check: bool,
     },
-    /// Bootstrap, build, and run every test: unit tests and the kernel tests (needs root).
+    /// Run the fuzz targets (policy parser, control protocol decoder) for a while each.
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+    },
+    /// Bootstrap, build, and run every test: the fuzz targets briefly, unit tests, and the kernel
+    /// tests (needs root).
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -71,6 +78,10 @@ fn main() -> anyhow::Result<()> {
             bootstrap::run()?;
             build_release()?;
             package::run(check)
+        }
+        Task::Fuzz { seconds } => {
+            bootstrap::run()?;
+            fuzz::run(seconds)
         }
         Task::Test { args } => {
             bootstrap::run()?;
@@ -162,6 +173,9 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     }
     // Build everything first so the tests find current egressd and egressctl binaries.
     check(cargo().arg("build"), "building the workspace")?;
+    if args.is_empty() {
+        fuzz::run(15)?;
+    }
     // Unit tests first, the kernel tests last, so the run ends on their summary.
     check(
         cargo()
