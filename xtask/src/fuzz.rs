@@ -3,6 +3,8 @@
 
 use std::{path::Path, process::Command};
 
+use anyhow::bail;
+
 use crate::{check, workspace_root};
 
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
@@ -34,17 +36,36 @@ pub fn run(seconds: u32) -> anyhow::Result<()> {
         std::fs::create_dir_all(&scratch)?;
         let seeds = Path::new("fuzz/corpus").join(target);
         eprintln!("fuzz: {target} for {seconds} s");
-        check(
-            Command::new("rustup")
-                .current_dir(&root)
-                .args(["run", "nightly", "cargo", "fuzz", "run", target])
-                .arg(&scratch)
-                .arg(&seeds)
-                .arg("--")
-                .arg(format!("-max_total_time={seconds}"))
-                .arg("-max_len=4096"),
-            &format!("fuzzing {target} (a crash input is saved under fuzz/artifacts/{target})"),
+        let out = Command::new("rustup")
+            .current_dir(&root)
+            .args(["run", "nightly", "cargo", "fuzz", "run", target])
+            .arg(&scratch)
+            .arg(&seeds)
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .arg("-max_len=4096")
+            .output()?;
+        // libFuzzer is chatty; keep its log, show it only when something went wrong.
+        let log = root.join(format!("target/fuzz-{target}.log"));
+        std::fs::write(
+            &log,
+            [out.stdout.as_slice(), out.stderr.as_slice()].concat(),
         )?;
+        let text = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            eprintln!("{text}");
+            bail!(
+                "fuzzing {target} failed ({}); the crashing input is under fuzz/artifacts/{target}, the log in {}",
+                out.status,
+                log.display()
+            );
+        }
+        let done = text
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("Done "))
+            .unwrap_or("done");
+        eprintln!("fuzz: {target}: {done}, no crash");
     }
     Ok(())
 }
