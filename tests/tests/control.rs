@@ -261,3 +261,86 @@ fn learn_writes_a_profile_allowing_exactly_what_an_audit_session_did() {
         text(&other)
     );
 }
+
+#[test]
+fn stopping_the_daemon_leaves_running_sandboxes_enforced() {
+    let mut w = world("sigterm");
+    let markers = w.scratch.0.join("markers");
+    fs::create_dir(&markers).unwrap();
+    fs::set_permissions(
+        &markers,
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let go = markers.join("go");
+    let sandbox = w
+        .daemon
+        .ctl(NOBODY)
+        .args(["run", "--"])
+        .arg(probe())
+        .args([
+            "wait-attempt",
+            go.to_str().unwrap(),
+            "tcp",
+            &w.outside.tcp4(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_running_session(&w.daemon);
+    w.daemon.signal(libc::SIGTERM);
+    wait_until("egressd to exit", 10, || !w.daemon.socket.exists());
+    fs::write(&go, b"go").unwrap();
+    let out = sandbox.wait_with_output().unwrap();
+    assert_eq!(
+        probe_code(&out),
+        3,
+        "a connect after `systemctl stop` got through:\n{}",
+        text(&out)
+    );
+    assert_eq!(w.outside.counts(), Counts::default());
+    w.daemon.kill9();
+}
+
+#[test]
+fn a_session_whose_profile_is_removed_falls_back_to_loopback_only() {
+    let w = world_with("removed", |o| Some(allow_outside(o, "")));
+    let markers = w.scratch.0.join("markers");
+    fs::create_dir(&markers).unwrap();
+    fs::set_permissions(
+        &markers,
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let go = markers.join("go");
+    let sandbox = w
+        .daemon
+        .ctl(NOBODY)
+        .args(["run", "--"])
+        .arg(probe())
+        .args([
+            "wait-attempt",
+            go.to_str().unwrap(),
+            "tcp",
+            &w.outside.tcp4(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_running_session(&w.daemon);
+    w.daemon
+        .write_policy("default_profile = \"other\"\n[profiles.other]\n");
+    let reload = w.daemon.ctl(0).args(["policy", "reload"]).output().unwrap();
+    assert!(reload.status.success(), "{}", text(&reload));
+    fs::write(&go, b"go").unwrap();
+    let out = sandbox.wait_with_output().unwrap();
+    assert_eq!(
+        probe_code(&out),
+        3,
+        "the removed profile's allow rule still applied:\n{}",
+        text(&out)
+    );
+    assert_eq!(w.outside.counts(), Counts::default());
+}
