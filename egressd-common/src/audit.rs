@@ -26,7 +26,7 @@ pub struct Record {
     /// RFC 3339, UTC, nanoseconds.
     pub time: String,
     pub seq: u64,
-    /// `decision`, `session_start`, `session_end`, `lost`, `daemon_start`.
+    /// `decision`, `dns`, `session_start`, `session_end`, `lost`, `daemon`.
     #[serde(rename = "type")]
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -76,6 +76,18 @@ pub struct Record {
     pub duration_s: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// DNS records: the name asked, its type, and for an allowed name the addresses it opened
+    /// (after CNAMEs) and for how long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qtype: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rcode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answers: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<u32>,
     pub prev: String,
 }
 

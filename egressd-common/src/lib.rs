@@ -11,6 +11,8 @@ extern crate std;
 #[cfg(feature = "user")]
 pub mod audit;
 #[cfg(feature = "user")]
+pub mod dns_policy;
+#[cfg(feature = "user")]
 pub mod policy;
 #[cfg(feature = "user")]
 pub mod prog_query;
@@ -32,8 +34,19 @@ pub mod maps {
     pub const COUNTERS: &str = "COUNTERS";
     /// `RingBuf` of `Event`s: every verdict, for the audit log.
     pub const EVENTS: &str = "EVENTS";
+    /// `LruHashMap<u64 socket cookie, DnsOrigin>`: where a redirected DNS socket really sent its
+    /// query, so `recvmsg` can give the answer that source back.
+    pub const DNS_ORIG: &str = "DNS_ORIG";
+    /// `LruHashMap<DnsPeerKey, DnsOrigin>`: who sent the packets that arrive at egressd's resolver,
+    /// keyed by the client's source port, written by the backstop as they leave the sandbox.
+    pub const DNS_PEERS: &str = "DNS_PEERS";
+    /// `LruHashMap<DnsAllowKey, u64 expiry>`: addresses a session may reach because an allowed name
+    /// resolved to them, until CLOCK_BOOTTIME passes the expiry (ns).
+    pub const DNS_ALLOW: &str = "DNS_ALLOW";
     /// All map names, for checks that walk them.
-    pub const ALL: [&str; 6] = [SESSIONS, PROFILES, ALLOW, POLICY_GEN, COUNTERS, EVENTS];
+    pub const ALL: [&str; 9] = [
+        SESSIONS, PROFILES, ALLOW, POLICY_GEN, COUNTERS, EVENTS, DNS_ORIG, DNS_PEERS, DNS_ALLOW,
+    ];
 }
 
 /// Names of the programs in the eBPF object, and the globals user space sets at load time.
@@ -42,10 +55,14 @@ pub mod programs {
     pub const CONNECT6: &str = "egressd_connect6";
     pub const SENDMSG4: &str = "egressd_sendmsg4";
     pub const SENDMSG6: &str = "egressd_sendmsg6";
+    pub const RECVMSG4: &str = "egressd_recvmsg4";
+    pub const RECVMSG6: &str = "egressd_recvmsg6";
     pub const SOCK_CREATE: &str = "egressd_sock_create";
     pub const SKB_EGRESS: &str = "egressd_skb_egress";
     /// Global: the cgroup v2 level at which session cgroups sit (the parent is one above).
     pub const GLOBAL_SESSION_LEVEL: &str = "SESSION_LEVEL";
+    /// Global: the port of egressd's resolver on 127.0.0.1 and ::1 (0: DNS is not redirected).
+    pub const GLOBAL_DNS_PORT: &str = "DNS_PORT";
 }
 
 /// Sizes of the maps. Profiles are double-buffered: slot = generation * MAX_PROFILES + profile index.
@@ -54,6 +71,10 @@ pub const MAX_SESSIONS: u32 = 4096;
 pub const MAX_ALLOW_ENTRIES: u32 = 16384;
 pub const MAX_LOOPBACK_PORTS: usize = 16;
 pub const MAX_PORT_RANGES: usize = 8;
+pub const MAX_DNS_SOCKETS: u32 = 16384;
+pub const MAX_DNS_ALLOW: u32 = 65536;
+/// The port every DNS query is redirected from, whatever its destination address.
+pub const DNS_PORT: u16 = 53;
 
 /// Index into `PROFILES` and the profile part of an `AllowKey` for a profile under a policy generation.
 #[inline(always)]
@@ -164,6 +185,9 @@ mod user {
     unsafe impl aya::Pod for AllowValue {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for DnsOrigin {}
+    unsafe impl aya::Pod for DnsPeerKey {}
+    unsafe impl aya::Pod for DnsAllowKey {}
 }
 
 /// Why a verdict was reached; carried in audit events and shown to users.
@@ -172,6 +196,10 @@ pub const REASON_ALLOW_RULE: u8 = 2;
 pub const REASON_DEFAULT_DENY: u8 = 3;
 pub const REASON_LOOPBACK_PORT: u8 = 4;
 pub const REASON_FORBIDDEN_SOCKET: u8 = 5;
+/// A DNS query (port 53) sent to egressd's resolver instead of where it was addressed.
+pub const REASON_DNS_REDIRECT: u8 = 7;
+/// The destination is an address an allowed name resolved to, within its TTL.
+pub const REASON_DNS_ANSWER: u8 = 8;
 
 /// Default size of the `EVENTS` ring buffer (bytes; a power of two, a multiple of the page size).
 pub const DEFAULT_RING_BYTES: u32 = 1 << 20;
@@ -188,6 +216,8 @@ pub const VERDICT_ALLOWED: u8 = 1;
 pub const VERDICT_DENIED: u8 = 2;
 /// Audit mode: the policy would deny, the packet was let through.
 pub const VERDICT_AUDIT_DENIED: u8 = 3;
+/// A DNS query sent to egressd's resolver, which decides on the name.
+pub const VERDICT_REDIRECTED: u8 = 4;
 
 /// One decision, as the kernel reports it through `EVENTS`.
 #[repr(C)]
@@ -220,3 +250,45 @@ pub struct Event {
 const _: () = assert!(core::mem::size_of::<Event>() == 80);
 /// A loopback address in a packet leaving through a device other than `lo` (source routing, DNAT).
 pub const REASON_OFF_LOOPBACK: u8 = 6;
+
+/// Where a redirected DNS query was addressed, and who sent it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsOrigin {
+    /// Session cgroup id (in `DNS_PEERS`: of the socket the packet came from, read by the backstop).
+    pub session: u64,
+    pub pid_tgid: u64,
+    pub uid_gid: u64,
+    /// The address the query was sent to: `user_ip6` as given, or IPv4 stored IPv4-mapped.
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    /// 4 or 6: the hook's family (how to write `addr` back).
+    pub family: u8,
+    pub proto: u8,
+    /// 1 when the origin was recorded by a redirect; 0 when the packet came to the resolver directly.
+    pub redirected: u8,
+    pub _pad: [u8; 3],
+    pub comm: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<DnsOrigin>() == 64);
+
+/// A client of the resolver as the resolver sees it: its source port, protocol and wire family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DnsPeerKey {
+    /// Host byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+const _: () = assert!(core::mem::size_of::<DnsPeerKey>() == 4);
+
+/// An address a session may reach because of a DNS answer (IPv4 stored IPv4-mapped).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DnsAllowKey {
+    pub session: u64,
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<DnsAllowKey>() == 24);

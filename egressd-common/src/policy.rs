@@ -12,6 +12,7 @@ use std::{
     vec::Vec,
 };
 
+pub use crate::dns_policy::DnsConfig;
 use crate::{
     AllowKey, AllowValue, PortRange, Profile as KernelProfile, MAX_LOOPBACK_PORTS, MAX_PORT_RANGES,
     PROFILE_AUDIT_MODE, PROFILE_LOOPBACK_ALL, PROFILE_PRESENT, PROTO_ANY, PROTO_TCP, PROTO_UDP,
@@ -47,6 +48,8 @@ pub struct Config {
     pub socket_group: Option<String>,
     #[serde(default)]
     pub audit: AuditConfig,
+    #[serde(default)]
+    pub dns: DnsConfig,
     #[serde(default = "builtin_profiles")]
     pub profiles: BTreeMap<String, ProfileConfig>,
     /// Who may use which profile. Without this table every user may use every profile.
@@ -142,7 +145,8 @@ pub struct ProfileConfig {
     pub loopback: Loopback,
     #[serde(default)]
     pub allow: Vec<AllowRule>,
-    /// Domain patterns for the DNS filter (not enforced yet; parsed so configs stay valid).
+    /// Names this profile may resolve: `name.example` or `*.example` (every name under it). Their
+    /// answers' addresses may be reached until the TTL ends. Every other name gets NXDOMAIN.
     #[serde(default)]
     pub dns_allow: Vec<String>,
 }
@@ -177,6 +181,7 @@ impl Default for Config {
             default_profile: default_profile_name(),
             socket_group: None,
             audit: AuditConfig::default(),
+            dns: DnsConfig::default(),
             profiles: builtin_profiles(),
             access: None,
         }
@@ -332,8 +337,13 @@ impl Config {
                 crate::MAX_PROFILES
             ));
         }
+        self.dns.validate()?;
         for (name, p) in &self.profiles {
             compile_profile(p).map_err(|e| format!("profile {name:?}: {e}"))?;
+            for pattern in &p.dns_allow {
+                crate::dns_policy::check_pattern(pattern)
+                    .map_err(|e| format!("profile {name:?}: {e}"))?;
+            }
         }
         if let Some(access) = &self.access {
             let named = access

@@ -4,13 +4,15 @@
 use std::{io, os::fd::AsRawFd, vec::Vec};
 
 /// The attach types egressd needs on every session, with the names people see.
-pub const REQUIRED_ATTACH_TYPES: [(u32, &str); 6] = [
+pub const REQUIRED_ATTACH_TYPES: [(u32, &str); 8] = [
     (ATTACH_INET_EGRESS, "cgroup_skb/egress"),
     (ATTACH_INET_SOCK_CREATE, "cgroup/sock_create"),
     (ATTACH_INET4_CONNECT, "cgroup/connect4"),
     (ATTACH_INET6_CONNECT, "cgroup/connect6"),
     (ATTACH_UDP4_SENDMSG, "cgroup/sendmsg4"),
     (ATTACH_UDP6_SENDMSG, "cgroup/sendmsg6"),
+    (ATTACH_UDP4_RECVMSG, "cgroup/recvmsg4"),
+    (ATTACH_UDP6_RECVMSG, "cgroup/recvmsg6"),
 ];
 
 pub const ATTACH_INET_EGRESS: u32 = 1;
@@ -19,6 +21,8 @@ pub const ATTACH_INET4_CONNECT: u32 = 10;
 pub const ATTACH_INET6_CONNECT: u32 = 11;
 pub const ATTACH_UDP4_SENDMSG: u32 = 14;
 pub const ATTACH_UDP6_SENDMSG: u32 = 15;
+pub const ATTACH_UDP4_RECVMSG: u32 = 19;
+pub const ATTACH_UDP6_RECVMSG: u32 = 20;
 
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_F_QUERY_EFFECTIVE: u32 = 1;

@@ -6,6 +6,9 @@
 //!   cgroup hook at all, so it must be stopped at creation).
 //! - `cgroup/connect4|6`, `cgroup/sendmsg4|6`: the verdict per destination (TCP connect, connected and
 //!   unconnected UDP). IPv4-mapped IPv6 is judged as IPv4.
+//! - DNS: every query to port 53 (UDP or TCP, any address) is redirected by connect/sendmsg to
+//!   egressd's resolver on loopback, and `cgroup/recvmsg4|6` give the answer the address the client
+//!   asked; the resolver allows names, and their answers open `DNS_ALLOW` until the TTL ends.
 //! - `cgroup_skb/egress`: the backstop. A packet of a session that leaves through any device but `lo`
 //!   must go to an allowed destination, or it is dropped; loopback addresses leaving through another
 //!   device (source routing, DNAT of 127.x) are dropped too.
@@ -21,25 +24,33 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, bpf_skb_ancestor_cgroup_id,
+        bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_ktime_get_boot_ns,
+        bpf_skb_ancestor_cgroup_id,
     },
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map},
-    maps::{Array, HashMap, LpmTrie, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, RingBuf},
     programs::{SkBuffContext, SockAddrContext, SockContext},
 };
 use aya_log_ebpf::warn;
 use egressd_common::{
-    AllowKey, AllowValue, Counters, Event, Profile, SessionInfo, DEFAULT_RING_BYTES, HOOK_CONNECT4,
-    HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SKB_EGRESS, HOOK_SOCK_CREATE,
-    MAX_ALLOW_ENTRIES, MAX_PROFILES, MAX_SESSIONS, REASON_DEFAULT_DENY, REASON_FORBIDDEN_SOCKET,
-    VERDICT_ALLOWED, VERDICT_AUDIT_DENIED, VERDICT_DENIED,
+    AllowKey, AllowValue, Counters, DnsAllowKey, DnsOrigin, DnsPeerKey, Event, Profile,
+    SessionInfo, DEFAULT_RING_BYTES, DNS_PORT as DNS_QUERY_PORT, HOOK_CONNECT4, HOOK_CONNECT6,
+    HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SKB_EGRESS, HOOK_SOCK_CREATE, MAX_ALLOW_ENTRIES,
+    MAX_DNS_ALLOW, MAX_DNS_SOCKETS, MAX_PROFILES, MAX_SESSIONS, REASON_DEFAULT_DENY,
+    REASON_DNS_REDIRECT, REASON_FORBIDDEN_SOCKET, VERDICT_ALLOWED, VERDICT_AUDIT_DENIED,
+    VERDICT_DENIED, VERDICT_REDIRECTED,
 };
 
-use crate::verdict::Dest;
+use crate::verdict::{Dest, Tables};
 
 /// Set by user space at load time: the cgroup level of session cgroups.
 #[no_mangle]
 static SESSION_LEVEL: u32 = 2;
+
+/// Set by user space at load time: the port of egressd's resolver on 127.0.0.1 and ::1; 0 when DNS
+/// queries are not redirected.
+#[no_mangle]
+static DNS_PORT: u32 = 0;
 
 // Map statics are named like the constants in `egressd_common::maps` (checked by a test in egressd).
 // Pinned by name, so a restarted daemon reuses them and running sessions keep their state.
@@ -55,6 +66,12 @@ static POLICY_GEN: Array<u32> = Array::pinned(1, 0);
 static COUNTERS: PerCpuHashMap<u64, Counters> = PerCpuHashMap::pinned(MAX_SESSIONS, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::pinned(DEFAULT_RING_BYTES, 0);
+#[map]
+static DNS_ORIG: LruHashMap<u64, DnsOrigin> = LruHashMap::pinned(MAX_DNS_SOCKETS, 0);
+#[map]
+static DNS_PEERS: LruHashMap<DnsPeerKey, DnsOrigin> = LruHashMap::pinned(MAX_DNS_SOCKETS, 0);
+#[map]
+static DNS_ALLOW: LruHashMap<DnsAllowKey, u64> = LruHashMap::pinned(MAX_DNS_ALLOW, 0);
 
 const ALLOW_VERDICT: i32 = 1;
 const DENY_VERDICT: i32 = 0;
@@ -66,6 +83,24 @@ const IPPROTO_ICMP: u32 = 1;
 const IPPROTO_ICMPV6: u32 = 58;
 const LOOPBACK_IFINDEX: u32 = 1;
 const AF_INET6: u32 = 10;
+const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
+/// 127.0.0.1 as the kernel stores it (network byte order read as a native u32).
+const LOOPBACK4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+
+#[inline(always)]
+fn tables() -> Tables<'static> {
+    Tables {
+        allow: &ALLOW,
+        dns_allow: &DNS_ALLOW,
+    }
+}
+
+#[inline(always)]
+fn dns_port() -> u16 {
+    // SAFETY: as for SESSION_LEVEL.
+    unsafe { core::ptr::read_volatile(&DNS_PORT) as u16 }
+}
 
 #[inline(always)]
 fn session_level() -> u32 {
@@ -166,11 +201,77 @@ fn count(session: u64, f: impl FnOnce(&mut Counters)) {
     }
 }
 
+/// Sends a DNS query to egressd's resolver instead of where it was addressed, remembering the
+/// original destination for `recvmsg` and the resolver. Every query is redirected, the local stub
+/// resolver's included: the stub would forward any name off the machine.
+#[inline(always)]
+fn redirect_dns(ctx: &SockAddrContext, dest: &Dest, session: u64) -> bool {
+    let port = dns_port();
+    let sa = sock_addr(ctx);
+    if port == 0
+        || dest.port != DNS_QUERY_PORT
+        || (sa.protocol != IPPROTO_UDP && sa.protocol != IPPROTO_TCP)
+    {
+        return false;
+    }
+    // SAFETY: the context is a valid bpf_sock_addr for the whole run.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let (pid_tgid, uid_gid) = (bpf_get_current_pid_tgid(), bpf_get_current_uid_gid());
+    let origin = DnsOrigin {
+        session,
+        pid_tgid,
+        uid_gid,
+        addr: dest.addr,
+        port: dest.port,
+        family: dest.family,
+        proto: dest.proto,
+        redirected: 1,
+        _pad: [0; 3],
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    };
+    // Without the origin the answer could not be given back its source: better no query at all.
+    if DNS_ORIG.insert(&cookie, &origin, 0).is_err() {
+        return false;
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: connect and sendmsg programs may write the destination; the pointer is valid.
+    unsafe {
+        if dest.family == 4 {
+            (*sa).user_ip4 = LOOPBACK4;
+        } else if is_mapped(&dest.addr) {
+            (*sa).user_ip6 = [0, 0, u32::to_be(0xffff), LOOPBACK4];
+        } else {
+            (*sa).user_ip6 = [0, 0, 0, u32::to_be(1)];
+        }
+        (*sa).user_port = u32::from(port.to_be());
+    }
+    true
+}
+
+#[inline(always)]
+fn is_mapped(a: &[u8; 16]) -> bool {
+    a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9] == 0
+        && a[10] == 0xff
+        && a[11] == 0xff
+}
+
 /// Decides a socket-address hook and counts it. Returns the hook's return value.
 #[inline(always)]
 fn judge_sock_addr(ctx: &SockAddrContext, dest: Dest, hook: u8) -> i32 {
     let (session, info) = current_session();
     let generation = policy_generation();
+    if redirect_dns(ctx, &dest, session) {
+        report(
+            session,
+            &dest,
+            hook,
+            VERDICT_REDIRECTED,
+            REASON_DNS_REDIRECT,
+            generation,
+            true,
+        );
+        return ALLOW_VERDICT;
+    }
     let (slot, profile) = match profile_for(info, generation) {
         Some(p) => p,
         None => {
@@ -183,7 +284,7 @@ fn judge_sock_addr(ctx: &SockAddrContext, dest: Dest, hook: u8) -> i32 {
             (u32::MAX, Profile::default())
         }
     };
-    let decision = verdict::decide(&ALLOW, slot, &profile, &dest, false);
+    let decision = verdict::decide(&tables(), session, slot, &profile, &dest, false);
     let (ret, verdict) = if decision.allowed {
         count(session, |c| c.allowed += 1);
         (ALLOW_VERDICT, VERDICT_ALLOWED)
@@ -249,6 +350,55 @@ pub fn egressd_sendmsg6(ctx: SockAddrContext) -> i32 {
     judge_sock_addr(&ctx, dest6(&ctx), HOOK_SENDMSG6)
 }
 
+/// Gives a redirected DNS answer the source the client sent its query to: resolvers (glibc's
+/// included) drop answers from any other address.
+#[inline(always)]
+fn restore_dns_source(ctx: &SockAddrContext, v6: bool) -> i32 {
+    let port = dns_port();
+    let sa = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for the whole program run.
+    let (user_port, ip4, ip6) = unsafe { ((*sa).user_port, (*sa).user_ip4, (*sa).user_ip6) };
+    if port == 0 || u16::from_be(user_port as u16) != port {
+        return ALLOW_VERDICT;
+    }
+    let from_resolver = if v6 {
+        ip6 == [0, 0, 0, u32::to_be(1)] || ip6 == [0, 0, u32::to_be(0xffff), LOOPBACK4]
+    } else {
+        ip4 == LOOPBACK4
+    };
+    if !from_resolver {
+        return ALLOW_VERDICT;
+    }
+    // SAFETY: as in redirect_dns.
+    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
+    // SAFETY: the value is plain old data copied out immediately.
+    let Some(o) = (unsafe { DNS_ORIG.get(&cookie) }).copied() else {
+        return ALLOW_VERDICT;
+    };
+    let a = o.addr;
+    let w = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+    // SAFETY: recvmsg programs may write the source address; the pointer is valid.
+    unsafe {
+        if v6 {
+            (*sa).user_ip6 = [w(0), w(4), w(8), w(12)];
+        } else {
+            (*sa).user_ip4 = w(12);
+        }
+        (*sa).user_port = u32::from(o.port.to_be());
+    }
+    ALLOW_VERDICT
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn egressd_recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore_dns_source(&ctx, false)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn egressd_recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore_dns_source(&ctx, true)
+}
+
 #[cgroup_sock(sock_create)]
 pub fn egressd_sock_create(ctx: SockContext) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
@@ -289,11 +439,12 @@ pub fn egressd_sock_create(ctx: SockContext) -> i32 {
 pub fn egressd_skb_egress(ctx: SkBuffContext) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if ifindex == LOOPBACK_IFINDEX {
-        return ALLOW_VERDICT;
-    }
     // SAFETY: helper reads the skb's socket cgroup; the context is valid.
     let session = unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb.cast(), session_level() as i32) };
+    if ifindex == LOOPBACK_IFINDEX {
+        note_dns_client(&ctx, session);
+        return ALLOW_VERDICT;
+    }
     // SAFETY: the value is plain old data copied out immediately.
     let info = unsafe { SESSIONS.get(&session) }.copied();
     let generation = policy_generation();
@@ -302,7 +453,7 @@ pub fn egressd_skb_egress(ctx: SkBuffContext) -> i32 {
     let dest = verdict::packet_dest(&ctx);
     let reason = match &dest {
         Some(d) => {
-            let decision = verdict::decide(&ALLOW, slot, &profile, d, true);
+            let decision = verdict::decide(&tables(), session, slot, &profile, d, true);
             if decision.allowed {
                 return ALLOW_VERDICT;
             }
@@ -333,6 +484,31 @@ pub fn egressd_skb_egress(ctx: SkBuffContext) -> i32 {
         false,
     );
     ret
+}
+
+/// Tells the resolver which session a query comes from: for a packet to the resolver's port on
+/// loopback, the session of the socket that sent it (read here, from the packet's socket, so a
+/// sandbox cannot claim another session's rights), with the origin its redirect recorded.
+#[inline(always)]
+fn note_dns_client(ctx: &SkBuffContext, session: u64) {
+    let port = dns_port();
+    if port == 0 {
+        return;
+    }
+    let Some((key, dst_port)) = verdict::loopback_ports(ctx) else {
+        return;
+    };
+    if dst_port != port {
+        return;
+    }
+    // SAFETY: the context is a valid skb for the whole run.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    // SAFETY: the value is plain old data copied out immediately.
+    let mut origin = unsafe { DNS_ORIG.get(&cookie) }
+        .copied()
+        .unwrap_or_default();
+    origin.session = session;
+    let _ = DNS_PEERS.insert(&key, &origin, 0);
 }
 
 #[cfg(not(test))]

@@ -1,10 +1,15 @@
 //! The verdict for one destination under one profile, shared by every hook.
 
-use aya_ebpf::{maps::lpm_trie::Key, maps::LpmTrie, programs::SkBuffContext};
+use aya_ebpf::{
+    helpers::bpf_ktime_get_boot_ns,
+    maps::{lpm_trie::Key, LpmTrie, LruHashMap},
+    programs::SkBuffContext,
+};
 use egressd_common::{
-    AllowKey, AllowValue, Profile, MAX_LOOPBACK_PORTS, MAX_PORT_RANGES, PROFILE_AUDIT_MODE,
-    PROFILE_LOOPBACK_ALL, PROFILE_PRESENT, PROTO_ANY, REASON_ALLOW_RULE, REASON_DEFAULT_DENY,
-    REASON_LOOPBACK, REASON_LOOPBACK_PORT, REASON_OFF_LOOPBACK,
+    AllowKey, AllowValue, DnsAllowKey, DnsPeerKey, Profile, MAX_LOOPBACK_PORTS, MAX_PORT_RANGES,
+    PROFILE_AUDIT_MODE, PROFILE_LOOPBACK_ALL, PROFILE_PRESENT, PROTO_ANY, REASON_ALLOW_RULE,
+    REASON_DEFAULT_DENY, REASON_DNS_ANSWER, REASON_LOOPBACK, REASON_LOOPBACK_PORT,
+    REASON_OFF_LOOPBACK,
 };
 
 /// A destination in IPv6 form: IPv4 is stored IPv4-mapped, so `::ffff:a.b.c.d` and `a.b.c.d` are
@@ -56,7 +61,7 @@ impl Dest {
     /// Loopback or unspecified: 127.0.0.0/8, 0.0.0.0, ::1, :: (the kernel delivers the last ones
     /// locally too). IPv4-mapped forms are covered because IPv4 is stored mapped.
     #[inline(always)]
-    fn is_local(&self) -> bool {
+    pub fn is_local(&self) -> bool {
         let a = &self.addr;
         let zero10 = a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9] == 0;
         if !zero10 {
@@ -79,11 +84,18 @@ pub fn audit_only(profile: &Profile) -> bool {
     profile.flags & PROFILE_PRESENT != 0 && profile.flags & PROFILE_AUDIT_MODE != 0
 }
 
+/// The maps a verdict reads besides the profile.
+pub struct Tables<'a> {
+    pub allow: &'a LpmTrie<AllowKey, AllowValue>,
+    pub dns_allow: &'a LruHashMap<DnsAllowKey, u64>,
+}
+
 /// `on_wire` is set by the skb backstop: there a loopback address is never fine, because the packet
 /// is already known to leave through a device other than `lo`.
 #[inline(always)]
 pub fn decide(
-    allow: &LpmTrie<AllowKey, AllowValue>,
+    tables: &Tables,
+    session: u64,
     slot: u32,
     profile: &Profile,
     dest: &Dest,
@@ -106,13 +118,27 @@ pub fn decide(
                 addr: dest.addr,
             },
         );
-        if let Some(v) = allow.get(&key) {
+        if let Some(v) = tables.allow.get(&key) {
             if ranges_match(v, dest) {
                 return Decision {
                     allowed: true,
                     reason: REASON_ALLOW_RULE,
                 };
             }
+        }
+    }
+    let key = DnsAllowKey {
+        session,
+        addr: dest.addr,
+    };
+    // SAFETY: the value is a plain u64 copied out immediately.
+    if let Some(expiry) = unsafe { tables.dns_allow.get(&key) }.copied() {
+        // SAFETY: helper without arguments.
+        if expiry > unsafe { bpf_ktime_get_boot_ns() } {
+            return Decision {
+                allowed: true,
+                reason: REASON_DNS_ANSWER,
+            };
         }
     }
     Decision {
@@ -210,4 +236,40 @@ fn l4_port(ctx: &SkBuffContext, proto: u8, offset: usize) -> u16 {
         return 0;
     }
     ctx.load::<u16>(offset + 2).map(u16::from_be).unwrap_or(0)
+}
+
+/// For a TCP or UDP packet to 127.0.0.1 or ::1: the client's key as the resolver sees it (source
+/// port, protocol, wire family) and the destination port.
+#[inline(always)]
+pub fn loopback_ports(ctx: &SkBuffContext) -> Option<(DnsPeerKey, u16)> {
+    let first: u8 = ctx.load(0).ok()?;
+    let (family, proto, offset) = match first >> 4 {
+        4 => {
+            let dst: [u8; 4] = ctx.load(16).ok()?;
+            if dst != [127, 0, 0, 1] {
+                return None;
+            }
+            (4u8, ctx.load::<u8>(9).ok()?, ((first & 0x0f) as usize) * 4)
+        }
+        6 => {
+            let dst: [u8; 16] = ctx.load(24).ok()?;
+            if dst != [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1] {
+                return None;
+            }
+            (6u8, ctx.load::<u8>(6).ok()?, 40)
+        }
+        _ => return None,
+    };
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP || offset > 60 {
+        return None;
+    }
+    let ports: [u8; 4] = ctx.load(offset).ok()?;
+    Some((
+        DnsPeerKey {
+            port: u16::from_be_bytes([ports[0], ports[1]]),
+            proto,
+            family,
+        },
+        u16::from_be_bytes([ports[2], ports[3]]),
+    ))
 }

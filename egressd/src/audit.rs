@@ -18,9 +18,9 @@ use aya::maps::{MapData, RingBuf};
 use egressd_common::{
     audit::{head_of, line_hash, ChainHead, Record},
     Counters, Event, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SKB_EGRESS,
-    HOOK_SOCK_CREATE, REASON_ALLOW_RULE, REASON_DEFAULT_DENY, REASON_FORBIDDEN_SOCKET,
-    REASON_LOOPBACK, REASON_LOOPBACK_PORT, REASON_OFF_LOOPBACK, VERDICT_ALLOWED,
-    VERDICT_AUDIT_DENIED,
+    HOOK_SOCK_CREATE, REASON_ALLOW_RULE, REASON_DEFAULT_DENY, REASON_DNS_ANSWER,
+    REASON_DNS_REDIRECT, REASON_FORBIDDEN_SOCKET, REASON_LOOPBACK, REASON_LOOPBACK_PORT,
+    REASON_OFF_LOOPBACK, VERDICT_ALLOWED, VERDICT_AUDIT_DENIED, VERDICT_REDIRECTED,
 };
 use tokio::sync::mpsc;
 
@@ -159,6 +159,8 @@ pub enum Message {
     SessionStart(Session, String, bool),
     SessionEnd(Session, Counters),
     Note(String),
+    /// A record made elsewhere (the DNS resolver's); time, seq and chain are filled in here.
+    Record(Record),
     /// Write everything pending and confirm (daemon shutdown).
     Flush(tokio::sync::oneshot::Sender<()>),
 }
@@ -470,10 +472,10 @@ impl Pipeline {
             dest: if sock_create { None } else { dest },
             port: (!sock_create).then_some(ev.port),
             verdict: Some(
-                if ev.verdict == VERDICT_ALLOWED || audit_mode {
-                    "allowed"
-                } else {
-                    "denied"
+                match ev.verdict {
+                    VERDICT_REDIRECTED => "redirected",
+                    VERDICT_ALLOWED | VERDICT_AUDIT_DENIED => "allowed",
+                    _ => "denied",
                 }
                 .into(),
             ),
@@ -583,6 +585,7 @@ impl Pipeline {
                 self.flush();
                 let _ = done.send(());
             }
+            Message::Record(rec) => self.write(rec),
             Message::Note(message) => self.write(Record {
                 time: now_rfc3339(),
                 kind: "daemon".into(),
@@ -618,6 +621,8 @@ fn reason_name(r: u8) -> &'static str {
         REASON_LOOPBACK_PORT => "loopback port not allowed",
         REASON_FORBIDDEN_SOCKET => "raw or ping socket",
         REASON_OFF_LOOPBACK => "loopback address off the lo device",
+        REASON_DNS_REDIRECT => "dns query, answered by egressd's resolver",
+        REASON_DNS_ANSWER => "address of an allowed name (dns_allow)",
         _ => "unknown",
     }
 }

@@ -22,7 +22,8 @@ use egressd_common::{
     prog_query::{self, REQUIRED_ATTACH_TYPES},
     programs,
     protocol::HookStatus,
-    AllowKey, AllowValue, Counters, Profile, SessionInfo, MAX_PROFILES,
+    AllowKey, AllowValue, Counters, DnsAllowKey, DnsOrigin, DnsPeerKey, Profile, SessionInfo,
+    MAX_PROFILES,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -66,7 +67,7 @@ static PROGRAMS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// The hooks, in attach order. The backstop goes first so that no packet is ever judged by the socket
 /// hooks alone while the others are being attached.
-const HOOKS: [(&str, &str, u32); 6] = [
+const HOOKS: [(&str, &str, u32); 8] = [
     (
         programs::SKB_EGRESS,
         "cgroup_skb/egress",
@@ -97,7 +98,22 @@ const HOOKS: [(&str, &str, u32); 6] = [
         "cgroup/sendmsg6",
         prog_query::ATTACH_UDP6_SENDMSG,
     ),
+    (
+        programs::RECVMSG4,
+        "cgroup/recvmsg4",
+        prog_query::ATTACH_UDP4_RECVMSG,
+    ),
+    (
+        programs::RECVMSG6,
+        "cgroup/recvmsg6",
+        prog_query::ATTACH_UDP6_RECVMSG,
+    ),
 ];
+
+pub struct DnsMaps {
+    pub peers: HashMap<MapData, DnsPeerKey, DnsOrigin>,
+    pub allow: HashMap<MapData, DnsAllowKey, u64>,
+}
 
 pub struct Enforcer {
     ebpf: Ebpf,
@@ -137,6 +153,7 @@ impl Enforcer {
     pub fn load(
         parent: &Path,
         session_level: u32,
+        dns_port: u16,
         ring_bytes: u32,
         pins: &PinDir,
         hashes: PolicyHashes,
@@ -148,8 +165,10 @@ impl Enforcer {
             .iter()
             .map(|n| (*n, pins.maps().join(n)))
             .collect();
+        let dns_port = u32::from(dns_port);
         let mut loader = EbpfLoader::new();
         loader.override_global(programs::GLOBAL_SESSION_LEVEL, &session_level, true);
+        loader.override_global(programs::GLOBAL_DNS_PORT, &dns_port, true);
         loader.map_max_entries(maps::EVENTS, ring_bytes);
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
@@ -197,6 +216,23 @@ impl Enforcer {
             .take_map(maps::EVENTS)
             .ok_or(EnforcerError::MissingMap(maps::EVENTS))?;
         RingBuf::try_from(map).map_err(Self::map_err(maps::EVENTS))
+    }
+
+    /// The maps of the DNS filter, for the resolver: it alone reads who sent a query and opens the
+    /// addresses of allowed answers.
+    pub fn take_dns_maps(&mut self) -> Result<DnsMaps> {
+        let mut take = |name: &'static str| {
+            let map = self
+                .ebpf
+                .take_map(name)
+                .ok_or(EnforcerError::MissingMap(name))?;
+            Ok::<_, EnforcerError>((name, map))
+        };
+        let (n, peers) = take(maps::DNS_PEERS)?;
+        let peers = HashMap::try_from(peers).map_err(Self::map_err(n))?;
+        let (n, allow) = take(maps::DNS_ALLOW)?;
+        let allow = HashMap::try_from(allow).map_err(Self::map_err(n))?;
+        Ok(DnsMaps { peers, allow })
     }
 
     /// The aya-log ring buffer of the programs, for the task that bridges it into tracing.

@@ -5,6 +5,7 @@ mod audit;
 mod cgroup;
 mod control;
 mod daemon;
+mod dns;
 mod enforcer;
 mod sessions;
 
@@ -154,9 +155,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let pins = PinDir(cli.bpffs.clone());
     let hashes = audit::PolicyHashes::default();
+    // The resolver's sockets and settings come first: a port in use or a bad upstream must stop
+    // the start before any program redirects queries to a resolver that is not there.
+    let dns = if config.dns.enabled() {
+        let port = config.dns.port();
+        let listeners = dns::bind(port).await.with_context(|| {
+            format!("binding the DNS resolver on 127.0.0.1:{port}; pick another with dns.port")
+        })?;
+        let settings = dns::Settings::from_config(&config.dns).map_err(anyhow::Error::msg)?;
+        if settings.upstreams.is_empty() {
+            tracing::warn!("dns: no upstream server (dns.upstream, /etc/resolv.conf): allowed names will get SERVFAIL");
+        }
+        Some((port, listeners, settings))
+    } else {
+        tracing::warn!("dns.enabled = false: DNS queries are judged like other traffic, and the local stub resolver forwards any name off the machine");
+        None
+    };
     let mut enforcer = Enforcer::load(
         &layout.parent,
         layout.session_level,
+        dns.as_ref().map(|(port, _, _)| *port).unwrap_or(0),
         config.audit.ring_buffer_bytes(),
         &pins,
         hashes.clone(),
@@ -167,6 +185,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tokio::spawn(daemon::kernel_logs(logger));
     }
     let events = enforcer.take_events()?;
+    let dns_maps = enforcer.take_dns_maps()?;
     let handle = enforcer::spawn(enforcer);
     // Large enough that adopting every session of a crashed daemon never waits on the audit task,
     // which starts only after adoption.
@@ -208,6 +227,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             std::process::id()
         )))
         .await;
+    if let Some((_, listeners, settings)) = dns {
+        let resolver = Arc::new(dns::Resolver::new(state.clone(), dns_maps, settings));
+        listeners.serve(resolver.clone());
+        tokio::spawn(dns::sweeper(resolver));
+    }
     // Sessions are named before the audit task drains the pinned ring buffer, which may hold
     // events taken while no daemon was running.
     state.adopt_sessions().await;

@@ -60,6 +60,13 @@ fn must(cmd: &str) {
     );
 }
 
+/// A resolver port for a test daemon: distinct per daemon of this process, and spread by pid so
+/// test binaries and benchmarks running side by side rarely meet.
+pub fn dns_port() -> u16 {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    11000 + ((std::process::id() * 53 + n * 7) % 20000) as u16
+}
+
 /// A scratch directory every user can traverse (the socket lives in it).
 pub struct Scratch(pub PathBuf);
 
@@ -82,6 +89,8 @@ impl Drop for Scratch {
 /// A private egressd: its own cgroup parent, bpffs pin directory and socket, so tests never touch a
 /// system egressd and can run side by side.
 pub struct Daemon {
+    /// The `[dns]` table the fixture added (kept when the policy is rewritten).
+    dns: String,
     pub audit: PathBuf,
     pub name: String,
     pub socket: PathBuf,
@@ -98,6 +107,14 @@ impl Daemon {
     /// `config` is the policy (profiles); the audit log always goes to the scratch directory, with
     /// `audit_extra` (TOML lines) added to the `[audit]` table.
     pub fn start_with(scratch: &Scratch, config: Option<&str>, audit_extra: &str) -> Daemon {
+        let config = config.unwrap_or("");
+        // Every daemon has its own resolver port; one that is not about DNS never asks anyone.
+        let dns = if config.contains("[dns]") {
+            String::new()
+        } else {
+            format!("[dns]\nport = {}\nupstream = []\n", dns_port())
+        };
+        let config = format!("{config}\n{dns}");
         let name = format!(
             "egressd-t{}-{}",
             std::process::id(),
@@ -108,13 +125,13 @@ impl Daemon {
         fs::write(
             &config_path,
             format!(
-                "{}\n[audit]\npath = \"{}\"\n{audit_extra}\n",
-                config.unwrap_or(""),
+                "{config}\n[audit]\npath = \"{}\"\n{audit_extra}\n",
                 audit.display()
             ),
         )
         .unwrap();
         let mut d = Daemon {
+            dns,
             audit,
             socket: scratch.0.join("egressd.sock"),
             config: config_path,
@@ -130,7 +147,11 @@ impl Daemon {
     pub fn write_policy(&self, policy: &str) {
         fs::write(
             &self.config,
-            format!("{policy}\n[audit]\npath = \"{}\"\n", self.audit.display()),
+            format!(
+                "{policy}\n{}\n[audit]\npath = \"{}\"\n",
+                self.dns,
+                self.audit.display()
+            ),
         )
         .unwrap();
     }
@@ -526,4 +547,50 @@ pub fn wait_for_running_session(d: &Daemon) {
                 .unwrap_or(false)
         })
     });
+}
+
+/// An upstream DNS server on an outside host (port 53 on both its addresses), answering from a
+/// fixed table and logging every query it receives.
+pub struct DnsServer {
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl DnsServer {
+    /// `records`: `NAME=IP/TTL`.
+    pub fn start(outside: &Outside, scratch: &Scratch, records: &[String]) -> DnsServer {
+        let log = scratch.0.join(format!("dns-{}.log", outside.netns));
+        let _ = fs::remove_file(&log);
+        let ready = PathBuf::from(format!("{}.ready", log.display()));
+        let _ = fs::remove_file(&ready);
+        let child = Command::new("ip")
+            .args(["netns", "exec", &outside.netns])
+            .arg(probe())
+            .args(["dns-server", &outside.v4, &outside.v6])
+            .arg(&log)
+            .args(records)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let s = DnsServer { log, child };
+        wait_until("the outside DNS server", 10, || ready.exists());
+        s
+    }
+
+    /// Every query the server received: `proto name type` lines.
+    pub fn queries(&self) -> Vec<String> {
+        thread::sleep(Duration::from_millis(200));
+        fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

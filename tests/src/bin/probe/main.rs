@@ -12,6 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod dns;
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -45,11 +47,16 @@ fn main() {
                 .open(procs)
                 .and_then(|mut f| f.write_all(std::process::id().to_string().as_bytes())),
         )),
+        ["dns-server", v4, v6, log, records @ ..] => dns::server(v4, v6, log, records),
+        ["dns-query", mode, server, name] => exit(dns::query(mode, server, name, "A")),
+        ["dns-query", mode, server, name, qtype] => exit(dns::query(mode, server, name, qtype)),
+        ["dns-raw", server, hex] => exit(dns::raw(server, hex)),
+        ["resolve", name] => exit(dns::resolve(name)),
         ["touch", file] => {
             fs::write(file, b"ran").unwrap();
         }
         _ => {
-            eprintln!("usage: egressd-probe listen|attempt|wait-attempt|fds|escape|touch ...");
+            eprintln!("usage: egressd-probe listen|attempt|wait-attempt|fds|escape|touch|dns-server|dns-query|dns-raw|resolve ...");
             exit(2);
         }
     }

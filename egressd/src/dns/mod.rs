@@ -1,0 +1,361 @@
+//! egressd's resolver: the kernel redirects every DNS query of every sandbox here. Names the
+//! session's profile allows (`dns_allow`) are resolved upstream and their addresses opened for the
+//! session until the TTL ends; `localhost` and /etc/hosts names are answered here; every other name
+//! is answered NXDOMAIN (or REFUSED) and never leaves the machine. Every query is audited.
+
+mod listen;
+mod upstream;
+mod wire;
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use egressd_common::{
+    audit::Record,
+    dns_policy::{self, DenyAnswer, DnsConfig},
+    policy::Mode,
+    DnsAllowKey, DnsOrigin, DnsPeerKey,
+};
+use hickory_proto::op::ResponseCode;
+use nix::time::{clock_gettime, ClockId};
+
+pub use listen::bind;
+
+use crate::{audit, daemon::State, enforcer::DnsMaps};
+
+/// What the resolver reads from the policy: fixed at start, like the port and upstreams.
+pub struct Settings {
+    pub upstreams: Vec<SocketAddr>,
+    pub deny: DenyAnswer,
+    pub ttl_min: u32,
+    pub ttl_max: u32,
+    pub timeout: Duration,
+}
+
+impl Settings {
+    pub fn from_config(c: &DnsConfig) -> Result<Settings, String> {
+        let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        let (ttl_min, ttl_max) = c.ttl_bounds();
+        Ok(Settings {
+            upstreams: c.upstreams(&resolv)?,
+            deny: c.deny_answer(),
+            ttl_min,
+            ttl_max,
+            timeout: c.timeout(),
+        })
+    }
+}
+
+pub struct Resolver {
+    state: Arc<State>,
+    maps: Mutex<DnsMaps>,
+    settings: Settings,
+}
+
+/// The decision on one query, as audited.
+struct Outcome {
+    answer: Vec<u8>,
+    verdict: &'static str,
+    reason: String,
+    rcode: ResponseCode,
+    opened: Vec<String>,
+    ttl: Option<u32>,
+}
+
+fn boot_ns() -> u64 {
+    clock_gettime(ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+fn mapped(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+impl Resolver {
+    pub fn new(state: Arc<State>, maps: DnsMaps, settings: Settings) -> Resolver {
+        Resolver {
+            state,
+            maps: Mutex::new(maps),
+            settings,
+        }
+    }
+
+    /// Who sent the query arriving from `peer`, as the kernel's backstop recorded it.
+    fn origin(&self, peer: SocketAddr, proto: u8) -> Option<DnsOrigin> {
+        let key = DnsPeerKey {
+            port: peer.port(),
+            proto,
+            family: if peer.is_ipv4() { 4 } else { 6 },
+        };
+        let maps = self.maps.lock().ok()?;
+        maps.peers.get(&key, 0).ok()
+    }
+
+    /// Opens `addrs` to the session until their TTL (bounded by the config) runs out. Returns the
+    /// longest TTL applied.
+    fn open(&self, session: u64, addrs: &[(IpAddr, u32)]) -> u32 {
+        let now = boot_ns();
+        let mut longest = 0;
+        let Ok(mut maps) = self.maps.lock() else {
+            return 0;
+        };
+        for (ip, ttl) in addrs {
+            let ttl = (*ttl).clamp(self.settings.ttl_min, self.settings.ttl_max);
+            longest = longest.max(ttl);
+            let key = DnsAllowKey {
+                session,
+                addr: mapped(*ip),
+            };
+            let expiry = now + u64::from(ttl) * 1_000_000_000;
+            let current = maps.allow.get(&key, 0).unwrap_or(0);
+            if let Err(e) = maps.allow.insert(key, expiry.max(current), 0) {
+                tracing::warn!(%ip, "dns: opening an answer's address: {e}; connections to it stay denied");
+            }
+        }
+        longest
+    }
+
+    /// Forgets opened addresses whose TTL has run out.
+    pub fn sweep(&self) {
+        let now = boot_ns();
+        let Ok(mut maps) = self.maps.lock() else {
+            return;
+        };
+        let expired: Vec<DnsAllowKey> = maps
+            .allow
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, expiry)| *expiry <= now)
+            .map(|(k, _)| k)
+            .collect();
+        for k in expired {
+            let _ = maps.allow.remove(&k);
+        }
+    }
+
+    /// Answers one query from `peer` (`proto` 6 or 17); `None` when there is nothing to answer.
+    pub async fn answer(&self, query: &[u8], peer: SocketAddr, proto: u8) -> Option<Vec<u8>> {
+        let origin = self.origin(peer, proto);
+        let session = match origin {
+            Some(o) => self.session_of(o.session).await,
+            None => None,
+        };
+        let (outcome, qname, qtype) = match wire::parse_query(query) {
+            Err(wire::Malformed::Unanswerable) => {
+                self.audit(
+                    origin,
+                    session.as_ref(),
+                    proto,
+                    None,
+                    None,
+                    Outcome {
+                        answer: Vec::new(),
+                        verdict: "denied",
+                        reason: format!("malformed query ({} bytes): not answered", query.len()),
+                        rcode: ResponseCode::FormErr,
+                        opened: Vec::new(),
+                        ttl: None,
+                    },
+                )
+                .await;
+                return None;
+            }
+            Err(wire::Malformed::Answer(id, rcode, why)) => (
+                Outcome {
+                    answer: wire::error_answer(id, rcode),
+                    verdict: "denied",
+                    reason: format!("malformed query: {why}"),
+                    rcode,
+                    opened: Vec::new(),
+                    ttl: None,
+                },
+                None,
+                None,
+            ),
+            Ok(q) => {
+                let o = self.decide(&q, origin, session.as_ref(), query).await;
+                (o, Some(q.name), Some(q.qtype.to_string()))
+            }
+        };
+        let answer = outcome.answer.clone();
+        self.audit(origin, session.as_ref(), proto, qname, qtype, outcome)
+            .await;
+        Some(answer)
+    }
+
+    async fn decide(
+        &self,
+        q: &wire::Question,
+        origin: Option<DnsOrigin>,
+        session: Option<&SessionRef>,
+        raw: &[u8],
+    ) -> Outcome {
+        let refuse = |reason: String, rcode: ResponseCode| Outcome {
+            answer: wire::refusal(q, rcode),
+            verdict: "denied",
+            reason,
+            rcode,
+            opened: Vec::new(),
+            ttl: None,
+        };
+        let Some(session) = session else {
+            return refuse(
+                "the query comes from no sandbox session egressd knows".into(),
+                ResponseCode::Refused,
+            );
+        };
+        if let Some(addrs) = local_addresses(&q.name) {
+            let shown = addrs.iter().map(|a| a.to_string()).collect();
+            return Outcome {
+                answer: wire::local_answer(q, &addrs),
+                verdict: "allowed",
+                reason: "answered locally (localhost or /etc/hosts); no address opened".into(),
+                rcode: ResponseCode::NoError,
+                opened: shown,
+                ttl: Some(0),
+            };
+        }
+        let allowed = dns_policy::name_allowed(&session.dns_allow, &q.name);
+        if !allowed && !session.audit_mode {
+            let rcode = match self.settings.deny {
+                DenyAnswer::Nxdomain => ResponseCode::NXDomain,
+                DenyAnswer::Refused => ResponseCode::Refused,
+            };
+            return refuse("name not in dns_allow".into(), rcode);
+        }
+        let answer = match upstream::ask(&self.settings.upstreams, raw, self.settings.timeout).await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(name = %q.name, "dns: upstream failed: {e}");
+                return refuse(format!("upstream failed: {e}"), ResponseCode::ServFail);
+            }
+        };
+        let Some(read) = wire::read_answer(&answer, &q.name) else {
+            return refuse("upstream answer undecodable".into(), ResponseCode::ServFail);
+        };
+        // Audit mode resolves every name but opens nothing: connections stay "would deny".
+        let (ttl, reason) = if allowed {
+            let origin_session = origin.map(|o| o.session).unwrap_or(0);
+            (
+                Some(self.open(origin_session, &read.addrs)),
+                "dns_allow".to_string(),
+            )
+        } else {
+            (
+                None,
+                "audit mode: would deny (name not in dns_allow)".into(),
+            )
+        };
+        Outcome {
+            answer,
+            verdict: "allowed",
+            reason,
+            rcode: read.rcode,
+            opened: read.addrs.iter().map(|(a, _)| a.to_string()).collect(),
+            ttl,
+        }
+    }
+
+    async fn session_of(&self, cgroup_id: u64) -> Option<SessionRef> {
+        let (id, profile) = {
+            let reg = self.state.registry.lock().await;
+            let s = reg.all().find(|s| s.cgroup_id == cgroup_id)?;
+            (s.id.clone(), s.profile.clone())
+        };
+        let policy = self.state.policy.read().await;
+        let p = policy.config.profiles.get(&profile);
+        Some(SessionRef {
+            id,
+            dns_allow: p.map(|p| p.dns_allow.clone()).unwrap_or_default(),
+            audit_mode: p.is_some_and(|p| p.mode == Mode::Audit),
+        })
+    }
+
+    async fn audit(
+        &self,
+        origin: Option<DnsOrigin>,
+        session: Option<&SessionRef>,
+        proto: u8,
+        qname: Option<String>,
+        qtype: Option<String>,
+        o: Outcome,
+    ) {
+        let task = origin.filter(|o| o.redirected == 1);
+        let (dest, port) = match task {
+            Some(t) => (Some(ipv6_or_4(t.addr).to_string()), Some(t.port)),
+            None => (None, None),
+        };
+        let rec = Record {
+            time: audit::now_rfc3339(),
+            kind: "dns".into(),
+            session: Some(match (session, origin) {
+                (Some(s), _) => s.id.clone(),
+                (None, Some(o)) => format!("unknown-cgroup-{}", o.session),
+                (None, None) => "none".into(),
+            }),
+            pid: task.map(|t| t.pid_tgid as u32),
+            tgid: task.map(|t| (t.pid_tgid >> 32) as u32),
+            uid: task.map(|t| t.uid_gid as u32),
+            comm: task.map(|t| {
+                let end = t.comm.iter().position(|b| *b == 0).unwrap_or(16);
+                String::from_utf8_lossy(&t.comm[..end]).into_owned()
+            }),
+            protocol: Some(if proto == 6 { "tcp" } else { "udp" }.into()),
+            dest,
+            port,
+            verdict: Some(o.verdict.into()),
+            reason: Some(o.reason),
+            qname,
+            qtype,
+            rcode: Some(o.rcode.to_string()),
+            answers: (!o.opened.is_empty()).then_some(o.opened),
+            ttl: o.ttl,
+            ..Default::default()
+        };
+        self.state.audit(audit::Message::Record(rec)).await;
+    }
+}
+
+/// What the resolver needs of a session.
+struct SessionRef {
+    id: String,
+    dns_allow: Vec<String>,
+    audit_mode: bool,
+}
+
+fn ipv6_or_4(addr: [u8; 16]) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(addr);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// `localhost` (and names under it) and /etc/hosts names, answered without asking anyone.
+fn local_addresses(name: &str) -> Option<Vec<IpAddr>> {
+    if name == "localhost" || name.ends_with(".localhost") {
+        return Some(vec![
+            IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        ]);
+    }
+    let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+    let found = dns_policy::hosts_lookup(&hosts, name);
+    (!found.is_empty()).then_some(found)
+}
+
+/// Forgets expired answers now and then; the kernel already ignores them once expired.
+pub async fn sweeper(resolver: Arc<Resolver>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        resolver.sweep();
+    }
+}

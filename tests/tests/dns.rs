@@ -1,0 +1,317 @@
+//! The DNS filter against a real kernel: every query of a sandbox is redirected to egressd's
+//! resolver, names outside `dns_allow` never reach the upstream (a DNS server on an outside host,
+//! which logs what it gets), and allowed answers open their addresses until the TTL ends.
+
+use std::{fs, process::Command};
+
+use egressd_tests::*;
+
+/// A loopback address like a local stub resolver's (127.0.0.53), on which nothing listens here:
+/// should a redirect ever fail, the query goes nowhere rather than to this machine's resolver.
+const STUB: &str = "127.0.0.153:53";
+
+struct DnsWorld {
+    server: DnsServer,
+    w: World,
+}
+
+fn dns_world(tag: &str) -> DnsWorld {
+    let w = world_with(tag, |o| {
+        Some(format!(
+            r#"default_profile = "dev"
+[profiles.dev]
+dns_allow = ["git.corp.test", "*.llm.internal"]
+[dns]
+port = {}
+upstream = ["{}:53"]
+ttl_min_secs = 1
+"#,
+            dns_port(),
+            o.v4
+        ))
+    });
+    let server = DnsServer::start(
+        &w.outside,
+        &w.scratch,
+        &[
+            format!("git.corp.test={}/2", w.outside.v4),
+            format!("model.llm.internal={}/60", w.outside.v6),
+            format!("secret.attacker.test={}/60", w.outside.v4),
+        ],
+    );
+    DnsWorld { server, w }
+}
+
+fn dns_records(d: &Daemon) -> Vec<serde_json::Value> {
+    audit_records(d)
+        .into_iter()
+        .filter(|r| r["type"] == "dns")
+        .collect()
+}
+
+#[test]
+fn names_outside_dns_allow_never_leave_the_machine() {
+    let DnsWorld { server, w } = dns_world("dns-deny");
+    let (v4, v6) = (w.outside.v4.clone(), w.outside.v6.clone());
+    let ways: Vec<(&str, String)> = vec![
+        ("udp", STUB.into()),
+        ("udp-connected", STUB.into()),
+        ("tcp", STUB.into()),
+        ("udp", "[::ffff:127.0.0.153]:53".into()),
+        ("udp", format!("{v4}:53")),
+        ("udp-connected", format!("{v4}:53")),
+        ("tcp", format!("{v4}:53")),
+        ("udp", format!("[{v6}]:53")),
+        ("tcp", format!("[{v6}]:53")),
+    ];
+    let probe = probe();
+    for (i, (mode, server_addr)) in ways.iter().enumerate() {
+        let name = format!("leak{i}.secret.attacker.test");
+        let out = w.daemon.run(
+            NOBODY,
+            &[
+                probe.to_str().unwrap(),
+                "dns-query",
+                mode,
+                server_addr,
+                &name,
+            ],
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("rcode=NXDomain answers= "),
+            "{mode} to {server_addr}: not answered NXDOMAIN:\n{}",
+            text(&out)
+        );
+        if mode.starts_with("udp") {
+            assert!(
+                stdout.contains(&format!("from={server_addr}")),
+                "{mode} to {server_addr}: the answer did not come from the server asked:\n{}",
+                text(&out)
+            );
+        }
+    }
+    assert_eq!(
+        server.queries(),
+        Vec::<String>::new(),
+        "a denied name reached the upstream server"
+    );
+    let records = dns_records(&w.daemon);
+    for (i, (mode, server_addr)) in ways.iter().enumerate() {
+        let name = format!("leak{i}.secret.attacker.test");
+        let r = records
+            .iter()
+            .find(|r| r["qname"] == name.as_str())
+            .unwrap_or_else(|| panic!("no dns record for {name} ({mode} to {server_addr})"));
+        assert_eq!(r["verdict"], "denied", "{r}");
+        assert_eq!(r["reason"], "name not in dns_allow", "{r}");
+        assert_eq!(r["qtype"], "A", "{r}");
+        assert_eq!(r["uid"], NOBODY, "{r}");
+        assert_eq!(r["comm"], "egressd-probe", "{r}");
+        let asked: std::net::SocketAddr = server_addr.parse().unwrap();
+        let asked_ip = match asked.ip() {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(std::net::IpAddr::V4)
+                .unwrap_or(std::net::IpAddr::V6(v6)),
+            ip => ip,
+        };
+        assert_eq!(r["dest"], asked_ip.to_string(), "{r}");
+        assert_eq!(
+            r["protocol"],
+            if *mode == "tcp" { "tcp" } else { "udp" },
+            "{r}"
+        );
+    }
+    // The redirect itself is a decision of its own in the log.
+    assert!(audit_records(&w.daemon)
+        .iter()
+        .any(|r| r["type"] == "decision" && r["verdict"] == "redirected" && r["port"] == 53));
+}
+
+#[test]
+fn an_allowed_name_opens_its_addresses_until_the_ttl_ends() {
+    let DnsWorld { server, w } = dns_world("dns-allow");
+    let probe = probe();
+    let p = probe.display();
+    let (v4, v6) = (&w.outside.v4, &w.outside.v6);
+    // One session: resolve (TTL 2 s), connect, try an address no answer gave, wait out the TTL,
+    // connect again.
+    let script = format!(
+        "{p} dns-query udp {STUB} git.corp.test A; \
+         {p} attempt tcp {v4}:{PORT}; \
+         {p} attempt tcp [{v6}]:{PORT}; \
+         sleep 3.5; \
+         {p} attempt tcp {v4}:{PORT}"
+    );
+    let out = w.daemon.run(NOBODY, &["sh", "-c", &script]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{}", text(&out));
+    assert_eq!(
+        lines[0],
+        format!("rcode=NoError answers={v4} from={STUB}"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        lines[1].starts_with("allowed"),
+        "the answer's address was not opened:\n{}",
+        text(&out)
+    );
+    assert!(
+        lines[2].starts_with("denied"),
+        "an address no answer gave was reachable:\n{}",
+        text(&out)
+    );
+    assert!(
+        lines[3].starts_with("denied"),
+        "the address stayed open after its TTL:\n{}",
+        text(&out)
+    );
+    assert_eq!(
+        w.outside.counts().tcp,
+        1,
+        "the outside host must see exactly the one connection made within the TTL"
+    );
+    // A second session does not inherit the first one's answers; over TCP, an AAAA record under
+    // a wildcard pattern opens its IPv6 address for this session only (egressd asks upstream over
+    // UDP, whatever the client used).
+    let script = format!(
+        "{p} attempt tcp [{v6}]:{PORT}; \
+         {p} dns-query tcp [{v6}]:53 model.llm.internal AAAA; \
+         {p} attempt tcp [{v6}]:{PORT}; \
+         {p} attempt tcp {v4}:{PORT}"
+    );
+    let out = w.daemon.run(NOBODY, &["sh", "-c", &script]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{}", text(&out));
+    assert!(lines[0].starts_with("denied"), "{}", text(&out));
+    assert_eq!(lines[1], format!("rcode=NoError answers={v6} from=-"));
+    assert!(lines[2].starts_with("allowed"), "{}", text(&out));
+    assert!(lines[3].starts_with("denied"), "{}", text(&out));
+    assert_eq!(w.outside.counts().tcp, 2);
+    assert_eq!(
+        server.queries(),
+        vec![
+            "udp git.corp.test A".to_string(),
+            "udp model.llm.internal AAAA".to_string()
+        ]
+    );
+    let records = dns_records(&w.daemon);
+    let git = records
+        .iter()
+        .find(|r| r["qname"] == "git.corp.test")
+        .expect("dns record of git.corp.test");
+    assert_eq!(git["verdict"], "allowed");
+    assert_eq!(git["answers"], serde_json::json!([v4]));
+    assert_eq!(git["ttl"], 2);
+    let opened = audit_records(&w.daemon);
+    assert!(
+        opened.iter().any(|r| r["type"] == "decision"
+            && r["dest"] == v4.as_str()
+            && r["verdict"] == "allowed"
+            && r["reason"] == "address of an allowed name (dns_allow)"),
+        "no allowed decision naming the DNS answer"
+    );
+}
+
+#[test]
+fn getaddrinfo_in_a_sandbox_resolves_allowed_names_only() {
+    let DnsWorld { server, w } = dns_world("dns-gai");
+    // The sandbox sees a resolv.conf naming a loopback stub, as on a desktop with
+    // systemd-resolved; a private mount namespace keeps the machine's own files untouched.
+    let resolv = w.scratch.0.join("resolv.conf");
+    fs::write(
+        &resolv,
+        "nameserver 127.0.0.153\noptions timeout:2 attempts:1\n",
+    )
+    .unwrap();
+    let nss = w.scratch.0.join("nsswitch.conf");
+    fs::write(&nss, "hosts: files dns\n").unwrap();
+    let resolve = |name: &str| {
+        let inner = format!(
+            "mount --bind {} /etc/resolv.conf && mount --bind {} /etc/nsswitch.conf && \
+             exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups -- \
+             {} --socket {} run -- {} resolve {name}",
+            resolv.display(),
+            nss.display(),
+            bin("egressctl").display(),
+            w.daemon.socket.display(),
+            probe().display()
+        );
+        Command::new("unshare")
+            .args(["-m", "sh", "-c", &inner])
+            .output()
+            .unwrap()
+    };
+    let out = resolve("git.corp.test");
+    assert_eq!(probe_code(&out), 0, "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&w.outside.v4),
+        "{}",
+        text(&out)
+    );
+    let out = resolve("secret.attacker.test");
+    assert_eq!(
+        probe_code(&out),
+        3,
+        "a name outside dns_allow resolved:\n{}",
+        text(&out)
+    );
+    let out = resolve("localhost");
+    assert_eq!(probe_code(&out), 0, "{}", text(&out));
+    let queries = server.queries();
+    assert!(
+        !queries.is_empty() && queries.iter().all(|q| q.contains(" git.corp.test ")),
+        "the upstream saw other names than the allowed one: {queries:?}"
+    );
+    assert!(dns_records(&w.daemon)
+        .iter()
+        .any(|r| r["qname"] == "secret.attacker.test" && r["verdict"] == "denied"));
+}
+
+#[test]
+fn a_malformed_query_gets_formerr_is_audited_and_harms_nothing() {
+    let DnsWorld { server, w } = dns_world("dns-garbage");
+    let probe = probe();
+    let garbage = format!("abcd{}", "ff".repeat(24));
+    let out = w.daemon.run(
+        NOBODY,
+        &[probe.to_str().unwrap(), "dns-raw", STUB, &garbage],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("rcode=FormErr id=abcd from={STUB}"),
+        "{}",
+        text(&out)
+    );
+    // The resolver still answers.
+    let out = w.daemon.run(
+        NOBODY,
+        &[
+            probe.to_str().unwrap(),
+            "dns-query",
+            "udp",
+            STUB,
+            "after.attacker.test",
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("rcode=NXDomain"),
+        "{}",
+        text(&out)
+    );
+    assert!(server.queries().is_empty());
+    let records = dns_records(&w.daemon);
+    assert!(
+        records.iter().any(|r| r["verdict"] == "denied"
+            && r["rcode"] == "Form Error"
+            && r["reason"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("malformed query")),
+        "no record of the malformed query: {records:?}"
+    );
+}
