@@ -344,6 +344,26 @@ fn print_record(out: &mut impl Write, r: &Record, json: bool) -> io::Result<()> 
             r.count.unwrap_or(1),
             r.reason.clone().unwrap_or_default()
         ),
+        "dns" => writeln!(
+            out,
+            "{:<23} {:<8} {:>7} {:<15} {:<11} {:<30} {:<7} {:>5}  {} {} -> {}{}",
+            short_time(&r.time),
+            session,
+            r.pid.map(|p| p.to_string()).unwrap_or_default(),
+            r.comm.clone().unwrap_or_default(),
+            "dns",
+            destination(r),
+            r.verdict.clone().unwrap_or_default(),
+            1,
+            r.qname.clone().unwrap_or_default(),
+            r.qtype.clone().unwrap_or_default(),
+            r.rcode.clone().unwrap_or_default(),
+            match (&r.answers, r.reason.as_deref()) {
+                (Some(a), _) if !a.is_empty() => format!(" [{}]", a.join(", ")),
+                (_, Some(why)) => format!(" ({why})"),
+                _ => String::new(),
+            }
+        ),
         "session_start" => writeln!(
             out,
             "{:<23} {:<8} session start: profile {}, uid {}: {}",
@@ -430,10 +450,10 @@ fn follow_log(log: &Path, m: &Matcher, json: bool) -> anyhow::Result<()> {
     }
 }
 
-const CSV_COLUMNS: [&str; 22] = [
+const CSV_COLUMNS: [&str; 27] = [
     "time", "seq", "type", "session", "pid", "tgid", "uid", "comm", "exe", "hook", "family",
     "protocol", "dest", "port", "verdict", "reason", "policy", "count", "profile", "argv", "lost",
-    "message",
+    "message", "qname", "qtype", "rcode", "answers", "ttl",
 ];
 
 fn export(
@@ -487,6 +507,11 @@ fn export(
                     r.argv.clone().map(|a| a.join(" ")).unwrap_or_default(),
                     n(r.lost),
                     s(&r.message),
+                    s(&r.qname),
+                    s(&r.qtype),
+                    s(&r.rcode),
+                    r.answers.clone().map(|a| a.join(" ")).unwrap_or_default(),
+                    n(r.ttl.map(u64::from)),
                 ])?;
             }
             w.flush()?;
@@ -495,8 +520,12 @@ fn export(
     Ok(())
 }
 
-/// An OCSF 1.1 Network Activity event (class 4001) for a decision record.
+/// An OCSF 1.1 Network Activity event (class 4001) for a decision record, a DNS Activity event
+/// (class 4003) for a DNS record.
 fn ocsf(r: &Record) -> Option<serde_json::Value> {
+    if r.kind == "dns" {
+        return ocsf_dns(r);
+    }
     if r.kind != "decision" {
         return None;
     }
@@ -535,6 +564,45 @@ fn ocsf(r: &Record) -> Option<serde_json::Value> {
             }
         },
         "unmapped": { "hook": r.hook, "policy": r.policy, "egressd_seq": r.seq },
+    }))
+}
+
+fn ocsf_dns(r: &Record) -> Option<serde_json::Value> {
+    let time_ms = humantime::parse_rfc3339(&r.time)
+        .ok()?
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .ok()?
+        .as_millis() as u64;
+    let denied = r.verdict.as_deref() == Some("denied");
+    Some(serde_json::json!({
+        "category_uid": 4,
+        "class_uid": 4003,
+        "activity_id": 1,
+        "type_uid": 400301,
+        "severity_id": if denied { 3 } else { 1 },
+        "status_id": if denied { 2 } else { 1 },
+        "action_id": if denied { 2 } else { 1 },
+        "disposition_id": if denied { 2 } else { 1 },
+        "time": time_ms,
+        "message": r.reason,
+        "metadata": {
+            "version": "1.1.0",
+            "product": { "name": "egressd", "vendor_name": "egressd" },
+            "sequence": r.seq,
+            "correlation_uid": r.session,
+        },
+        "query": { "hostname": r.qname, "type": r.qtype },
+        "rcode": r.rcode,
+        "answers": r.answers.iter().flatten().map(|a| serde_json::json!({ "rdata": a, "ttl": r.ttl })).collect::<Vec<_>>(),
+        "dst_endpoint": { "ip": r.dest, "port": r.port },
+        "connection_info": { "direction_id": 2, "protocol_name": r.protocol },
+        "actor": {
+            "process": {
+                "pid": r.tgid,
+                "name": r.comm,
+                "user": { "uid": r.uid.map(|u| u.to_string()) },
+            }
+        },
     }))
 }
 

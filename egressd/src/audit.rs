@@ -160,7 +160,7 @@ pub enum Message {
     SessionEnd(Session, Counters),
     Note(String),
     /// A record made elsewhere (the DNS resolver's); time, seq and chain are filled in here.
-    Record(Record),
+    Record(Box<Record>),
     /// Write everything pending and confirm (daemon shutdown).
     Flush(tokio::sync::oneshot::Sender<()>),
 }
@@ -585,7 +585,7 @@ impl Pipeline {
                 self.flush();
                 let _ = done.send(());
             }
-            Message::Record(rec) => self.write(rec),
+            Message::Record(rec) => self.write(*rec),
             Message::Note(message) => self.write(Record {
                 time: now_rfc3339(),
                 kind: "daemon".into(),

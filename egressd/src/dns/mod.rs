@@ -53,7 +53,14 @@ pub struct Resolver {
     state: Arc<State>,
     maps: Mutex<DnsMaps>,
     settings: Settings,
+    /// Bounds the upstream queries in flight: a sandbox flooding allowed names gets SERVFAIL, not
+    /// a daemon out of sockets.
+    inflight: tokio::sync::Semaphore,
+    /// /etc/hosts and its mtime, re-read only when it changes.
+    hosts: Mutex<(Option<std::time::SystemTime>, String)>,
 }
+
+const MAX_INFLIGHT: usize = 256;
 
 /// The decision on one query, as audited.
 struct Outcome {
@@ -84,6 +91,8 @@ impl Resolver {
             state,
             maps: Mutex::new(maps),
             settings,
+            inflight: tokio::sync::Semaphore::new(MAX_INFLIGHT),
+            hosts: Mutex::new((None, String::new())),
         }
     }
 
@@ -211,7 +220,7 @@ impl Resolver {
                 ResponseCode::Refused,
             );
         };
-        if let Some(addrs) = local_addresses(&q.name) {
+        if let Some(addrs) = self.local_addresses(&q.name) {
             let shown = addrs.iter().map(|a| a.to_string()).collect();
             return Outcome {
                 answer: wire::local_answer(q, &addrs),
@@ -230,6 +239,12 @@ impl Resolver {
             };
             return refuse("name not in dns_allow".into(), rcode);
         }
+        let Ok(_permit) = self.inflight.try_acquire() else {
+            return refuse(
+                format!("more than {MAX_INFLIGHT} upstream queries in flight"),
+                ResponseCode::ServFail,
+            );
+        };
         let answer = match upstream::ask(&self.settings.upstreams, raw, self.settings.timeout).await
         {
             Ok(a) => a,
@@ -320,7 +335,9 @@ impl Resolver {
             ttl: o.ttl,
             ..Default::default()
         };
-        self.state.audit(audit::Message::Record(rec)).await;
+        self.state
+            .audit(audit::Message::Record(Box::new(rec)))
+            .await;
     }
 }
 
@@ -339,17 +356,24 @@ fn ipv6_or_4(addr: [u8; 16]) -> IpAddr {
     }
 }
 
-/// `localhost` (and names under it) and /etc/hosts names, answered without asking anyone.
-fn local_addresses(name: &str) -> Option<Vec<IpAddr>> {
-    if name == "localhost" || name.ends_with(".localhost") {
-        return Some(vec![
-            IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
-            IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
-        ]);
+impl Resolver {
+    /// `localhost` (and names under it) and /etc/hosts names, answered without asking anyone.
+    fn local_addresses(&self, name: &str) -> Option<Vec<IpAddr>> {
+        if name == "localhost" || name.ends_with(".localhost") {
+            return Some(vec![
+                IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+                IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+            ]);
+        }
+        const HOSTS: &str = "/etc/hosts";
+        let mtime = std::fs::metadata(HOSTS).and_then(|m| m.modified()).ok();
+        let mut cache = self.hosts.lock().ok()?;
+        if cache.0 != mtime || mtime.is_none() {
+            *cache = (mtime, std::fs::read_to_string(HOSTS).unwrap_or_default());
+        }
+        let found = dns_policy::hosts_lookup(&cache.1, name);
+        (!found.is_empty()).then_some(found)
     }
-    let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
-    let found = dns_policy::hosts_lookup(&hosts, name);
-    (!found.is_empty()).then_some(found)
 }
 
 /// Forgets expired answers now and then; the kernel already ignores them once expired.
