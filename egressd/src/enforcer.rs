@@ -573,3 +573,22 @@ pub fn spawn(mut enforcer: Enforcer) -> Handle {
     });
     Handle(tx)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names user space looks maps and programs up by are the ones in the object.
+    #[test]
+    fn every_name_user_space_uses_is_in_the_object() {
+        let obj = aya_obj::Object::parse(PROGRAMS_OBJECT).expect("the built eBPF object parses");
+        for name in maps::ALL {
+            assert!(obj.maps.contains_key(name), "map {name} missing");
+        }
+        for (name, _, _) in HOOKS {
+            assert!(obj.programs.contains_key(name), "program {name} missing");
+        }
+        // Globals are set with `must_exist`, so a renamed one fails every load (and every test).
+        assert_eq!(HOOKS.len(), REQUIRED_ATTACH_TYPES.len());
+    }
+}
