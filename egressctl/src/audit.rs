@@ -305,7 +305,7 @@ impl Matcher {
 
 fn table_header() -> String {
     format!(
-        "{:<23} {:<8} {:>7} {:<15} {:<11} {:<30} {:<7} {:>5}  REASON",
+        "{:<23} {:<8} {:>7} {:<15} {:<11} {:<30} {:<10} {:>5}  REASON",
         "TIME", "SESSION", "PID", "COMM", "HOOK", "DESTINATION", "VERDICT", "COUNT"
     )
 }
@@ -333,7 +333,7 @@ fn print_record(out: &mut impl Write, r: &Record, json: bool) -> io::Result<()> 
     match r.kind.as_str() {
         "decision" => writeln!(
             out,
-            "{:<23} {:<8} {:>7} {:<15} {:<11} {:<30} {:<7} {:>5}  {}",
+            "{:<23} {:<8} {:>7} {:<15} {:<11} {:<30} {:<10} {:>5}  {}",
             short_time(&r.time),
             session,
             r.pid.map(|p| p.to_string()).unwrap_or_default(),
@@ -346,7 +346,7 @@ fn print_record(out: &mut impl Write, r: &Record, json: bool) -> io::Result<()> 
         ),
         "dns" => writeln!(
             out,
-            "{:<23} {:<8} {:>7} {:<15} {:<11} {:<30} {:<7} {:>5}  {} {} -> {}{}",
+            "{:<23} {:<8} {:>7} {:<15} {:<11} {:<30} {:<10} {:>5}  {} {} -> {}{}",
             short_time(&r.time),
             session,
             r.pid.map(|p| p.to_string()).unwrap_or_default(),

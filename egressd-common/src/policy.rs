@@ -500,14 +500,14 @@ pub fn describe(p: &ProfileConfig) -> String {
                 .join(",")
         ),
     };
-    let allow = if p.allow.is_empty() {
+    let mut allow: Vec<String> = p.allow.iter().map(|r| r.to_string()).collect();
+    if !p.dns_allow.is_empty() {
+        allow.push(format!("names {}", p.dns_allow.join(", ")));
+    }
+    let allow = if allow.is_empty() {
         "nothing else".to_string()
     } else {
-        p.allow
-            .iter()
-            .map(|r| r.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
+        allow.join(", ")
     };
     format!("{mode}; allows {loopback}; {allow}")
 }

@@ -190,7 +190,7 @@ impl Resolver {
             ),
             Ok(q) => {
                 let o = self.decide(&q, origin, session.as_ref(), query).await;
-                (o, Some(q.name), Some(q.qtype.to_string()))
+                (o, Some(q.asked), Some(q.qtype.to_string()))
             }
         };
         let answer = outcome.answer.clone();
@@ -228,7 +228,7 @@ impl Resolver {
                 reason: "answered locally (localhost or /etc/hosts); no address opened".into(),
                 rcode: ResponseCode::NoError,
                 opened: shown,
-                ttl: Some(0),
+                ttl: None,
             };
         }
         let allowed = dns_policy::name_allowed(&session.dns_allow, &q.name);
@@ -259,8 +259,9 @@ impl Resolver {
         // Audit mode resolves every name but opens nothing: connections stay "would deny".
         let (ttl, reason) = if allowed {
             let origin_session = origin.map(|o| o.session).unwrap_or(0);
+            let ttl = self.open(origin_session, &read.addrs);
             (
-                Some(self.open(origin_session, &read.addrs)),
+                (!read.addrs.is_empty()).then_some(ttl),
                 "dns_allow".to_string(),
             )
         } else {

@@ -11,7 +11,10 @@ use hickory_proto::{
 /// The one question of a standard query.
 pub struct Question {
     pub message: Message,
+    /// Lower case, no trailing dot: what patterns are matched against.
     pub name: String,
+    /// As asked (case kept: data hidden in a name may be case-sensitive), for the audit log.
+    pub asked: String,
     pub qtype: RecordType,
 }
 
@@ -54,10 +57,12 @@ pub fn parse_query(bytes: &[u8]) -> Result<Question, Malformed> {
             ),
         ));
     };
-    let name = egressd_common::dns_policy::normalize(&q.name().to_ascii());
+    let asked = q.name().to_ascii().trim_end_matches('.').to_string();
+    let name = egressd_common::dns_policy::normalize(&asked);
     let qtype = q.query_type();
     Ok(Question {
         name,
+        asked,
         qtype,
         message,
     })
