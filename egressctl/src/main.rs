@@ -6,6 +6,7 @@ mod client;
 mod doctor;
 mod policy;
 mod run;
+mod seccomp;
 mod show;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -34,6 +35,10 @@ enum Command {
         /// Profile from egressd's policy (default: the policy's default profile).
         #[arg(long)]
         profile: Option<String>,
+        /// Keep this inherited descriptor open (every other one above 2 is closed: a socket made
+        /// outside the sandbox would not be judged by it). Repeatable.
+        #[arg(long = "keep-fd", value_name = "N")]
+        keep_fd: Vec<i32>,
         /// The command and its arguments.
         #[arg(
             required = true,
@@ -65,7 +70,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { profile, command } => run::run(&cli.socket, profile, command),
+        Command::Run {
+            profile,
+            keep_fd,
+            command,
+        } => run::run(&cli.socket, profile, &keep_fd, command),
         Command::Status { json } => show::status(&cli.socket, json).map(|()| ExitCode::SUCCESS),
         Command::Ps { json } => show::ps(&cli.socket, json).map(|()| ExitCode::SUCCESS),
         Command::Doctor => Ok(doctor::doctor(&cli.socket)),

@@ -23,7 +23,15 @@ use nix::{
 
 use crate::client::Client;
 
-pub fn run(socket: &Path, profile: Option<String>, argv: Vec<String>) -> anyhow::Result<ExitCode> {
+pub fn run(
+    socket: &Path,
+    profile: Option<String>,
+    keep_fds: &[i32],
+    argv: Vec<String>,
+) -> anyhow::Result<ExitCode> {
+    if let Some(bad) = keep_fds.iter().find(|fd| **fd <= 2) {
+        bail!("--keep-fd {bad}: descriptors 0, 1 and 2 are always kept; name one above 2");
+    }
     let mut client = Client::connect(socket).context("nothing was run")?;
     let started = match client.call(Op::Run {
         profile,
@@ -40,8 +48,11 @@ pub fn run(socket: &Path, profile: Option<String>, argv: Vec<String>) -> anyhow:
         "egressd: session {} (profile {}): {}",
         started.id, started.profile, started.allows
     );
+    if started.families.is_empty() {
+        bail!("egressd sent no socket family list (an older egressd?); nothing was run");
+    }
 
-    let status = spawn_and_wait(&started.id, &argv)?;
+    let status = spawn_and_wait(&started, keep_fds, &argv)?;
 
     match Client::connect(socket).and_then(|mut c| {
         c.call(Op::Summary {
@@ -140,7 +151,7 @@ extern "C" fn forward(sig: libc::c_int) {
 /// Forks; the child closes every inherited descriptor above 2 (a socket opened outside the sandbox
 /// is judged by the cgroup it was created in and would slip past every hook) and execs CMD. Returns
 /// the exit code to pass on: CMD's, or 128 + signal.
-fn spawn_and_wait(session: &str, argv: &[String]) -> anyhow::Result<u8> {
+fn spawn_and_wait(started: &SessionStarted, keep: &[i32], argv: &[String]) -> anyhow::Result<u8> {
     let args: Vec<CString> = argv
         .iter()
         .map(|a| CString::new(a.as_bytes()))
@@ -149,16 +160,33 @@ fn spawn_and_wait(session: &str, argv: &[String]) -> anyhow::Result<u8> {
     // SAFETY: egressctl is single-threaded here, so the child may run arbitrary code before exec.
     match unsafe { fork() }.context("fork")? {
         ForkResult::Child => {
-            std::env::set_var(SESSION_ENV, session);
-            // SAFETY: closes descriptors only; close_range(2) with CLOSE_RANGE flags 0.
-            let rc = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
-            if rc != 0 {
-                eprintln!(
-                    "egressctl: cannot close inherited descriptors; not running {}",
-                    argv[0]
-                );
+            std::env::set_var(SESSION_ENV, &started.id);
+            if let Err(why) = close_inherited(keep) {
+                eprintln!("egressctl: {why}; not running {}", argv[0]);
                 // SAFETY: leaving the forked child without running destructors.
                 unsafe { libc::_exit(125) };
+            }
+            if started.no_new_privs {
+                // Irrevocable and inherited: nothing the tool runs can gain privileges by exec.
+                // SAFETY: prctl with integer arguments only.
+                if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+                    eprintln!(
+                        "egressctl: cannot set no_new_privs ({}); not running {}",
+                        std::io::Error::last_os_error(),
+                        argv[0]
+                    );
+                    // SAFETY: as above.
+                    unsafe { libc::_exit(125) };
+                }
+                let filter = crate::seccomp::filter(&started.families, !started.ptrace);
+                if let Err(e) = crate::seccomp::install(&filter) {
+                    eprintln!(
+                        "egressctl: cannot install the seccomp filter ({e}); not running {}",
+                        argv[0]
+                    );
+                    // SAFETY: as above.
+                    unsafe { libc::_exit(125) };
+                }
             }
             let err = execvp(&args[0], &args).unwrap_err();
             eprintln!("egressctl: cannot run {}: {err}", argv[0]);
@@ -190,6 +218,29 @@ fn spawn_and_wait(session: &str, argv: &[String]) -> anyhow::Result<u8> {
             wait_for(child)
         }
     }
+}
+
+/// Closes every descriptor above 2 except `keep`, with close_range(2) over the gaps.
+fn close_inherited(keep: &[i32]) -> Result<(), String> {
+    let mut keep: Vec<u32> = keep.iter().map(|fd| *fd as u32).collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let mut from = 3u32;
+    for k in keep.iter().copied().chain(std::iter::once(u32::MAX)) {
+        if k > from {
+            let to = if k == u32::MAX { u32::MAX } else { k - 1 };
+            // SAFETY: closes descriptors only; close_range(2) with flags 0.
+            let rc = unsafe { libc::syscall(libc::SYS_close_range, from, to, 0u32) };
+            if rc != 0 {
+                return Err(format!(
+                    "cannot close inherited descriptors: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+        }
+        from = k.saturating_add(1);
+    }
+    Ok(())
 }
 
 fn wait_for(child: Pid) -> anyhow::Result<u8> {

@@ -88,6 +88,9 @@ pub struct Record {
     pub answers: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<u32>,
+    /// Session records: the enforcement layers in force for the session ("cgroup", "lsm").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Vec<String>>,
     pub prev: String,
 }
 

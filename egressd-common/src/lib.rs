@@ -13,6 +13,8 @@ pub mod audit;
 #[cfg(feature = "user")]
 pub mod dns_policy;
 #[cfg(feature = "user")]
+pub mod layers;
+#[cfg(feature = "user")]
 pub mod policy;
 #[cfg(feature = "user")]
 pub mod prog_query;
@@ -57,12 +59,19 @@ pub mod programs {
     pub const SENDMSG6: &str = "egressd_sendmsg6";
     pub const RECVMSG4: &str = "egressd_recvmsg4";
     pub const RECVMSG6: &str = "egressd_recvmsg6";
+    pub const BIND4: &str = "egressd_bind4";
+    pub const BIND6: &str = "egressd_bind6";
+    /// BPF LSM programs: global, they find the session from the calling task's cgroup.
+    pub const LSM_SOCKET_CREATE: &str = "egressd_lsm_socket_create";
     pub const SOCK_CREATE: &str = "egressd_sock_create";
     pub const SKB_EGRESS: &str = "egressd_skb_egress";
     /// Global: the cgroup v2 level at which session cgroups sit (the parent is one above).
     pub const GLOBAL_SESSION_LEVEL: &str = "SESSION_LEVEL";
     /// Global: the port of egressd's resolver on 127.0.0.1 and ::1 (0: DNS is not redirected).
     pub const GLOBAL_DNS_PORT: &str = "DNS_PORT";
+    /// Global: the cgroup id of the parent of every session (for the LSM layer, which runs for
+    /// every task on the machine).
+    pub const GLOBAL_PARENT_ID: &str = "PARENT_ID";
 }
 
 /// Sizes of the maps. Profiles are double-buffered: slot = generation * MAX_PROFILES + profile index.
@@ -100,14 +109,24 @@ pub const PROFILE_LOOPBACK_ALL: u32 = 1 << 1;
 /// ports, i.e. the strictest policy, which is what a session whose profile vanished must get.
 pub const PROFILE_PRESENT: u32 = 1 << 2;
 
+/// Profile flag: sandbox sockets may bind any address (otherwise only loopback; 0.0.0.0 and :: are
+/// bound as 127.0.0.1 and ::1, so no outside peer can connect in).
+pub const PROFILE_BIND_ANY: u32 = 1 << 3;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Profile {
     pub flags: u32,
     pub n_loopback_ports: u32,
     pub loopback_ports: [u16; MAX_LOOPBACK_PORTS],
+    /// Bit N set: sockets of address family N may be created (checked by the LSM layer).
+    pub families: u64,
 }
-const _: () = assert!(core::mem::size_of::<Profile>() == 40);
+const _: () = assert!(core::mem::size_of::<Profile>() == 48);
+
+/// Families a session without a profile (or with the default list) may create sockets of:
+/// unix, inet, inet6, netlink.
+pub const DEFAULT_FAMILIES: u64 = (1 << 1) | (1 << 2) | (1 << 10) | (1 << 16);
 
 /// The data part of an LPM key (aya adds the prefix length in front). IPv4 is stored as IPv4-mapped
 /// IPv6 (`::ffff:a.b.c.d`) so one trie serves both families and a mapped address is judged as IPv4.
@@ -200,6 +219,10 @@ pub const REASON_FORBIDDEN_SOCKET: u8 = 5;
 pub const REASON_DNS_REDIRECT: u8 = 7;
 /// The destination is an address an allowed name resolved to, within its TTL.
 pub const REASON_DNS_ANSWER: u8 = 8;
+/// A socket of an address family the profile does not list (the family is in the event's `port`).
+pub const REASON_FAMILY: u8 = 9;
+/// A bind to a non-loopback address.
+pub const REASON_BIND: u8 = 10;
 
 /// Default size of the `EVENTS` ring buffer (bytes; a power of two, a multiple of the page size).
 pub const DEFAULT_RING_BYTES: u32 = 1 << 20;
@@ -211,6 +234,9 @@ pub const HOOK_SENDMSG4: u8 = 3;
 pub const HOOK_SENDMSG6: u8 = 4;
 pub const HOOK_SOCK_CREATE: u8 = 5;
 pub const HOOK_SKB_EGRESS: u8 = 6;
+pub const HOOK_LSM_SOCKET_CREATE: u8 = 7;
+pub const HOOK_BIND4: u8 = 8;
+pub const HOOK_BIND6: u8 = 9;
 
 pub const VERDICT_ALLOWED: u8 = 1;
 pub const VERDICT_DENIED: u8 = 2;

@@ -121,6 +121,81 @@ pub enum Mode {
     Audit,
 }
 
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Bind {
+    #[default]
+    Loopback,
+    Any,
+}
+
+/// Socket address families by the names people know them by (AF_*), as in linux/socket.h.
+pub const FAMILIES: [(&str, u32); 20] = [
+    ("unix", 1),
+    ("inet", 2),
+    ("ax25", 3),
+    ("ipx", 4),
+    ("appletalk", 5),
+    ("x25", 9),
+    ("inet6", 10),
+    ("key", 15),
+    ("netlink", 16),
+    ("packet", 17),
+    ("rds", 21),
+    ("llc", 26),
+    ("can", 29),
+    ("tipc", 30),
+    ("bluetooth", 31),
+    ("alg", 38),
+    ("vsock", 40),
+    ("kcm", 41),
+    ("qipcrtr", 42),
+    ("xdp", 44),
+];
+
+pub fn family_name(n: u32) -> String {
+    FAMILIES
+        .iter()
+        .find(|(_, v)| *v == n)
+        .map(|(name, _)| name.to_string())
+        .unwrap_or_else(|| format!("family {n}"))
+}
+
+/// The bit mask of `names`, or an error naming the unknown one.
+pub fn family_mask(names: &[String]) -> Result<u64, String> {
+    let mut mask = 0u64;
+    for n in names {
+        let v = FAMILIES
+            .iter()
+            .find(|(name, _)| name == n)
+            .map(|(_, v)| *v)
+            .ok_or_else(|| {
+                format!(
+                    "families: unknown family {n:?}; known: {}",
+                    FAMILIES
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?;
+        mask |= 1 << v;
+    }
+    Ok(mask)
+}
+
+/// Layers a profile may `require`.
+pub const LAYERS: [&str; 3] = ["cgroup", "seccomp", "lsm"];
+
+/// The AF_* numbers of a profile's `families` (default unix, inet, inet6, netlink).
+pub fn family_numbers(p: &ProfileConfig) -> Result<Vec<u32>, String> {
+    let mask = match &p.families {
+        Some(names) => family_mask(names)?,
+        None => crate::DEFAULT_FAMILIES,
+    };
+    Ok((0..64).filter(|n| mask & (1 << n) != 0).collect())
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum Loopback {
@@ -145,6 +220,27 @@ pub struct ProfileConfig {
     pub loopback: Loopback,
     #[serde(default)]
     pub allow: Vec<AllowRule>,
+    /// Socket address families the sandbox may create (BPF LSM layer); default unix, inet, inet6,
+    /// netlink. Raw and ICMP ping sockets stay refused whatever this says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub families: Option<Vec<String>>,
+    /// Addresses sandbox sockets may bind: "loopback" (default: 0.0.0.0 and :: become 127.0.0.1
+    /// and ::1, other addresses are refused) or "any".
+    #[serde(default)]
+    pub bind: Bind,
+    /// Run the sandbox with no_new_privs (default true): setuid and file-capability binaries
+    /// (ping, crontab, at, sudo) gain nothing inside it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_new_privs: Option<bool>,
+    /// Let the sandbox ptrace, process_vm_readv/writev and pidfd_getfd (default false: a debugger
+    /// inside the sandbox needs this; without it a sandboxed task cannot reach into a same-uid
+    /// process outside, nor steal its sockets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ptrace: Option<bool>,
+    /// Layers the profile needs; a session is refused when one is missing. "lsm": BPF LSM (socket
+    /// families).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub require: Vec<String>,
     /// Names this profile may resolve: `name.example` or `*.example` (every name under it). Their
     /// answers' addresses may be reached until the TTL ends. Every other name gets NXDOMAIN.
     #[serde(default)]
@@ -165,14 +261,32 @@ fn default_profile_name() -> String {
     BUILTIN_PROFILE.to_string()
 }
 
+/// The built-in profile that also closes loopback services that forward off the machine (sshd,
+/// proxies, port forwards): only the local model server's port is reachable.
+pub const STRICT_PROFILE: &str = "strict";
+/// Ollama's default port, the local model server most tools talk to.
+pub const MODEL_SERVER_PORT: u16 = 11434;
+
 fn builtin_profiles() -> BTreeMap<String, ProfileConfig> {
-    BTreeMap::from([(
-        BUILTIN_PROFILE.to_string(),
-        ProfileConfig {
-            description: Some("loopback only: every non-loopback connection is denied".into()),
-            ..Default::default()
-        },
-    )])
+    BTreeMap::from([
+        (
+            BUILTIN_PROFILE.to_string(),
+            ProfileConfig {
+                description: Some("loopback only: every non-loopback connection is denied".into()),
+                ..Default::default()
+            },
+        ),
+        (
+            STRICT_PROFILE.to_string(),
+            ProfileConfig {
+                description: Some(format!(
+                    "loopback port {MODEL_SERVER_PORT} only (the local model server): no loopback proxy, sshd or port forward"
+                )),
+                loopback: Loopback::Ports(std::vec![MODEL_SERVER_PORT]),
+                ..Default::default()
+            },
+        ),
+    ])
 }
 
 impl Default for Config {
@@ -403,8 +517,23 @@ pub fn compile_profile(p: &ProfileConfig) -> Result<CompiledProfile, String> {
     if p.mode == Mode::Audit {
         flags |= PROFILE_AUDIT_MODE;
     }
+    if p.bind == Bind::Any {
+        flags |= crate::PROFILE_BIND_ANY;
+    }
+    for layer in &p.require {
+        if !LAYERS.contains(&layer.as_str()) {
+            return Err(format!(
+                "require: unknown layer {layer:?}; known: {}",
+                LAYERS.join(", ")
+            ));
+        }
+    }
     let mut profile = KernelProfile {
         flags,
+        families: match &p.families {
+            Some(names) => family_mask(names)?,
+            None => crate::DEFAULT_FAMILIES,
+        },
         ..Default::default()
     };
     match &p.loopback {

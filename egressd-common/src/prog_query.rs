@@ -4,7 +4,7 @@
 use std::{io, os::fd::AsRawFd, vec::Vec};
 
 /// The attach types egressd needs on every session, with the names people see.
-pub const REQUIRED_ATTACH_TYPES: [(u32, &str); 8] = [
+pub const REQUIRED_ATTACH_TYPES: [(u32, &str); 10] = [
     (ATTACH_INET_EGRESS, "cgroup_skb/egress"),
     (ATTACH_INET_SOCK_CREATE, "cgroup/sock_create"),
     (ATTACH_INET4_CONNECT, "cgroup/connect4"),
@@ -13,10 +13,14 @@ pub const REQUIRED_ATTACH_TYPES: [(u32, &str); 8] = [
     (ATTACH_UDP6_SENDMSG, "cgroup/sendmsg6"),
     (ATTACH_UDP4_RECVMSG, "cgroup/recvmsg4"),
     (ATTACH_UDP6_RECVMSG, "cgroup/recvmsg6"),
+    (ATTACH_INET4_BIND, "cgroup/bind4"),
+    (ATTACH_INET6_BIND, "cgroup/bind6"),
 ];
 
 pub const ATTACH_INET_EGRESS: u32 = 1;
 pub const ATTACH_INET_SOCK_CREATE: u32 = 2;
+pub const ATTACH_INET4_BIND: u32 = 8;
+pub const ATTACH_INET6_BIND: u32 = 9;
 pub const ATTACH_INET4_CONNECT: u32 = 10;
 pub const ATTACH_INET6_CONNECT: u32 = 11;
 pub const ATTACH_UDP4_SENDMSG: u32 = 14;

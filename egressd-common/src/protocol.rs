@@ -87,6 +87,22 @@ pub struct SessionStarted {
     pub cgroup: String,
     /// One line for a person: what this session may reach.
     pub allows: String,
+    /// Whether CMD runs with no_new_privs (setuid and file capabilities give it nothing).
+    #[serde(default = "yes")]
+    pub no_new_privs: bool,
+    /// Enforcement layers in force for the session.
+    #[serde(default)]
+    pub layers: Vec<String>,
+    /// Socket families (AF_* numbers) CMD may create: egressctl's seccomp filter enforces them.
+    #[serde(default)]
+    pub families: Vec<u32>,
+    /// Whether CMD may ptrace, process_vm_readv/writev or pidfd_getfd.
+    #[serde(default)]
+    pub ptrace: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -109,6 +125,9 @@ pub struct DaemonStatus {
     pub sessions: usize,
     /// The audit log egressd writes (readers need root or the log's group).
     pub audit_path: String,
+    /// Enforcement layers in force: "cgroup", and "lsm" where BPF LSM runs.
+    #[serde(default)]
+    pub layers: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

@@ -27,18 +27,19 @@ use aya_ebpf::{
         bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_ktime_get_boot_ns,
         bpf_skb_ancestor_cgroup_id,
     },
-    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, RingBuf},
-    programs::{SkBuffContext, SockAddrContext, SockContext},
+    programs::{LsmContext, SkBuffContext, SockAddrContext, SockContext},
 };
 use aya_log_ebpf::warn;
 use egressd_common::{
     AllowKey, AllowValue, Counters, DnsAllowKey, DnsOrigin, DnsPeerKey, Event, Profile,
-    SessionInfo, DEFAULT_RING_BYTES, DNS_PORT as DNS_QUERY_PORT, HOOK_CONNECT4, HOOK_CONNECT6,
-    HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SKB_EGRESS, HOOK_SOCK_CREATE, MAX_ALLOW_ENTRIES,
-    MAX_DNS_ALLOW, MAX_DNS_SOCKETS, MAX_PROFILES, MAX_SESSIONS, REASON_DEFAULT_DENY,
-    REASON_DNS_REDIRECT, REASON_FORBIDDEN_SOCKET, VERDICT_ALLOWED, VERDICT_AUDIT_DENIED,
-    VERDICT_DENIED, VERDICT_REDIRECTED,
+    SessionInfo, DEFAULT_RING_BYTES, DNS_PORT as DNS_QUERY_PORT, HOOK_BIND4, HOOK_BIND6,
+    HOOK_CONNECT4, HOOK_CONNECT6, HOOK_LSM_SOCKET_CREATE, HOOK_SENDMSG4, HOOK_SENDMSG6,
+    HOOK_SKB_EGRESS, HOOK_SOCK_CREATE, MAX_ALLOW_ENTRIES, MAX_DNS_ALLOW, MAX_DNS_SOCKETS,
+    MAX_PROFILES, MAX_SESSIONS, PROFILE_BIND_ANY, REASON_BIND, REASON_DEFAULT_DENY,
+    REASON_DNS_REDIRECT, REASON_FAMILY, REASON_FORBIDDEN_SOCKET, VERDICT_ALLOWED,
+    VERDICT_AUDIT_DENIED, VERDICT_DENIED, VERDICT_REDIRECTED,
 };
 
 use crate::verdict::{Dest, Tables};
@@ -51,6 +52,10 @@ static SESSION_LEVEL: u32 = 2;
 /// queries are not redirected.
 #[no_mangle]
 static DNS_PORT: u32 = 0;
+
+/// Set by user space at load time: the cgroup id of the parent of every session.
+#[no_mangle]
+static PARENT_ID: u64 = 0;
 
 // Map statics are named like the constants in `egressd_common::maps` (checked by a test in egressd).
 // Pinned by name, so a restarted daemon reuses them and running sessions keep their state.
@@ -397,6 +402,161 @@ pub fn egressd_recvmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(recvmsg6)]
 pub fn egressd_recvmsg6(ctx: SockAddrContext) -> i32 {
     restore_dns_source(&ctx, true)
+}
+
+/// Keeps sandbox TCP listeners on loopback: a wildcard bind becomes a loopback bind (so no outside
+/// peer can connect in and carry data out on the reply), any other address is refused.
+#[inline(always)]
+fn judge_bind(ctx: &SockAddrContext, v6: bool) -> i32 {
+    let (session, info) = current_session();
+    let generation = policy_generation();
+    let profile = profile_for(info, generation)
+        .map(|(_, p)| p)
+        .unwrap_or_default();
+    let sa = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for the whole program run.
+    let (ip4, ip6, port, proto) = unsafe {
+        (
+            (*sa).user_ip4,
+            (*sa).user_ip6,
+            (*sa).user_port,
+            (*sa).protocol,
+        )
+    };
+    // Only TCP listeners on a chosen port are the concern: a UDP socket or a TCP client bound to
+    // an ephemeral port (0) cannot send to a peer the policy denies anyway (sendmsg, connect and
+    // the backstop judge every packet it sends, a SYN-ACK included).
+    if profile.flags & PROFILE_BIND_ANY != 0 || proto != IPPROTO_TCP || port == 0 {
+        return ALLOW_VERDICT;
+    }
+    let dest = if v6 {
+        Dest::v6(ip6, port, 0)
+    } else {
+        Dest::v4(ip4, port, 0)
+    };
+    let a = &dest.addr;
+    let wildcard = a[..10].iter().all(|b| *b == 0)
+        && (a[10] | a[11] == 0 || a[10] & a[11] == 0xff)
+        && a[12..].iter().all(|b| *b == 0);
+    if dest.is_local() && !wildcard {
+        return ALLOW_VERDICT;
+    }
+    let hook = if v6 { HOOK_BIND6 } else { HOOK_BIND4 };
+    if verdict::audit_only(&profile) {
+        report(
+            session,
+            &dest,
+            hook,
+            VERDICT_AUDIT_DENIED,
+            REASON_BIND,
+            generation,
+            true,
+        );
+        return ALLOW_VERDICT;
+    }
+    if wildcard {
+        // SAFETY: bind programs may write the address; the pointer is valid.
+        unsafe {
+            if !v6 {
+                (*sa).user_ip4 = LOOPBACK4;
+            } else if is_mapped(a) {
+                (*sa).user_ip6 = [0, 0, u32::to_be(0xffff), LOOPBACK4];
+            } else {
+                (*sa).user_ip6 = [0, 0, 0, u32::to_be(1)];
+            }
+        }
+        return ALLOW_VERDICT;
+    }
+    count(session, |c| c.denied += 1);
+    report(
+        session,
+        &dest,
+        hook,
+        VERDICT_DENIED,
+        REASON_BIND,
+        generation,
+        true,
+    );
+    DENY_VERDICT
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn egressd_bind4(ctx: SockAddrContext) -> i32 {
+    judge_bind(&ctx, false)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn egressd_bind6(ctx: SockAddrContext) -> i32 {
+    judge_bind(&ctx, true)
+}
+
+const EPERM: i32 = 1;
+
+/// The session of the calling task when it is in one (the LSM layer runs for every task).
+#[inline(always)]
+fn lsm_session() -> Option<(u64, Option<SessionInfo>)> {
+    // SAFETY: read of a global user space set before load.
+    let parent = unsafe { core::ptr::read_volatile(&PARENT_ID) };
+    let level = session_level() as i32;
+    // SAFETY: helper with no pointer arguments.
+    if parent == 0 || unsafe { bpf_get_current_ancestor_cgroup_id(level - 1) } != parent {
+        return None;
+    }
+    Some(current_session())
+}
+
+/// Socket families outside the profile's list (AF_PACKET, AF_VSOCK, AF_XDP...): the cgroup
+/// sock_create hook sees only inet sockets, this LSM hook sees every socket(2).
+#[lsm(hook = "socket_create")]
+pub fn egressd_lsm_socket_create(ctx: LsmContext) -> i32 {
+    // SAFETY: socket_create(int family, int type, int protocol, int kern) and the previous
+    // program's return value: plain integers.
+    let (family, kern, prev): (i32, i32, i32) = (ctx.arg(0), ctx.arg(3), ctx.arg(4));
+    if prev != 0 {
+        return prev;
+    }
+    if kern != 0 {
+        return 0;
+    }
+    let Some((session, info)) = lsm_session() else {
+        return 0;
+    };
+    let generation = policy_generation();
+    let profile = profile_for(info, generation).map(|(_, p)| p);
+    let families = match profile {
+        Some(p) if p.families != 0 => p.families,
+        _ => egressd_common::DEFAULT_FAMILIES,
+    };
+    if (0..64).contains(&family) && families & (1u64 << family) != 0 {
+        return 0;
+    }
+    count(session, |c| c.sockets_refused += 1);
+    let audit = profile.is_some_and(|p| verdict::audit_only(&p));
+    let dest = Dest {
+        family: 0,
+        addr: [0; 16],
+        port: family as u16,
+        proto: 0,
+    };
+    let verdict = if audit {
+        VERDICT_AUDIT_DENIED
+    } else {
+        VERDICT_DENIED
+    };
+    report(
+        session,
+        &dest,
+        HOOK_LSM_SOCKET_CREATE,
+        verdict,
+        REASON_FAMILY,
+        generation,
+        true,
+    );
+    if audit {
+        0
+    } else {
+        -EPERM
+    }
 }
 
 #[cgroup_sock(sock_create)]

@@ -17,10 +17,11 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use egressd_common::{
     audit::{head_of, line_hash, ChainHead, Record},
-    Counters, Event, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SKB_EGRESS,
-    HOOK_SOCK_CREATE, REASON_ALLOW_RULE, REASON_DEFAULT_DENY, REASON_DNS_ANSWER,
-    REASON_DNS_REDIRECT, REASON_FORBIDDEN_SOCKET, REASON_LOOPBACK, REASON_LOOPBACK_PORT,
-    REASON_OFF_LOOPBACK, VERDICT_ALLOWED, VERDICT_AUDIT_DENIED, VERDICT_REDIRECTED,
+    Counters, Event, HOOK_BIND4, HOOK_BIND6, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_LSM_SOCKET_CREATE,
+    HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SKB_EGRESS, HOOK_SOCK_CREATE, REASON_ALLOW_RULE,
+    REASON_BIND, REASON_DEFAULT_DENY, REASON_DNS_ANSWER, REASON_DNS_REDIRECT, REASON_FAMILY,
+    REASON_FORBIDDEN_SOCKET, REASON_LOOPBACK, REASON_LOOPBACK_PORT, REASON_OFF_LOOPBACK,
+    VERDICT_ALLOWED, VERDICT_AUDIT_DENIED, VERDICT_REDIRECTED,
 };
 use tokio::sync::mpsc;
 
@@ -155,8 +156,9 @@ pub fn now_rfc3339() -> String {
 
 /// What other tasks tell the audit task.
 pub enum Message {
-    /// A session and the hash of the policy in force; `true` when adopted after a restart.
-    SessionStart(Session, String, bool),
+    /// A session, the hash of the policy in force, `true` when adopted after a restart, and the
+    /// enforcement layers in force.
+    SessionStart(Session, String, bool, Vec<String>),
     SessionEnd(Session, Counters),
     Note(String),
     /// A record made elsewhere (the DNS resolver's); time, seq and chain are filled in here.
@@ -444,7 +446,14 @@ impl Pipeline {
         let tgid = (ev.pid_tgid >> 32) as u32;
         let task = ev.pid_tgid != 0;
         let audit_mode = ev.verdict == VERDICT_AUDIT_DENIED;
-        let reason = reason_name(ev.reason);
+        let reason = if ev.reason == REASON_FAMILY {
+            format!(
+                "socket family {} not in the profile's families",
+                egressd_common::policy::family_name(u32::from(ev.port))
+            )
+        } else {
+            reason_name(ev.reason).to_string()
+        };
         let dest = match ev.family {
             4 => {
                 Some(Ipv4Addr::new(ev.addr[12], ev.addr[13], ev.addr[14], ev.addr[15]).to_string())
@@ -452,7 +461,7 @@ impl Pipeline {
             6 => Some(Ipv6Addr::from(ev.addr).to_string()),
             _ => None,
         };
-        let sock_create = ev.hook == HOOK_SOCK_CREATE;
+        let sock_create = ev.hook == HOOK_SOCK_CREATE || ev.hook == HOOK_LSM_SOCKET_CREATE;
         Record {
             time: humantime::format_rfc3339_nanos(time).to_string(),
             kind: "decision".into(),
@@ -482,7 +491,7 @@ impl Pipeline {
             reason: Some(if audit_mode {
                 format!("audit mode: would deny ({reason})")
             } else {
-                reason.into()
+                reason
             }),
             policy: self
                 .hashes
@@ -534,7 +543,7 @@ impl Pipeline {
 
     async fn handle(&mut self, msg: Message) {
         match msg {
-            Message::SessionStart(s, policy, adopted) => {
+            Message::SessionStart(s, policy, adopted, layers) => {
                 self.sessions.insert(
                     s.cgroup_id,
                     Live {
@@ -550,6 +559,7 @@ impl Pipeline {
                     profile: Some(s.profile),
                     argv: Some(s.argv),
                     policy: Some(policy),
+                    layers: Some(layers),
                     message: adopted.then(|| "adopted by a restarted egressd".to_string()),
                     ..Default::default()
                 });
@@ -609,6 +619,9 @@ fn hook_name(h: u8) -> &'static str {
         HOOK_SENDMSG6 => "sendmsg6",
         HOOK_SOCK_CREATE => "sock_create",
         HOOK_SKB_EGRESS => "skb_egress",
+        HOOK_LSM_SOCKET_CREATE => "lsm_socket_create",
+        HOOK_BIND4 => "bind4",
+        HOOK_BIND6 => "bind6",
         _ => "unknown",
     }
 }
@@ -623,6 +636,7 @@ fn reason_name(r: u8) -> &'static str {
         REASON_OFF_LOOPBACK => "loopback address off the lo device",
         REASON_DNS_REDIRECT => "dns query, answered by egressd's resolver",
         REASON_DNS_ANSWER => "address of an allowed name (dns_allow)",
+        REASON_BIND => "bind to a non-loopback address",
         _ => "unknown",
     }
 }

@@ -100,7 +100,30 @@ fn error(message: impl Into<String>) -> Reply {
     }
 }
 
+/// The layers of a session: the daemon's, and egressctl's seccomp filter (which needs
+/// no_new_privs).
+fn session_layers(daemon: &[String], no_new_privs: bool) -> Vec<String> {
+    let mut layers = daemon.to_vec();
+    if no_new_privs {
+        layers.insert(1, "seccomp".into());
+    }
+    layers
+}
+
+/// Whether `pid` runs inside a sandbox: such a caller may read, never change, the daemon's state.
+fn sandboxed(state: &State, pid: Option<u32>) -> bool {
+    let parent_rel = state.layout.relative(&state.layout.parent);
+    match pid.and_then(sessions::cgroup_of) {
+        Some(cgroup) => sessions::is_under(&cgroup, &parent_rel),
+        // Unknown: treat as sandboxed, the safe side for a request that changes things.
+        None => true,
+    }
+}
+
 async fn handle(state: &State, caller: Caller, op: Op) -> Reply {
+    if matches!(op, Op::Reload) && sandboxed(state, caller.pid) {
+        return error("refused: the caller runs inside a sandbox, and a sandbox may not change the policy (even as root)");
+    }
     match op {
         Op::Run { profile, argv } => match start_session(state, caller, profile, argv).await {
             Ok(started) => Reply::Started(started),
@@ -200,6 +223,7 @@ async fn status(state: &State) -> Reply {
         profiles: policy.config.profiles.keys().cloned().collect(),
         sessions: state.registry.lock().await.len(),
         audit_path: state.audit_path.display().to_string(),
+        layers: state.layers.clone(),
     })
 }
 
@@ -223,7 +247,7 @@ async fn start_session(
         Some(_) => {}
         None => return Err(format!("cannot read the cgroup of pid {pid}")),
     }
-    let (profile, index, allows) = {
+    let (profile, index, allows, no_new_privs, families, ptrace) = {
         let policy = state.policy.read().await;
         let name = profile.unwrap_or_else(|| policy.config.default_profile.clone());
         let Some(p) = policy.config.profiles.get(&name) else {
@@ -248,8 +272,23 @@ async fn start_session(
                 caller.uid, policy.source
             ));
         }
+        let layers = session_layers(&state.layers, p.no_new_privs.unwrap_or(true));
+        if let Some(missing) = p.require.iter().find(|l| !layers.contains(l)) {
+            return Err(format!(
+                "profile {name:?} requires the {missing:?} enforcement layer, which is not in force on this machine (in force: {}); `egressctl doctor` says why",
+                layers.join(", ")
+            ));
+        }
         let index = policy.index_of(&name).ok_or("profile index missing")?;
-        (name, index, describe(p))
+        let families = egressd_common::policy::family_numbers(p)?;
+        (
+            name,
+            index,
+            describe(p),
+            p.no_new_privs.unwrap_or(true),
+            families,
+            p.ptrace.unwrap_or(false),
+        )
     };
 
     let id = sessions::new_id();
@@ -296,6 +335,7 @@ async fn start_session(
             session.clone(),
             hash,
             false,
+            session_layers(&state.layers, no_new_privs),
         ))
         .await;
     let cgroup = session.cgroup.clone();
@@ -305,6 +345,10 @@ async fn start_session(
         profile,
         cgroup,
         allows,
+        no_new_privs,
+        layers: session_layers(&state.layers, no_new_privs),
+        families,
+        ptrace,
     })
 }
 

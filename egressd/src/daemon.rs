@@ -98,6 +98,8 @@ pub struct State {
     pub audit: tokio::sync::mpsc::Sender<audit::Message>,
     pub audit_path: PathBuf,
     pub names: audit::SessionNames,
+    /// Enforcement layers in force ("cgroup", "lsm"), fixed at start.
+    pub layers: Vec<String>,
     watcher: AsyncFd<Watcher>,
 }
 
@@ -108,6 +110,7 @@ pub struct Wiring {
     pub audit: tokio::sync::mpsc::Sender<audit::Message>,
     pub audit_path: PathBuf,
     pub names: audit::SessionNames,
+    pub layers: Vec<String>,
 }
 
 impl State {
@@ -134,6 +137,7 @@ impl State {
             audit: wiring.audit,
             audit_path: wiring.audit_path,
             names: wiring.names,
+            layers: wiring.layers,
             watcher: readable_fd(Watcher(inotify))?,
         })
     }
@@ -270,8 +274,13 @@ impl State {
             self.watch(&session);
             tracing::info!(session = %id, profile = %session.profile, "adopted running session");
             let hash = self.policy.read().await.hash.clone();
-            self.audit(audit::Message::SessionStart(session.clone(), hash, true))
-                .await;
+            self.audit(audit::Message::SessionStart(
+                session.clone(),
+                hash,
+                true,
+                self.layers.clone(),
+            ))
+            .await;
             self.registry.lock().await.insert(session);
         }
         for cgroup_id in registered.keys().filter(|id| !kept.contains(id)) {

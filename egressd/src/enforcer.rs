@@ -4,7 +4,7 @@
 use egressd_common::policy::{allow_key, CompiledProfile};
 use std::{
     fs,
-    os::fd::AsFd as _,
+    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
 };
 
@@ -67,7 +67,7 @@ static PROGRAMS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// The hooks, in attach order. The backstop goes first so that no packet is ever judged by the socket
 /// hooks alone while the others are being attached.
-const HOOKS: [(&str, &str, u32); 8] = [
+const HOOKS: [(&str, &str, u32); 10] = [
     (
         programs::SKB_EGRESS,
         "cgroup_skb/egress",
@@ -108,7 +108,21 @@ const HOOKS: [(&str, &str, u32); 8] = [
         "cgroup/recvmsg6",
         prog_query::ATTACH_UDP6_RECVMSG,
     ),
+    (
+        programs::BIND4,
+        "cgroup/bind4",
+        prog_query::ATTACH_INET4_BIND,
+    ),
+    (
+        programs::BIND6,
+        "cgroup/bind6",
+        prog_query::ATTACH_INET6_BIND,
+    ),
 ];
+
+/// BPF LSM programs and their hooks. Optional: where BPF LSM is not active the cgroup layer
+/// still enforces, and sessions whose profile requires "lsm" are refused.
+const LSM_HOOKS: [(&str, &str); 1] = [(programs::LSM_SOCKET_CREATE, "socket_create")];
 
 pub struct DnsMaps {
     pub peers: HashMap<MapData, DnsPeerKey, DnsOrigin>,
@@ -118,6 +132,8 @@ pub struct DnsMaps {
 pub struct Enforcer {
     ebpf: Ebpf,
     hooks: Vec<(HookStatus, u32)>,
+    /// The LSM layer's programs, or why it is not in force.
+    lsm: Result<Vec<HookStatus>, String>,
     /// Policy hash per generation, read by the audit task to label decisions.
     hashes: PolicyHashes,
 }
@@ -169,6 +185,10 @@ impl Enforcer {
         let mut loader = EbpfLoader::new();
         loader.override_global(programs::GLOBAL_SESSION_LEVEL, &session_level, true);
         loader.override_global(programs::GLOBAL_DNS_PORT, &dns_port, true);
+        let parent_id = fs::metadata(parent)
+            .map_err(io_err("reading cgroup", parent))?
+            .ino();
+        loader.override_global(programs::GLOBAL_PARENT_ID, &parent_id, true);
         loader.map_max_entries(maps::EVENTS, ring_bytes);
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
@@ -202,11 +222,26 @@ impl Enforcer {
                 attach_type,
             ));
         }
+        let lsm = attach_lsm(&mut ebpf, pins);
+        if let Err(why) = &lsm {
+            tracing::warn!("BPF LSM layer not in force: {why}; the cgroup layer enforces alone");
+        }
         Ok(Enforcer {
             ebpf,
             hooks,
+            lsm,
             hashes,
         })
+    }
+
+    /// The layers in force: "cgroup" always, "lsm" when BPF LSM programs are attached and the
+    /// kernel runs BPF LSM hooks.
+    pub fn layers(&self) -> Vec<String> {
+        let mut layers = vec!["cgroup".to_string()];
+        if self.lsm.is_ok() {
+            layers.push("lsm".into());
+        }
+        layers
     }
 
     /// The audit events ring buffer, for the task that drains it (the only map that leaves us).
@@ -257,7 +292,11 @@ impl Enforcer {
     }
 
     pub fn hooks(&self) -> Vec<HookStatus> {
-        self.hooks.iter().map(|(h, _)| h.clone()).collect()
+        let mut all: Vec<HookStatus> = self.hooks.iter().map(|(h, _)| h.clone()).collect();
+        if let Ok(lsm) = &self.lsm {
+            all.extend(lsm.iter().cloned());
+        }
+        all
     }
 
     /// Writes the profiles into the half of the double-buffered policy that is not in force, then
@@ -397,6 +436,41 @@ impl Enforcer {
         debug_assert_eq!(self.hooks.len(), REQUIRED_ATTACH_TYPES.len());
         Ok(missing)
     }
+}
+
+/// Loads and attaches the LSM programs, pinning their links, when the kernel runs BPF LSM hooks
+/// (attaching works even where it does not, and would then enforce nothing).
+fn attach_lsm(ebpf: &mut Ebpf, pins: &PinDir) -> Result<Vec<HookStatus>, String> {
+    match egressd_common::layers::bpf_lsm_listed() {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err("the kernel's LSM list has no \"bpf\" (boot with lsm=...,bpf)".into())
+        }
+        Err(e) => return Err(e),
+    }
+    let btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
+    let mut out = Vec::new();
+    for (name, hook) in LSM_HOOKS {
+        let p: &mut aya::programs::Lsm = ebpf
+            .program_mut(name)
+            .ok_or_else(|| format!("program {name} missing"))?
+            .try_into()
+            .map_err(|e| format!("{name}: {e}"))?;
+        p.load(hook, &btf)
+            .map_err(|e| format!("loading {name}: {e}"))?;
+        let id = p.attach().map_err(|e| format!("attaching {name}: {e}"))?;
+        let link: FdLink = p.take_link(id).map_err(|e| format!("{name}: {e}"))?.into();
+        let prog_id = p.info().map_err(|e| format!("{name}: {e}"))?.id();
+        let pin_path = pins.links().join(name);
+        replace_pinned_link(link, &pin_path).map_err(|e| e.to_string())?;
+        out.push(HookStatus {
+            name: name.to_string(),
+            attach_type: format!("lsm/{hook}"),
+            prog_id,
+            pinned: pin_path.display().to_string(),
+        });
+    }
+    Ok(out)
 }
 
 // `Single` means "no flags": the kernel refuses flags on cgroup bpf_link_create and always attaches

@@ -125,6 +125,7 @@ fn require_root() -> anyhow::Result<()> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let (config, source) = Config::load(&cli.config)?;
     ensure_bpffs(&cli.bpffs)?;
+    ensure_securityfs();
     let layout = Layout::new(&cli.cgroup)?;
     layout.ensure_parent()?;
     if Path::new("/run/systemd/system").exists() {
@@ -181,6 +182,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     )
     .context("attaching the kernel programs")?;
     let hooks = enforcer.hooks();
+    let layers = enforcer.layers();
     if let Some(logger) = enforcer.take_logger() {
         tokio::spawn(daemon::kernel_logs(logger));
     }
@@ -216,6 +218,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             audit: audit_tx,
             audit_path,
             names,
+            layers: layers.clone(),
         },
         config.clone(),
         source.clone(),
@@ -245,6 +248,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         policy = %source,
         cgroup = %state.layout.parent.display(),
         hooks = %hooks.iter().map(|h| h.attach_type.as_str()).collect::<Vec<_>>().join(","),
+        layers = %layers.join(","),
         socket = %cli.socket.display(),
         "egressd ready"
     );
@@ -278,6 +282,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     audit_task.abort();
     tracing::info!("egressd stopping; enforcement stays pinned in the kernel");
     Ok(())
+}
+
+/// Mounts securityfs when it is not, so the daemon can tell whether the kernel runs BPF LSM hooks.
+fn ensure_securityfs() {
+    let list = Path::new(egressd_common::layers::LSM_LIST);
+    if list.exists() {
+        return;
+    }
+    let at = Path::new("/sys/kernel/security");
+    if let Err(e) = nix::mount::mount(
+        Some("securityfs"),
+        at,
+        Some("securityfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    ) {
+        tracing::warn!(
+            "mounting securityfs at {}: {e}; the BPF LSM layer cannot be checked and stays off",
+            at.display()
+        );
+    }
 }
 
 /// Mounts bpffs at /sys/fs/bpf when nothing is mounted there (it is not by default on some machines).

@@ -75,7 +75,7 @@ fn reload_is_root_only_and_a_broken_file_changes_nothing() {
 #[test]
 fn reloads_during_a_connect_storm_never_leave_a_gap() {
     let w = world_with("storm", |o| Some(allow_outside(o, "")));
-    const N: u64 = 300;
+    const N: u64 = 1500;
     let storm = format!("{},{}:{},{N}", w.outside.tcp4(), w.outside.v4, PORT + 1);
     let sandbox = w
         .daemon
@@ -87,6 +87,7 @@ fn reloads_during_a_connect_storm_never_leave_a_gap() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    wait_for_running_session(&w.daemon);
     // Alternate between two policies that agree on both destinations and differ elsewhere, so
     // every reload writes the other half of the maps and flips.
     let mut reloads = 0;

@@ -52,6 +52,11 @@ fn main() {
         ["dns-query", mode, server, name, qtype] => exit(dns::query(mode, server, name, qtype)),
         ["dns-raw", server, hex] => exit(dns::raw(server, hex)),
         ["resolve", name] => exit(dns::resolve(name)),
+        ["ids"] => {
+            // SAFETY: getters without arguments.
+            let (uid, euid) = unsafe { (libc::getuid(), libc::geteuid()) };
+            println!("uid={uid} euid={euid}");
+        }
         ["touch", file] => {
             fs::write(file, b"ran").unwrap();
         }
@@ -146,6 +151,70 @@ fn attempt(kind: &str, target: &str) -> i32 {
                 }
             }
             println!("allowed_fail={allowed_fail} denied_ok={denied_ok} of {n}");
+            0
+        }
+        // `IFACE@IP:PORT`: an AF_PACKET socket writing an IPv4/UDP frame straight onto IFACE.
+        "packet" => {
+            let (iface, dest) = target.split_once('@').expect("IFACE@IP:PORT");
+            report(packet_send(iface, dest.parse().expect("IP:PORT")))
+        }
+        // TARGET is a pid outside the sandbox.
+        "ptrace" => {
+            let pid: i32 = target.parse().expect("a pid");
+            // SAFETY: PTRACE_ATTACH with a pid; no pointers.
+            let rc = unsafe { libc::ptrace(libc::PTRACE_ATTACH, pid, 0, 0) };
+            report(if rc == 0 {
+                // SAFETY: as above.
+                unsafe { libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0) };
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            })
+        }
+        "vm-read" => {
+            let pid: i32 = target.parse().expect("a pid");
+            let mut buf = [0u8; 8];
+            let local = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
+            // Any address: EPERM (refused) and EFAULT (let through, bad address) differ.
+            let remote = libc::iovec {
+                iov_base: 0x1000 as *mut libc::c_void,
+                iov_len: buf.len(),
+            };
+            // SAFETY: valid iovecs for the call's duration.
+            let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+            report(if n >= 0 {
+                Ok(())
+            } else {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EFAULT) {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+        }
+        "vsock" => report(raw_socket(libc::AF_VSOCK, libc::SOCK_STREAM, 0)),
+        "xdp" => report(raw_socket(libc::AF_XDP, libc::SOCK_RAW, 0)),
+        // Binds a TCP listener to TARGET and serves it for 3 s, printing where it is bound and
+        // every peer that connected.
+        "listen-for" => {
+            let l = match TcpListener::bind(target) {
+                Ok(l) => l,
+                Err(e) => return report::<()>(Err(e)),
+            };
+            println!("bound {}", l.local_addr().unwrap());
+            io::stdout().flush().unwrap();
+            l.set_nonblocking(true).unwrap();
+            let end = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < end {
+                match l.accept() {
+                    Ok((_, peer)) => println!("accepted {peer}"),
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
             0
         }
         "loopback-tcp" => {
@@ -374,4 +443,79 @@ fn frame_matters(p: &[u8], port: u16) -> bool {
         58 => p.get(l4) == Some(&128),
         _ => false,
     }
+}
+
+/// An Ethernet broadcast frame carrying IPv4/UDP to `dest`, sent on `iface` with AF_PACKET: no IP
+/// stack, no socket hook on the way.
+fn packet_send(iface: &str, dest: SocketAddr) -> io::Result<usize> {
+    let SocketAddr::V4(v4) = dest else {
+        panic!("packet attempts are IPv4")
+    };
+    let fd = raw_socket(
+        libc::AF_PACKET,
+        libc::SOCK_RAW,
+        i32::from((libc::ETH_P_IP as u16).to_be()),
+    )?;
+    let name = std::ffi::CString::new(iface).unwrap();
+    // SAFETY: a valid NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let udp_len = 8 + PAYLOAD.len();
+    let total = 20 + udp_len;
+    let mut f = vec![0xffu8; 6];
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x08, 0x00]);
+    let mut ip = vec![
+        0x45,
+        0,
+        (total >> 8) as u8,
+        total as u8,
+        0,
+        0,
+        0x40,
+        0,
+        64,
+        17,
+        0,
+        0,
+    ];
+    ip.extend_from_slice(&[198, 18, 0, 1]);
+    ip.extend_from_slice(&v4.ip().octets());
+    let mut sum: u32 = ip
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let csum = !(sum as u16);
+    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&0x3039u16.to_be_bytes());
+    f.extend_from_slice(&v4.port().to_be_bytes());
+    f.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(PAYLOAD);
+    // SAFETY: zeroed sockaddr_ll is a valid starting value.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_ifindex = ifindex as i32;
+    sll.sll_halen = 6;
+    sll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    // SAFETY: valid buffer and sockaddr_ll for the call's duration.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            f.as_ptr().cast(),
+            f.len(),
+            0,
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }
