@@ -8,6 +8,7 @@ mod policy;
 mod run;
 mod seccomp;
 mod show;
+mod verify;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -60,6 +61,15 @@ enum Command {
     },
     /// Check that this kernel has what egressd needs, and say what is missing.
     Doctor,
+    /// Self-test (root): a throwaway session tries the ways out against a test host in a network
+    /// namespace; prints what was blocked and by which layer.
+    Verify,
+    /// Internal: the test host of `verify`.
+    #[command(name = "__verify-listen", hide = true)]
+    VerifyListen { counts: std::path::PathBuf },
+    /// Internal: one attempt of `verify`, inside the sandbox.
+    #[command(name = "__verify-attempt", hide = true)]
+    VerifyAttempt { kind: String, target: String },
     /// Read, export and verify the audit log.
     Audit(audit::AuditArgs),
     /// Check, show and reload the policy.
@@ -78,6 +88,9 @@ fn main() -> ExitCode {
         Command::Status { json } => show::status(&cli.socket, json).map(|()| ExitCode::SUCCESS),
         Command::Ps { json } => show::ps(&cli.socket, json).map(|()| ExitCode::SUCCESS),
         Command::Doctor => Ok(doctor::doctor(&cli.socket)),
+        Command::Verify => verify::verify(&cli.socket),
+        Command::VerifyListen { counts } => verify::listen(&counts),
+        Command::VerifyAttempt { kind, target } => verify::attempt(&kind, &target),
         Command::Audit(args) => audit::audit(&cli.socket, args),
         Command::Policy(cmd) => policy::policy(&cli.socket, cmd),
     };

@@ -284,3 +284,28 @@ fn a_sandbox_cannot_change_the_policy_even_as_root() {
     let out = w.daemon.ctl(0).args(["policy", "reload"]).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
+
+#[test]
+fn egressctl_verify_finds_every_way_blocked() {
+    let w = world("verify");
+    let out = w.daemon.ctl(0).arg("verify").output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let rows: Vec<&str> = table
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    assert!(rows.len() >= 12, "{table}");
+    for row in &rows {
+        assert!(row.contains("  blocked  "), "not blocked: {row}\n{table}");
+    }
+    // Its throwaway sessions are in the audit log like any other.
+    wait_until("verify's sessions in the audit log", 5, || {
+        audit_records(&w.daemon)
+            .iter()
+            .filter(|r| r["type"] == "session_start")
+            .count()
+            >= rows.len()
+    });
+}
