@@ -97,22 +97,43 @@ pub fn doctor(socket: &Path) -> ExitCode {
             "BPF LSM",
             format!("unknown: cannot read /sys/kernel/security/lsm ({e}); is securityfs mounted?"),
         ),
-        Ok(lsm) if lsm.split(',').any(|m| m.trim() == "bpf") => {
-            r.line(Level::Ok, "BPF LSM", format!("active ({})", lsm.trim()))
-        }
+        Ok(lsm) if lsm.split(',').any(|m| m.trim() == "bpf") => r.line(
+            Level::Ok,
+            "BPF LSM",
+            format!(
+                "listed ({}); whether the kernel lets egressd load LSM programs shows in its layers below",
+                lsm.trim()
+            ),
+        ),
         Ok(_) => r.line(
             Level::Info,
             "BPF LSM",
-            "not active; not used yet (later hardening layers will; add `lsm=...,bpf` to the kernel command line)",
+            "not active: the LSM layer is off, the cgroup and seccomp layers enforce (add `lsm=...,bpf` to the kernel command line to add it)",
         ),
     }
 
     match Client::connect(socket).and_then(|mut c| c.call(Op::Status)) {
-        Ok(Reply::Status(s)) => r.line(
-            Level::Ok,
-            "egressd",
-            format!("running (pid {}), {} hooks attached", s.pid, s.hooks.len()),
-        ),
+        Ok(Reply::Status(s)) => {
+            r.line(
+                Level::Ok,
+                "egressd",
+                format!("running (pid {}), {} hooks attached", s.pid, s.hooks.len()),
+            );
+            let lsm = s.layers.iter().any(|l| l == "lsm");
+            r.line(
+                if lsm { Level::Ok } else { Level::Info },
+                "layers",
+                format!(
+                    "{} (and seccomp in every session){}",
+                    s.layers.join(", "),
+                    if lsm {
+                        ""
+                    } else {
+                        "; BPF LSM programs did not load (egressd's log says why: on this kernel, EPERM), so socket families are filtered by seccomp and refusals are not itemised in the audit log"
+                    }
+                ),
+            )
+        }
         Ok(_) => r.line(Level::Warn, "egressd", "answered oddly"),
         Err(e) => r.line(Level::Warn, "egressd", format!("{e:#}")),
     }

@@ -32,6 +32,10 @@ pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
         s.profiles.join(", ")
     );
     println!("cgroup:   {}", s.cgroup_parent);
+    println!(
+        "layers:   {}, and seccomp in every session",
+        s.layers.join(", ")
+    );
     println!("hooks:    {} attached and pinned", s.hooks.len());
     for h in &s.hooks {
         println!("  {:<20} prog {:<6} {}", h.attach_type, h.prog_id, h.pinned);
