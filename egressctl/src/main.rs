@@ -4,6 +4,7 @@
 mod audit;
 mod client;
 mod doctor;
+mod landlock_scope;
 mod policy;
 mod run;
 mod seccomp;

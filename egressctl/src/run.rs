@@ -178,7 +178,17 @@ fn spawn_and_wait(started: &SessionStarted, keep: &[i32], argv: &[String]) -> an
                     // SAFETY: as above.
                     unsafe { libc::_exit(125) };
                 }
-                let filter = crate::seccomp::filter(&started.families, !started.ptrace);
+                if started.landlock {
+                    if let Err(e) = crate::landlock_scope::restrict_self() {
+                        eprintln!("egressctl: {e}; not running {}", argv[0]);
+                        // SAFETY: as above.
+                        unsafe { libc::_exit(125) };
+                    }
+                }
+                // With Landlock, ptrace and friends are confined to the sandbox already (and a
+                // debugger inside keeps working); without it, seccomp refuses them outright.
+                let deny_ptrace = !started.ptrace && !started.landlock;
+                let filter = crate::seccomp::filter(&started.families, deny_ptrace);
                 if let Err(e) = crate::seccomp::install(&filter) {
                     eprintln!(
                         "egressctl: cannot install the seccomp filter ({e}); not running {}",

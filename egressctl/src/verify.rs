@@ -79,7 +79,7 @@ fn ways() -> Vec<Way> {
             "ptrace of a same-uid process outside",
             "ptrace",
             "-",
-            "seccomp (ptrace)",
+            "landlock (seccomp without it)",
         ),
         w(
             "listener on 0.0.0.0 for an outside peer",

@@ -13,3 +13,23 @@ pub fn bpf_lsm_listed() -> Result<bool, String> {
     })?;
     Ok(list.split(',').any(|m| m.trim() == "bpf"))
 }
+
+/// The Landlock ABI version the kernel offers (`landlock_create_ruleset` with the VERSION flag),
+/// or `None` when Landlock is off. Version 6 brought the scopes egressd uses (abstract unix
+/// sockets, signals); any version confines ptrace and /proc/PID/mem to the sandbox's own domain.
+pub fn landlock_abi() -> Option<i64> {
+    const LANDLOCK_CREATE_RULESET_VERSION: u32 = 1;
+    // SAFETY: landlock_create_ruleset(NULL, 0, VERSION) only returns a number.
+    let v = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            core::ptr::null::<u8>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    (v > 0).then_some(v)
+}
+
+/// The least Landlock ABI egressd needs for its layer.
+pub const LANDLOCK_MIN_ABI: i64 = 6;

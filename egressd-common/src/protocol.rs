@@ -96,9 +96,13 @@ pub struct SessionStarted {
     /// Socket families (AF_* numbers) CMD may create: egressctl's seccomp filter enforces them.
     #[serde(default)]
     pub families: Vec<u32>,
-    /// Whether CMD may ptrace, process_vm_readv/writev or pidfd_getfd.
+    /// Whether CMD may ptrace, process_vm_readv/writev or pidfd_getfd (seccomp; only where the
+    /// Landlock layer is missing: Landlock already confines these to the sandbox).
     #[serde(default)]
     pub ptrace: bool,
+    /// Whether egressctl must confine CMD to a Landlock domain (the kernel has Landlock ABI >= 6).
+    #[serde(default)]
+    pub landlock: bool,
 }
 
 fn yes() -> bool {

@@ -106,6 +106,9 @@ fn session_layers(daemon: &[String], no_new_privs: bool) -> Vec<String> {
     let mut layers = daemon.to_vec();
     if no_new_privs {
         layers.insert(1, "seccomp".into());
+    } else {
+        // Landlock, like seccomp, needs no_new_privs in an unprivileged process.
+        layers.retain(|l| l != "landlock");
     }
     layers
 }
@@ -349,6 +352,7 @@ async fn start_session(
         layers: session_layers(&state.layers, no_new_privs),
         families,
         ptrace,
+        landlock: no_new_privs && state.layers.iter().any(|l| l == "landlock"),
     })
 }
 

@@ -234,10 +234,16 @@ impl Enforcer {
         })
     }
 
-    /// The layers in force: "cgroup" always, "lsm" when BPF LSM programs are attached and the
-    /// kernel runs BPF LSM hooks.
+    /// The layers in force: "cgroup" always, "landlock" when the kernel offers the Landlock scopes
+    /// egressctl applies to each session, "lsm" when BPF LSM programs are attached and the kernel
+    /// runs BPF LSM hooks.
     pub fn layers(&self) -> Vec<String> {
         let mut layers = vec!["cgroup".to_string()];
+        if egressd_common::layers::landlock_abi()
+            .is_some_and(|v| v >= egressd_common::layers::LANDLOCK_MIN_ABI)
+        {
+            layers.push("landlock".into());
+        }
         if self.lsm.is_ok() {
             layers.push("lsm".into());
         }

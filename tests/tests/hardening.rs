@@ -309,3 +309,62 @@ fn egressctl_verify_finds_every_way_blocked() {
             >= rows.len()
     });
 }
+
+#[test]
+fn outside_processes_memory_signals_and_abstract_sockets_are_out_of_reach() {
+    let w = world("landlock");
+    assert!(
+        daemon_layers(&w.daemon).contains(&"landlock".to_string()),
+        "this kernel has no Landlock ABI 6 (egressctl doctor)"
+    );
+    let as_nobody = |args: &[&str]| {
+        let mut c = Command::new("setpriv");
+        c.args([
+            &format!("--reuid={NOBODY}"),
+            &format!("--regid={NOBODY}"),
+            "--clear-groups",
+            "--",
+        ]);
+        c.args(args);
+        c
+    };
+    let probe = probe();
+    let p = probe.to_str().unwrap();
+    let name = format!("egressd-test-{}", std::process::id());
+    let mut victim = as_nobody(&[p, "abstract-listen", &name, "30"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(victim.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "listening");
+    let pid = victim.id().to_string();
+    let ways: [(&str, &str); 4] = [
+        ("proc-mem", &pid),
+        ("signal", &pid),
+        ("abstract", &name),
+        ("ptrace", &pid),
+    ];
+    for (kind, target) in ways {
+        // From outside a sandbox, the same uid can (so the refusal is the sandbox's)...
+        let control = as_nobody(&[p, "attempt", kind, target]).output().unwrap();
+        assert_eq!(
+            probe_code(&control),
+            0,
+            "{kind} outside: {}",
+            text(&control)
+        );
+        // ...from inside, it cannot.
+        let out = attempt(&w, NOBODY, kind, target);
+        assert_eq!(
+            probe_code(&out),
+            3,
+            "{kind} of a same-uid process outside was not refused:\n{}",
+            text(&out)
+        );
+    }
+    // A debugger inside the sandbox still works on the sandbox's own processes.
+    let out = attempt(&w, NOBODY, "ptrace-child", "-");
+    assert_eq!(probe_code(&out), 0, "{}", text(&out));
+    let _ = victim.kill();
+    let _ = victim.wait();
+}

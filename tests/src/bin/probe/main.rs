@@ -52,6 +52,14 @@ fn main() {
         ["dns-query", mode, server, name, qtype] => exit(dns::query(mode, server, name, qtype)),
         ["dns-raw", server, hex] => exit(dns::raw(server, hex)),
         ["resolve", name] => exit(dns::resolve(name)),
+        ["abstract-listen", name, secs] => {
+            use std::os::linux::net::SocketAddrExt as _;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+            let _l = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+            println!("listening");
+            io::stdout().flush().unwrap();
+            std::thread::sleep(Duration::from_secs(secs.parse().unwrap()));
+        }
         ["ids"] => {
             // SAFETY: getters without arguments.
             let (uid, euid) = unsafe { (libc::getuid(), libc::geteuid()) };
@@ -195,6 +203,43 @@ fn attempt(kind: &str, target: &str) -> i32 {
                     Err(e)
                 }
             })
+        }
+        "proc-mem" => report(
+            fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(format!("/proc/{target}/mem")),
+        ),
+        "signal" => {
+            let pid: i32 = target.parse().expect("a pid");
+            // SAFETY: kill(2) with signal 0 only checks permission.
+            report(if unsafe { libc::kill(pid, 0) } == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            })
+        }
+        // TARGET: the name of an abstract unix socket (without the leading NUL).
+        "abstract" => {
+            use std::os::linux::net::SocketAddrExt as _;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(target.as_bytes())
+                .expect("a name");
+            report(std::os::unix::net::UnixStream::connect_addr(&addr))
+        }
+        // A debugger inside the sandbox: attach to our own child.
+        "ptrace-child" => {
+            let mut child = Command::new("sleep").arg("5").spawn().unwrap();
+            let pid = child.id() as i32;
+            // SAFETY: PTRACE_ATTACH with a pid; no pointers.
+            let rc = unsafe { libc::ptrace(libc::PTRACE_ATTACH, pid, 0, 0) };
+            let r = if rc == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            };
+            let _ = child.kill();
+            let _ = child.wait();
+            report(r)
         }
         "vsock" => report(raw_socket(libc::AF_VSOCK, libc::SOCK_STREAM, 0)),
         "xdp" => report(raw_socket(libc::AF_XDP, libc::SOCK_RAW, 0)),
