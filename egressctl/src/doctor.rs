@@ -112,6 +112,24 @@ pub fn doctor(socket: &Path) -> ExitCode {
         ),
     }
 
+    match egressd_common::layers::landlock_abi() {
+        Some(v) if v >= egressd_common::layers::LANDLOCK_MIN_ABI => r.line(
+            Level::Ok,
+            "Landlock",
+            format!("ABI {v}: sessions are confined to their own domain (ptrace, /proc/PID/mem, signals, abstract unix sockets)"),
+        ),
+        Some(v) => r.line(
+            Level::Info,
+            "Landlock",
+            format!("ABI {v} (6 needed, kernel 6.12+): the landlock layer is off; seccomp refuses ptrace instead, /proc/PID/mem and abstract unix sockets stay open"),
+        ),
+        None => r.line(
+            Level::Info,
+            "Landlock",
+            "off (boot with lsm=...,landlock): the landlock layer is off; seccomp refuses ptrace instead",
+        ),
+    }
+
     match Client::connect(socket).and_then(|mut c| c.call(Op::Status)) {
         Ok(Reply::Status(s)) => {
             r.line(
@@ -129,7 +147,7 @@ pub fn doctor(socket: &Path) -> ExitCode {
                     if lsm {
                         ""
                     } else {
-                        "; BPF LSM programs did not load (egressd's log says why: on this kernel, EPERM), so socket families are filtered by seccomp and refusals are not itemised in the audit log"
+                        "; BPF LSM programs are not loaded (egressd's log says why), so socket families are filtered by seccomp and refusals are not itemised in the audit log"
                     }
                 ),
             )
