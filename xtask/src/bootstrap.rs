@@ -118,9 +118,15 @@ fn bpf_linker(sysroot: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// iproute2 (`ip netns`, veth) and util-linux (`setpriv`) for the kernel tests.
+/// iproute2 (`ip netns`, veth) and util-linux (`setpriv`) for the kernel tests; nftables and
+/// bubblewrap, the alternatives the bench compares egressd with.
 fn debian_tools() -> anyhow::Result<()> {
-    let missing: Vec<&str> = [("ip", "iproute2"), ("setpriv", "util-linux")]
+    let missing: Vec<&str> = [
+        ("ip", "iproute2"),
+        ("setpriv", "util-linux"),
+        ("nft", "nftables"),
+        ("bwrap", "bubblewrap"),
+    ]
         .into_iter()
         .filter(|(bin, _)| {
             output(Command::new("sh").args(["-c", &format!("command -v {bin}")])).is_none()

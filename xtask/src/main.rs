@@ -1,5 +1,6 @@
-//! Project chores: `cargo xtask bootstrap | build | run | test`.
+//! Project chores: `cargo xtask bootstrap | build | run | test | bench`.
 
+mod bench;
 mod bootstrap;
 mod fuzz;
 mod package;
@@ -60,6 +61,14 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Bootstrap, build (release), and measure egressd against no enforcement, nftables and bwrap
+    /// (needs root): a table, target/bench/bench.json and target/bench/ratios.svg.
+    Bench {
+        /// Every part with short iterations (a minute or two): proves the bench works; the
+        /// figures are not for comparison.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -86,6 +95,13 @@ fn main() -> anyhow::Result<()> {
         Task::Test { args } => {
             bootstrap::run()?;
             test(&args)
+        }
+        Task::Bench { quick } => {
+            if !is_root() {
+                bail!("the bench loads eBPF programs, creates cgroups, network namespaces and nftables rules: run `sudo cargo xtask bench`");
+            }
+            bootstrap::run()?;
+            bench::run(quick)
         }
     }
 }

@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod bench;
 mod dns;
 
 fn main() {
@@ -65,11 +66,12 @@ fn main() {
             let (uid, euid) = unsafe { (libc::getuid(), libc::geteuid()) };
             println!("uid={uid} euid={euid}");
         }
+        ["bench", rest @ ..] => bench::main(rest),
         ["touch", file] => {
             fs::write(file, b"ran").unwrap();
         }
         _ => {
-            eprintln!("usage: egressd-probe listen|attempt|wait-attempt|fds|escape|touch|dns-server|dns-query|dns-raw|resolve ...");
+            eprintln!("usage: egressd-probe listen|attempt|wait-attempt|fds|escape|touch|bench|dns-server|dns-query|dns-raw|resolve ...");
             exit(2);
         }
     }

@@ -1,0 +1,112 @@
+//! Part (g): wall time of `egressctl run -- true` against `true` alone and against
+//! `bwrap --unshare-net --dev-bind / / true` (what a user would pick instead), interleaved; and the
+//! session's teardown: from egressctl's exit until the daemon has removed the session's cgroup.
+
+use std::{
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use super::{fixture::Daemon, report::Report, stats::Spread, Plan};
+
+fn wall_ms(cmd: &mut Command) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let st = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    if !st.success() {
+        anyhow::bail!("{cmd:?}: {st}");
+    }
+    Ok(ms)
+}
+
+pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
+    let truth = which("true").unwrap_or_else(|| "/bin/true".into());
+    let bwrap = which("bwrap");
+    let bwrap_ok = bwrap.as_ref().is_some_and(|b| {
+        Command::new(b)
+            .args(["--unshare-net", "--dev-bind", "/", "/", &truth])
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    });
+    let per_round = if plan.quick { 5 } else { 20 };
+    let (mut t_true, mut t_ctl, mut t_bwrap, mut teardown) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut add_ctl, mut add_bwrap) = (Vec::new(), Vec::new());
+    for round in 0..plan.rounds {
+        eprintln!("bench: (g) launch, round {}/{}", round + 1, plan.rounds);
+        let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..per_round {
+            a.push(wall_ms(&mut Command::new(&truth))?);
+            b.push(wall_ms(&mut d.run_cmd(None, &[&truth]))?);
+            let t = Instant::now();
+            while d.session_count() > 0 && t.elapsed() < Duration::from_secs(5) {
+                thread::sleep(Duration::from_micros(100));
+            }
+            teardown.push(t.elapsed().as_secs_f64() * 1e3);
+            if bwrap_ok {
+                c.push(wall_ms(Command::new(bwrap.as_ref().unwrap()).args([
+                    "--unshare-net",
+                    "--dev-bind",
+                    "/",
+                    "/",
+                    &truth,
+                ]))?);
+            }
+        }
+        let (ma, mb) = (Spread::of(&a).unwrap().median, Spread::of(&b).unwrap().median);
+        t_true.push(ma);
+        t_ctl.push(mb);
+        add_ctl.push(mb - ma);
+        if let Some(mc) = Spread::of(&c) {
+            t_bwrap.push(mc.median);
+            add_bwrap.push(mc.median - ma);
+        }
+    }
+    report.row('g', "launch: `true` alone", "ms", Spread::of(&t_true));
+    report.row('g', "launch: `egressctl run -- true`", "ms", Spread::of(&t_ctl));
+    report.row('g', "launch: added by egressctl run", "ms", Spread::of(&add_ctl));
+    if bwrap_ok {
+        report.row('g', "launch: `bwrap --unshare-net --dev-bind / / true`", "ms", Spread::of(&t_bwrap));
+        report.row('g', "launch: added by bwrap", "ms", Spread::of(&add_bwrap));
+    } else {
+        report.not_measured(
+            'g',
+            "launch: bwrap",
+            if bwrap.is_none() { "bwrap not installed (Debian: bubblewrap)" } else { "bwrap --unshare-net does not run here" },
+        );
+    }
+    report.row_note('g', "session teardown (egressctl exit to cgroup removed)", "ms", Spread::of(&teardown), format!("{} sessions", teardown.len()));
+    let ctl = Spread::of(&add_ctl).map(|s| s.median);
+    let bw = Spread::of(&add_bwrap).map(|s| s.median);
+    match (ctl, bw) {
+        (Some(c), Some(b)) => report.target_bool(
+            "launch adds less than bwrap does",
+            &format!("< bwrap's {} ms", super::report::num(b)),
+            Some(c < b),
+            format!("{} ms", super::report::num(c)),
+        ),
+        _ => report.target_bool("launch adds less than bwrap does", "< bwrap", None, "not measured".into()),
+    }
+    Ok(())
+}
+
+/// The first executable file named `bin` on PATH (not a shell builtin).
+fn which(bin: &str) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::env::var("PATH")
+        .unwrap_or_else(|_| "/usr/bin:/bin".into())
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(bin))
+        .find(|p| {
+            std::fs::metadata(p)
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
+        .map(|p| p.display().to_string())
+}
