@@ -127,12 +127,12 @@ fn debian_tools() -> anyhow::Result<()> {
         ("nft", "nftables"),
         ("bwrap", "bubblewrap"),
     ]
-        .into_iter()
-        .filter(|(bin, _)| {
-            output(Command::new("sh").args(["-c", &format!("command -v {bin}")])).is_none()
-        })
-        .map(|(_, pkg)| pkg)
-        .collect();
+    .into_iter()
+    .filter(|(bin, _)| {
+        output(Command::new("sh").args(["-c", &format!("command -v {bin}")])).is_none()
+    })
+    .map(|(_, pkg)| pkg)
+    .collect();
     if missing.is_empty() {
         return Ok(());
     }

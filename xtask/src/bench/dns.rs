@@ -62,7 +62,14 @@ fn f(v: &Value, k: &str) -> f64 {
     v[k].as_f64().unwrap_or(f64::NAN)
 }
 
-pub fn run(d: &Daemon, plain: &Cgroup, up: &Upstream, probe: &str, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
+pub fn run(
+    d: &Daemon,
+    plain: &Cgroup,
+    up: &Upstream,
+    probe: &str,
+    plan: &Plan,
+    report: &mut Report,
+) -> anyhow::Result<()> {
     let secs = plan.secs(1.0).to_string();
     let concs = [1usize, 16, 64];
     let (allowed, denied) = (names("allowed"), names("denied"));
@@ -91,9 +98,14 @@ pub fn run(d: &Daemon, plain: &Cgroup, up: &Upstream, probe: &str, plan: &Plan, 
                     json_of(&mut plain.command(&argv))?
                 };
                 let s1 = sample(d.pid());
-                let bad = f(&r, "timeouts") + f(&r, "other_rcode") + if k == 2 { 0.0 } else { f(&r, "nxdomain") };
+                let bad = f(&r, "timeouts")
+                    + f(&r, "other_rcode")
+                    + if k == 2 { 0.0 } else { f(&r, "nxdomain") };
                 if bad > 0.0 {
-                    problems.push(format!("c={conc} {}: {bad} failed", ["direct", "allowed", "denied"][k]));
+                    problems.push(format!(
+                        "c={conc} {}: {bad} failed",
+                        ["direct", "allowed", "denied"][k]
+                    ));
                 }
                 let e = &mut m[ci][k];
                 e.0.push(f(&r, "p50_ns") / 1e3);
@@ -106,28 +118,84 @@ pub fn run(d: &Daemon, plain: &Cgroup, up: &Upstream, probe: &str, plan: &Plan, 
     let mut worst: Vec<(usize, f64, f64)> = Vec::new();
     for (ci, conc) in concs.iter().enumerate() {
         let [direct, al, de] = &m[ci];
-        report.row('d', format!("DNS c={conc} direct to loopback server: p50"), "us", Spread::of(&direct.0));
-        report.row('d', format!("DNS c={conc} direct to loopback server: p99"), "us", Spread::of(&direct.1));
-        report.row('d', format!("DNS c={conc} direct: queries/s"), "/s", Spread::of(&direct.2));
+        report.row(
+            'd',
+            format!("DNS c={conc} direct to loopback server: p50"),
+            "us",
+            Spread::of(&direct.0),
+        );
+        report.row(
+            'd',
+            format!("DNS c={conc} direct to loopback server: p99"),
+            "us",
+            Spread::of(&direct.1),
+        );
+        report.row(
+            'd',
+            format!("DNS c={conc} direct: queries/s"),
+            "/s",
+            Spread::of(&direct.2),
+        );
         let (mut w50, mut w99) = (f64::MIN, f64::MIN);
         for (label, e) in [("allowed", al), ("denied", de)] {
             let add = |a: &S, b: &S| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x - y).collect() };
-            let (a50, a99) = (Spread::of(&add(&e.0, &direct.0)), Spread::of(&add(&e.1, &direct.1)));
-            report.row('d', format!("DNS c={conc} via egressd, {label}: p50 added"), "us", a50);
-            report.row('d', format!("DNS c={conc} via egressd, {label}: p99 added"), "us", a99);
-            report.row('d', format!("DNS c={conc} via egressd, {label}: queries/s"), "/s", Spread::of(&e.2));
-            report.row('d', format!("DNS c={conc} via egressd, {label}: queries/s per egressd core"), "/s", Spread::of(&e.3));
+            let (a50, a99) = (
+                Spread::of(&add(&e.0, &direct.0)),
+                Spread::of(&add(&e.1, &direct.1)),
+            );
+            report.row(
+                'd',
+                format!("DNS c={conc} via egressd, {label}: p50 added"),
+                "us",
+                a50,
+            );
+            report.row(
+                'd',
+                format!("DNS c={conc} via egressd, {label}: p99 added"),
+                "us",
+                a99,
+            );
+            report.row(
+                'd',
+                format!("DNS c={conc} via egressd, {label}: queries/s"),
+                "/s",
+                Spread::of(&e.2),
+            );
+            report.row(
+                'd',
+                format!("DNS c={conc} via egressd, {label}: queries/s per egressd core"),
+                "/s",
+                Spread::of(&e.3),
+            );
             w50 = w50.max(a50.map_or(f64::NAN, |s| s.median));
             w99 = w99.max(a99.map_or(f64::NAN, |s| s.median));
         }
         worst.push((*conc, w50, w99));
     }
     if !problems.is_empty() {
-        report.row_note('d', "DNS queries without the expected answer", "", None, problems.join("; "));
+        report.row_note(
+            'd',
+            "DNS queries without the expected answer",
+            "",
+            None,
+            problems.join("; "),
+        );
     }
     for (conc, w50, w99) in worst {
-        report.target(format!("DNS p50 added, c={conc} (worst of allowed/denied)"), Some(w50), 20.0, false, " us");
-        report.target(format!("DNS p99 added, c={conc} (worst of allowed/denied)"), Some(w99), 50.0, false, " us");
+        report.target(
+            format!("DNS p50 added, c={conc} (worst of allowed/denied)"),
+            Some(w50),
+            20.0,
+            false,
+            " us",
+        );
+        report.target(
+            format!("DNS p99 added, c={conc} (worst of allowed/denied)"),
+            Some(w99),
+            50.0,
+            false,
+            " us",
+        );
     }
     Ok(())
 }

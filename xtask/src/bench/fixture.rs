@@ -74,7 +74,11 @@ impl Bins {
 pub fn sweep(bins: &Bins) {
     let out = sh("ip netns list 2>/dev/null");
     for l in String::from_utf8_lossy(&out.stdout).lines() {
-        if let Some(name) = l.split_whitespace().next().filter(|n| n.starts_with("egbench")) {
+        if let Some(name) = l
+            .split_whitespace()
+            .next()
+            .filter(|n| n.starts_with("egbench"))
+        {
             let _ = sh(&format!("ip netns del {name}"));
         }
     }

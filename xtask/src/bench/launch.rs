@@ -36,7 +36,8 @@ pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
             .unwrap_or(false)
     });
     let per_round = if plan.quick { 5 } else { 20 };
-    let (mut t_true, mut t_ctl, mut t_bwrap, mut teardown) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut t_true, mut t_ctl, mut t_bwrap, mut teardown) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut add_ctl, mut add_bwrap) = (Vec::new(), Vec::new());
     for round in 0..plan.rounds {
         eprintln!("bench: (g) launch, round {}/{}", round + 1, plan.rounds);
@@ -59,7 +60,10 @@ pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
                 ]))?);
             }
         }
-        let (ma, mb) = (Spread::of(&a).unwrap().median, Spread::of(&b).unwrap().median);
+        let (ma, mb) = (
+            Spread::of(&a).unwrap().median,
+            Spread::of(&b).unwrap().median,
+        );
         t_true.push(ma);
         t_ctl.push(mb);
         add_ctl.push(mb - ma);
@@ -69,19 +73,44 @@ pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
         }
     }
     report.row('g', "launch: `true` alone", "ms", Spread::of(&t_true));
-    report.row('g', "launch: `egressctl run -- true`", "ms", Spread::of(&t_ctl));
-    report.row('g', "launch: added by egressctl run", "ms", Spread::of(&add_ctl));
+    report.row(
+        'g',
+        "launch: `egressctl run -- true`",
+        "ms",
+        Spread::of(&t_ctl),
+    );
+    report.row(
+        'g',
+        "launch: added by egressctl run",
+        "ms",
+        Spread::of(&add_ctl),
+    );
     if bwrap_ok {
-        report.row('g', "launch: `bwrap --unshare-net --dev-bind / / true`", "ms", Spread::of(&t_bwrap));
+        report.row(
+            'g',
+            "launch: `bwrap --unshare-net --dev-bind / / true`",
+            "ms",
+            Spread::of(&t_bwrap),
+        );
         report.row('g', "launch: added by bwrap", "ms", Spread::of(&add_bwrap));
     } else {
         report.not_measured(
             'g',
             "launch: bwrap",
-            if bwrap.is_none() { "bwrap not installed (Debian: bubblewrap)" } else { "bwrap --unshare-net does not run here" },
+            if bwrap.is_none() {
+                "bwrap not installed (Debian: bubblewrap)"
+            } else {
+                "bwrap --unshare-net does not run here"
+            },
         );
     }
-    report.row_note('g', "session teardown (egressctl exit to cgroup removed)", "ms", Spread::of(&teardown), format!("{} sessions", teardown.len()));
+    report.row_note(
+        'g',
+        "session teardown (egressctl exit to cgroup removed)",
+        "ms",
+        Spread::of(&teardown),
+        format!("{} sessions", teardown.len()),
+    );
     let ctl = Spread::of(&add_ctl).map(|s| s.median);
     let bw = Spread::of(&add_bwrap).map(|s| s.median);
     match (ctl, bw) {
@@ -91,7 +120,12 @@ pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
             Some(c < b),
             format!("{} ms", super::report::num(c)),
         ),
-        _ => report.target_bool("launch adds less than bwrap does", "< bwrap", None, "not measured".into()),
+        _ => report.target_bool(
+            "launch adds less than bwrap does",
+            "< bwrap",
+            None,
+            "not measured".into(),
+        ),
     }
     Ok(())
 }

@@ -43,7 +43,15 @@ const NET_POLICY: &str = "default_profile = \"enforce\"\n[profiles.enforce]\nmod
 pub fn run(quick: bool) -> anyhow::Result<()> {
     crate::check(
         crate::cargo().args([
-            "build", "--release", "-p", "egressd", "-p", "egressctl", "-p", "egressd-tests", "--bins",
+            "build",
+            "--release",
+            "-p",
+            "egressd",
+            "-p",
+            "egressctl",
+            "-p",
+            "egressd-tests",
+            "--bins",
         ]),
         "building the release binaries",
     )?;
@@ -96,7 +104,11 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         );
         match d {
             Ok(d) => dns::run(&d, &plain, &up, &probe, &plan, &mut report)?,
-            Err(e) => report.not_measured('d', "DNS filter", format!("egressd with a [dns] table did not start: {e}")),
+            Err(e) => report.not_measured(
+                'd',
+                "DNS filter",
+                format!("egressd with a [dns] table did not start: {e}"),
+            ),
         }
     }
     {
@@ -107,7 +119,14 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     report.rows.sort_by_key(|r| r.part);
     let table = report.table();
     let machine = machine();
-    println!("\negressd bench{} on {machine}\n", if quick { " --quick (short iterations; figures not comparable)" } else { "" });
+    println!(
+        "\negressd bench{} on {machine}\n",
+        if quick {
+            " --quick (short iterations; figures not comparable)"
+        } else {
+            ""
+        }
+    );
     println!("{table}");
     let out = crate::workspace_root().join("target/bench");
     fs::create_dir_all(&out)?;
@@ -118,9 +137,15 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         "date": chrono_like_now(),
         "seconds": started.elapsed().as_secs_f64(),
     });
-    fs::write(out.join("bench.json"), serde_json::to_string_pretty(&report.json(meta))?)?;
+    fs::write(
+        out.join("bench.json"),
+        serde_json::to_string_pretty(&report.json(meta))?,
+    )?;
     fs::write(out.join("bench.txt"), format!("{machine}\n\n{table}"))?;
-    report.write_svg(&out.join("ratios.svg"), &format!("egressd bench, {machine}"))?;
+    report.write_svg(
+        &out.join("ratios.svg"),
+        &format!("egressd bench, {machine}"),
+    )?;
     eprintln!(
         "bench: {:.0} s; wrote {o}/bench.json, {o}/bench.txt and {o}/ratios.svg",
         started.elapsed().as_secs_f64(),
@@ -144,9 +169,20 @@ fn idle(d: &Daemon, plan: &Plan, report: &mut Report) {
     let rss = b.rss as f64 / (1 << 20) as f64;
     let cpu = 100.0 * cpu_share(&a, &b);
     let wake = (b.switches - a.switches) as f64 / (b.at - a.at).as_secs_f64();
-    report.row_note('e', "egressd RSS at idle", "MiB", Spread::of(&[rss]), format!("{secs} s, no sessions"));
+    report.row_note(
+        'e',
+        "egressd RSS at idle",
+        "MiB",
+        Spread::of(&[rss]),
+        format!("{secs} s, no sessions"),
+    );
     report.row('e', "egressd CPU at idle", "%core", Spread::of(&[cpu]));
-    report.row('e', "egressd wakeups at idle (context switches)", "/s", Spread::of(&[wake]));
+    report.row(
+        'e',
+        "egressd wakeups at idle (context switches)",
+        "/s",
+        Spread::of(&[wake]),
+    );
     report.target("idle RSS", Some(rss), 15.0, false, " MiB");
     report.target("idle CPU", Some(cpu), 0.1, false, " %");
 }
@@ -159,8 +195,14 @@ fn machine() -> String {
         .find_map(|l| l.strip_prefix("model name"))
         .map(|s| s.trim_start_matches([' ', '\t', ':']).to_string())
         .unwrap_or_default();
-    let cores = thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    format!("Linux {}, {cores} cores ({cpu}), {}", kernel.trim(), chrono_like_now())
+    let cores = thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    format!(
+        "Linux {}, {cores} cores ({cpu}), {}",
+        kernel.trim(),
+        chrono_like_now()
+    )
 }
 
 /// Today's date (UTC), YYYY-MM-DD.

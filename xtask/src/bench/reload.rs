@@ -31,7 +31,13 @@ fn policy(n: usize, open: bool, salt: usize) -> String {
     let fillers = if open { n - 1 } else { n };
     for i in 0..fillers {
         let k = i + salt * 7;
-        let _ = writeln!(s, "  \"10.{}.{}.{}/32:443/tcp\",", (k >> 16) & 255, (k >> 8) & 255, k & 255);
+        let _ = writeln!(
+            s,
+            "  \"10.{}.{}.{}/32:443/tcp\",",
+            (k >> 16) & 255,
+            (k >> 8) & 255,
+            k & 255
+        );
     }
     if open {
         let _ = writeln!(s, "  \"{OUTSIDE}/32:9/udp\",");
@@ -92,13 +98,30 @@ pub fn run(d: &Daemon, probe: &str, plan: &Plan, report: &mut Report) -> anyhow:
         match &failed[i] {
             Some(e) => report.not_measured('f', what, format!("reload failed: {e}")),
             None => {
-                report.row_note('f', format!("{what}: p50"), "ms", Spread::of(&[percentile(&lat[i], 50.0)]), format!("{} reloads", lat[i].len()));
-                report.row('f', format!("{what}: p99"), "ms", Spread::of(&[percentile(&lat[i], 99.0)]));
+                report.row_note(
+                    'f',
+                    format!("{what}: p50"),
+                    "ms",
+                    Spread::of(&[percentile(&lat[i], 50.0)]),
+                    format!("{} reloads", lat[i].len()),
+                );
+                report.row(
+                    'f',
+                    format!("{what}: p99"),
+                    "ms",
+                    Spread::of(&[percentile(&lat[i], 99.0)]),
+                );
             }
         }
     }
     let p99_1k = failed[1].is_none().then(|| percentile(&lat[1], 99.0));
-    report.target("reload p99 at 1k rules (request to new verdict)", p99_1k, 1.0, false, " ms");
+    report.target(
+        "reload p99 at 1k rules (request to new verdict)",
+        p99_1k,
+        1.0,
+        false,
+        " ms",
+    );
 
     // Verdicts during many reloads.
     let reloads = if plan.quick { 100 } else { 1000 };
@@ -111,7 +134,14 @@ pub fn run(d: &Daemon, probe: &str, plan: &Plan, report: &mut Report) -> anyhow:
     let mut storm = d
         .run_cmd(
             Some("r"),
-            &[probe, "bench", "storm", &target, denied, &stop.display().to_string()],
+            &[
+                probe,
+                "bench",
+                "storm",
+                &target,
+                denied,
+                &stop.display().to_string(),
+            ],
         )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -134,14 +164,19 @@ pub fn run(d: &Daemon, probe: &str, plan: &Plan, report: &mut Report) -> anyhow:
     out.read_line(&mut line)?;
     let _ = storm.wait();
     thread::sleep(Duration::from_millis(10));
-    let r: serde_json::Value = serde_json::from_str(line.trim()).with_context(|| format!("storm: {line}"))?;
-    let wrong = r["allowed_refused"].as_u64().unwrap_or(0) + r["denied_passed"].as_u64().unwrap_or(0);
+    let r: serde_json::Value =
+        serde_json::from_str(line.trim()).with_context(|| format!("storm: {line}"))?;
+    let wrong =
+        r["allowed_refused"].as_u64().unwrap_or(0) + r["denied_passed"].as_u64().unwrap_or(0);
     report.row_note(
         'f',
         format!("verdicts during {reloads} reloads (1k rules)"),
         "",
         Spread::of(&[r["verdicts"].as_f64().unwrap_or(f64::NAN)]),
-        format!("{wrong} wrong; {errors} reloads failed; {:.0} reloads/s", reloads as f64 / secs),
+        format!(
+            "{wrong} wrong; {errors} reloads failed; {:.0} reloads/s",
+            reloads as f64 / secs
+        ),
     );
     report.target_bool(
         format!("no wrong verdict during {reloads} reloads"),

@@ -33,7 +33,13 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn row(&mut self, part: char, what: impl Into<String>, unit: &'static str, v: Option<Spread>) {
+    pub fn row(
+        &mut self,
+        part: char,
+        what: impl Into<String>,
+        unit: &'static str,
+        v: Option<Spread>,
+    ) {
         self.row_note(part, what, unit, v, "");
     }
 
@@ -71,18 +77,37 @@ impl Report {
     }
 
     /// A target on a value: `at_least` true for `>=`, false for `<=`.
-    pub fn target(&mut self, what: impl Into<String>, value: Option<f64>, limit: f64, at_least: bool, unit: &str) {
-        let shown = value.map(|v| format!("{}{unit}", num(v))).unwrap_or_else(|| "not measured".into());
+    pub fn target(
+        &mut self,
+        what: impl Into<String>,
+        value: Option<f64>,
+        limit: f64,
+        at_least: bool,
+        unit: &str,
+    ) {
+        let shown = value
+            .map(|v| format!("{}{unit}", num(v)))
+            .unwrap_or_else(|| "not measured".into());
         self.targets.push(Target {
             what: what.into(),
-            limit: format!("{} {}{unit}", if at_least { ">=" } else { "<=" }, num(limit)),
+            limit: format!(
+                "{} {}{unit}",
+                if at_least { ">=" } else { "<=" },
+                num(limit)
+            ),
             value,
             shown,
             met: value.map(|v| if at_least { v >= limit } else { v <= limit }),
         });
     }
 
-    pub fn target_bool(&mut self, what: impl Into<String>, limit: &str, met: Option<bool>, shown: String) {
+    pub fn target_bool(
+        &mut self,
+        what: impl Into<String>,
+        limit: &str,
+        met: Option<bool>,
+        shown: String,
+    ) {
         self.targets.push(Target {
             what: what.into(),
             limit: limit.into(),
@@ -96,7 +121,7 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "{:<4} {:<58} {:>12} {:>25} {:<6} NOTE",
+            "{:<4} {:<66} {:>10} {:>21} {:<6} NOTE",
             "PART", "MEASUREMENT", "MEDIAN", "MIN .. MAX", "UNIT"
         );
         for r in &self.rows {
@@ -107,7 +132,7 @@ impl Report {
             };
             let _ = writeln!(
                 s,
-                "{:<4} {:<58} {:>12} {:>25} {:<6} {}",
+                "{:<4} {:<66} {:>10} {:>21} {:<6} {}",
                 r.part, r.what, med, range, r.unit, r.note
             );
         }
@@ -118,7 +143,11 @@ impl Report {
                 Some(false) => "MISSED",
                 None => "n/a   ",
             };
-            let _ = writeln!(s, "  [{mark}] {:<52} {:>14}   target {}", t.what, t.shown, t.limit);
+            let _ = writeln!(
+                s,
+                "  [{mark}] {:<62} {:>14}   target {}",
+                t.what, t.shown, t.limit
+            );
         }
         s
     }
@@ -170,26 +199,51 @@ impl Report {
             left + width + 60.0
         );
         let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-        let _ = writeln!(s, r#"<text x="10" y="20" font-size="14" font-weight="bold">{}</text>"#, esc(title));
+        let _ = writeln!(
+            s,
+            r#"<text x="10" y="20" font-size="14" font-weight="bold">{}</text>"#,
+            esc(title)
+        );
         let _ = writeln!(
             s,
             r##"<text x="10" y="38" fill="#555">ratio to the unprotected baseline (median; whisker: min..max across rounds; red tick: target)</text>"##
         );
         for (i, (label, sp, target)) in self.ratios.iter().enumerate() {
             let y = top + i as f64 * (bar + gap);
-            let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#, left - 8.0, y + bar * 0.7, esc(label));
-            let _ = writeln!(s, r##"<rect x="{left}" y="{y}" width="{}" height="{bar}" fill="#4a7ebb"/>"##, x(sp.median) - left);
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
+                left - 8.0,
+                y + bar * 0.7,
+                esc(label)
+            );
+            let _ = writeln!(
+                s,
+                r##"<rect x="{left}" y="{y}" width="{}" height="{bar}" fill="#4a7ebb"/>"##,
+                x(sp.median) - left
+            );
             let _ = writeln!(
                 s,
                 r#"<line x1="{}" x2="{}" y1="{}" y2="{}" stroke="black"/>"#,
-                x(sp.min), x(sp.max), y + bar / 2.0, y + bar / 2.0
+                x(sp.min),
+                x(sp.max),
+                y + bar / 2.0,
+                y + bar / 2.0
             );
-            let _ = writeln!(s, r#"<text x="{}" y="{}">{:.3}</text>"#, x(sp.max) + 4.0, y + bar * 0.7, sp.median);
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="{}">{:.3}</text>"#,
+                x(sp.max) + 4.0,
+                y + bar * 0.7,
+                sp.median
+            );
             if let Some(t) = target {
                 let _ = writeln!(
                     s,
                     r#"<line x1="{0}" x2="{0}" y1="{1}" y2="{2}" stroke="red" stroke-width="2"/>"#,
-                    x(*t), y - 2.0, y + bar + 2.0
+                    x(*t),
+                    y - 2.0,
+                    y + bar + 2.0
                 );
             }
         }
@@ -197,16 +251,25 @@ impl Report {
         let _ = writeln!(
             s,
             r##"<line x1="{0}" x2="{0}" y1="{1}" y2="{2}" stroke="#333" stroke-dasharray="4,3"/><text x="{0}" y="{3}" text-anchor="middle">1.0</text>"##,
-            x(1.0), top - 6.0, y_end, y_end + 16.0
+            x(1.0),
+            top - 6.0,
+            y_end,
+            y_end + 16.0
         );
-        let _ = writeln!(s, r#"<text x="{left}" y="{}" text-anchor="middle">0</text>"#, y_end + 16.0);
+        let _ = writeln!(
+            s,
+            r#"<text x="{left}" y="{}" text-anchor="middle">0</text>"#,
+            y_end + 16.0
+        );
         let _ = writeln!(s, "</svg>");
         fs::write(path, s)
     }
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// A number as the table shows it: no false precision, no rounding toward a target (3

@@ -154,9 +154,15 @@ pub fn prog_stats(id: u32) -> anyhow::Result<(u64, u64)> {
 pub fn rfc3339_ns(s: &str) -> Option<i128> {
     let s = s.strip_suffix('Z')?;
     let (date, time) = s.split_once('T')?;
-    let d: Vec<i64> = date.split('-').map(|x| x.parse().ok()).collect::<Option<_>>()?;
+    let d: Vec<i64> = date
+        .split('-')
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
     let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
-    let t: Vec<i64> = hms.split(':').map(|x| x.parse().ok()).collect::<Option<_>>()?;
+    let t: Vec<i64> = hms
+        .split(':')
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
     let (y, m, day) = (d[0], d[1], d[2]);
     // Days from the civil date (Howard Hinnant's algorithm).
     let y = if m <= 2 { y - 1 } else { y };

@@ -30,12 +30,9 @@ pub fn main(args: &[&str]) -> ! {
         ),
         ["verdicts", addr] => verdicts(addr),
         ["storm", allowed, denied, stop] => storm(allowed, denied, stop),
-        ["dns", server, conc, secs, names @ ..] => dns(
-            server,
-            conc.parse().unwrap(),
-            secs.parse().unwrap(),
-            names,
-        ),
+        ["dns", server, conc, secs, names @ ..] => {
+            dns(server, conc.parse().unwrap(), secs.parse().unwrap(), names)
+        }
         ["dns-server", addr, answer] => dns_server(addr, answer),
         _ => {
             eprintln!("usage: egressd-probe bench tcp-connect|tcp-denied|udp|flood|verdicts|storm|dns|dns-server ...");
@@ -160,7 +157,8 @@ fn tcp_denied(addr: &str, secs: f64) -> ! {
     let a: SocketAddr = addr.parse().unwrap();
     let sa = sockaddr(&a);
     let slice = Duration::from_secs_f64(secs / 20.0);
-    let (mut den_n, mut den_t, mut base_n, mut base_t, mut not_denied) = (0u64, 0f64, 0u64, 0f64, 0u64);
+    let (mut den_n, mut den_t, mut base_n, mut base_t, mut not_denied) =
+        (0u64, 0f64, 0u64, 0f64, 0u64);
     for _ in 0..10 {
         let t = Instant::now();
         while t.elapsed() < slice {
