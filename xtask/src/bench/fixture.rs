@@ -70,8 +70,29 @@ impl Bins {
     }
 }
 
-/// Removes what a killed earlier run left: network namespaces, cgroups, pins, nftables tables.
+/// Removes what a killed earlier run left: its daemons, network namespaces, cgroups, pins,
+/// nftables tables and scratch directories.
 pub fn sweep(bins: &Bins) {
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let argv = fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let argv: Vec<&[u8]> = argv.split(|b| *b == 0).collect();
+        let ours = argv.first().is_some_and(|a| a.ends_with(b"/egressd"))
+            && argv
+                .windows(2)
+                .any(|w| w[0] == b"--cgroup" && w[1].starts_with(b"egbench-"));
+        if ours {
+            // SAFETY: kill(2) of a benchmark daemon an earlier run started and left behind.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    for e in fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with("egbench-") {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
     let out = sh("ip netns list 2>/dev/null");
     for l in String::from_utf8_lossy(&out.stdout).lines() {
         if let Some(name) = l
