@@ -88,7 +88,11 @@ pub fn sweep(bins: &Bins) {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
-    for e in fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
+    for e in fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         if e.file_name().to_string_lossy().starts_with("egbench-") {
             let _ = fs::remove_dir_all(e.path());
         }
