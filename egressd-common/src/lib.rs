@@ -77,7 +77,8 @@ pub mod programs {
 /// Sizes of the maps. Profiles are double-buffered: slot = generation * MAX_PROFILES + profile index.
 pub const MAX_PROFILES: u32 = 64;
 pub const MAX_SESSIONS: u32 = 4096;
-pub const MAX_ALLOW_ENTRIES: u32 = 16384;
+/// Both halves of the double-buffered policy share the trie: a policy may use half of it.
+pub const MAX_ALLOW_ENTRIES: u32 = 65536;
 pub const MAX_LOOPBACK_PORTS: usize = 16;
 pub const MAX_PORT_RANGES: usize = 8;
 pub const MAX_DNS_SOCKETS: u32 = 16384;

@@ -452,12 +452,22 @@ impl Config {
             ));
         }
         self.dns.validate()?;
+        let mut entries = 0;
         for (name, p) in &self.profiles {
-            compile_profile(p).map_err(|e| format!("profile {name:?}: {e}"))?;
+            entries += compile_profile(p)
+                .map_err(|e| format!("profile {name:?}: {e}"))?
+                .allow
+                .len();
             for pattern in &p.dns_allow {
                 crate::dns_policy::check_pattern(pattern)
                     .map_err(|e| format!("profile {name:?}: {e}"))?;
             }
+        }
+        let limit = crate::MAX_ALLOW_ENTRIES as usize / 2;
+        if entries > limit {
+            return Err(format!(
+                "{entries} distinct allow prefixes across all profiles; at most {limit} fit (the kernel table holds the policy in force and the next one): merge rules into wider CIDRs"
+            ));
         }
         if let Some(access) = &self.access {
             let named = access

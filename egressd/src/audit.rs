@@ -318,9 +318,14 @@ pub async fn run(
             }
             msg = rx.recv() => {
                 let Some(msg) = msg else { break };
+                // DNS records come one per query: they are written now and synced with the next
+                // tick's batch, so a query never waits for the disk.
+                let sync_now = !matches!(msg, Message::Record(_));
                 p.drain(ring.get_mut());
                 p.handle(msg).await;
-                p.flush();
+                if sync_now {
+                    p.flush();
+                }
             }
         }
     }
@@ -354,7 +359,8 @@ impl Pipeline {
     }
 
     fn flush(&mut self) {
-        if let Err(e) = self.writer.flush() {
+        // fdatasync blocks: let the runtime move the resolver and control tasks off this worker.
+        if let Err(e) = tokio::task::block_in_place(|| self.writer.flush()) {
             tracing::error!("audit: flushing {}: {e}", self.writer.path.display());
         }
     }

@@ -181,6 +181,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         hashes.clone(),
     )
     .context("attaching the kernel programs")?;
+    // Loading parsed the object and the kernel's BTF: hand the freed heap back (idle RSS).
+    // SAFETY: malloc_trim only releases free memory.
+    unsafe { libc::malloc_trim(0) };
     let hooks = enforcer.hooks();
     let layers = enforcer.layers();
     if let Some(logger) = enforcer.take_logger() {

@@ -172,8 +172,7 @@ impl Resolver {
                         opened: Vec::new(),
                         ttl: None,
                     },
-                )
-                .await;
+                );
                 return None;
             }
             Err(wire::Malformed::Answer(id, rcode, why)) => (
@@ -194,8 +193,7 @@ impl Resolver {
             }
         };
         let answer = outcome.answer.clone();
-        self.audit(origin, session.as_ref(), proto, qname, qtype, outcome)
-            .await;
+        self.audit(origin, session.as_ref(), proto, qname, qtype, outcome);
         Some(answer)
     }
 
@@ -295,7 +293,9 @@ impl Resolver {
         })
     }
 
-    async fn audit(
+    /// Queues the query's record; the answer does not wait for it (the record is written with the
+    /// next batch, in the order queued).
+    fn audit(
         &self,
         origin: Option<DnsOrigin>,
         session: Option<&SessionRef>,
@@ -336,9 +336,23 @@ impl Resolver {
             ttl: o.ttl,
             ..Default::default()
         };
-        self.state
-            .audit(audit::Message::Record(Box::new(rec)))
-            .await;
+        if let Err(e) = self
+            .state
+            .audit
+            .try_send(audit::Message::Record(Box::new(rec)))
+        {
+            // Full or closed: wait for room on a task of its own rather than drop the record.
+            let tx = self.state.audit.clone();
+            let msg = match e {
+                tokio::sync::mpsc::error::TrySendError::Full(m)
+                | tokio::sync::mpsc::error::TrySendError::Closed(m) => m,
+            };
+            tokio::spawn(async move {
+                if tx.send(msg).await.is_err() {
+                    tracing::error!("audit task has stopped: DNS records are not being written");
+                }
+            });
+        }
     }
 }
 
