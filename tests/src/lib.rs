@@ -293,6 +293,10 @@ pub fn cgroup2_mount() -> PathBuf {
 pub struct Outside {
     pub netns: String,
     pub host_if: String,
+    /// The outside end of the veth, inside `netns`.
+    pub out_if: String,
+    /// The third octet of the test subnet 198.18.N.0/24.
+    pub n: u32,
     pub v4: String,
     pub v6: String,
     counts: PathBuf,
@@ -323,6 +327,8 @@ impl Outside {
         let mut o = Outside {
             netns: netns.clone(),
             host_if: host_if.clone(),
+            out_if: out_if.clone(),
+            n,
             v4: v4.clone(),
             v6: v6.clone(),
             counts: scratch.0.join(format!("counts-{tag}")),
@@ -364,6 +370,42 @@ impl Outside {
     }
     pub fn tcp6(&self) -> String {
         format!("[{}]:{PORT}", self.v6)
+    }
+
+    /// The outside end's IPv6 link-local address, once duplicate address detection is over on both
+    /// ends (the host end needs one too, as the source).
+    pub fn link_local(&self) -> String {
+        let show = |ns: Option<&str>, dev: &str| {
+            let mut cmd = Command::new("ip");
+            if let Some(ns) = ns {
+                cmd.args(["-n", ns]);
+            }
+            let out = cmd
+                .args(["-6", "-o", "addr", "show", "dev", dev, "scope", "link"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let mut addr = String::new();
+        wait_until("IPv6 link-local addresses on the test veth", 10, || {
+            let (outside, host) = (
+                show(Some(&self.netns), &self.out_if),
+                show(None, &self.host_if),
+            );
+            let ready = |s: &str| s.contains("fe80::") && !s.contains("tentative");
+            if !(ready(&outside) && ready(&host)) {
+                return false;
+            }
+            addr = outside
+                .split_whitespace()
+                .find_map(|w| {
+                    w.strip_prefix("fe80::")
+                        .map(|r| format!("fe80::{}", r.split('/').next().unwrap()))
+                })
+                .unwrap();
+            true
+        });
+        addr
     }
 
     /// What the outside host has received so far, after letting stragglers arrive.

@@ -14,6 +14,7 @@ use std::{
 
 mod bench;
 mod dns;
+mod ways;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -97,6 +98,9 @@ fn report<T>(r: io::Result<T>) -> i32 {
 const PAYLOAD: &[u8] = b"egressd-probe";
 
 fn attempt(kind: &str, target: &str) -> i32 {
+    if let Some(code) = ways::attempt(kind, target) {
+        return code;
+    }
     let addr = || -> SocketAddr { target.parse().expect("target must be IP:port") };
     let timeout = Duration::from_secs(2);
     match kind {
