@@ -97,14 +97,17 @@ pub fn attempt(kind: &str, target: &str) -> Option<i32> {
             s.send_to(PAYLOAD, a)
         })()),
         // TCP to an IPv6 link-local address (fe80::/10) of the test host, scoped to the veth.
-        "tcp-link-local" => report((|| {
+        "tcp-link-local" => {
             let (iface, a) = split_iface(target);
             let SocketAddr::V6(v6) = a else {
                 panic!("tcp-link-local takes an IPv6 address")
             };
             let scoped = SocketAddrV6::new(*v6.ip(), v6.port(), 0, ifindex(iface));
-            TcpStream::connect_timeout(&scoped.into(), Duration::from_secs(2))
-        })()),
+            report(TcpStream::connect_timeout(
+                &scoped.into(),
+                Duration::from_secs(2),
+            ))
+        }
         // TCP Fast Open: the SYN leaves from sendto(MSG_FASTOPEN), with no connect() call.
         "tcp-fastopen" => report((|| {
             let a: SocketAddr = target.parse().expect("ADDR:PORT");
