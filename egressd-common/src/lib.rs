@@ -133,7 +133,7 @@ pub const DEFAULT_FAMILIES: u64 = (1 << 1) | (1 << 2) | (1 << 10) | (1 << 16);
 /// IPv6 (`::ffff:a.b.c.d`) so one trie serves both families and a mapped address is judged as IPv4.
 /// The prefix length always covers the 32 bits of `slot`, so entries of different profiles never match.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct AllowKey {
     /// Big-endian profile slot, so LPM's bit order matches it first.
     pub slot: [u8; 4],

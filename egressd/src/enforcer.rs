@@ -3,6 +3,7 @@
 
 use egressd_common::policy::{allow_key, CompiledProfile};
 use std::{
+    collections::BTreeSet,
     fs,
     os::{fd::AsFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
@@ -136,6 +137,10 @@ pub struct Enforcer {
     lsm: Result<Vec<HookStatus>, String>,
     /// Policy hash per generation, read by the audit task to label decisions.
     hashes: PolicyHashes,
+    /// The allow-table entries each half of the double buffer holds, as (prefix, key) pairs,
+    /// once this daemon has written that half: a reload then deletes only the entries the new
+    /// policy drops instead of walking the whole trie. `None` after start or adoption.
+    installed: [Option<BTreeSet<(u32, AllowKey)>>; 2],
 }
 
 /// Pin layout under bpffs: `<dir>/maps/<MAP>` and `<dir>/links/<program>`.
@@ -231,6 +236,7 @@ impl Enforcer {
             hooks,
             lsm,
             hashes,
+            installed: [None, None],
         })
     }
 
@@ -339,16 +345,37 @@ impl Enforcer {
                     .map_err(Self::map_err(maps::PROFILES))?;
             }
         }
+        let wanted: BTreeSet<(u32, AllowKey)> = profiles
+            .iter()
+            .flat_map(|(idx, compiled)| {
+                let slot = policy_slot(next, *idx);
+                compiled
+                    .allow
+                    .iter()
+                    .map(move |(prefix, addr, _)| (*prefix, allow_key(slot, *addr)))
+            })
+            .collect();
+        let half = (next & 1) as usize;
+        let known = self.installed[half].take();
         {
             let mut allow: LpmTrie<&mut MapData, AllowKey, AllowValue> =
                 LpmTrie::try_from(self.map(maps::ALLOW)?).map_err(Self::map_err(maps::ALLOW))?;
-            let stale: Vec<Key<AllowKey>> = allow
-                .keys()
-                .filter_map(|k| k.ok())
-                .filter(|k| slots.contains(&u32::from_be_bytes(k.data().slot)))
-                .collect();
-            for k in stale {
-                allow.remove(&k).map_err(Self::map_err(maps::ALLOW))?;
+            // Entries of this half that the new policy does not have. Updates overwrite the rest
+            // in place (this half is not in force, so nothing reads it meanwhile).
+            let stale: Vec<(u32, AllowKey)> = match known {
+                Some(known) => known.difference(&wanted).copied().collect(),
+                None => allow
+                    .keys()
+                    .filter_map(|k| k.ok())
+                    .filter(|k| slots.contains(&u32::from_be_bytes(k.data().slot)))
+                    .map(|k| (k.prefix_len(), k.data()))
+                    .filter(|k| !wanted.contains(k))
+                    .collect(),
+            };
+            for (prefix, key) in stale {
+                allow
+                    .remove(&Key::new(prefix, key))
+                    .map_err(Self::map_err(maps::ALLOW))?;
             }
             for (idx, compiled) in profiles {
                 let slot = policy_slot(next, *idx);
@@ -360,6 +387,7 @@ impl Enforcer {
                 }
             }
         }
+        self.installed[half] = Some(wanted);
         let mut gen: Array<&mut MapData, u32> = Array::try_from(self.map(maps::POLICY_GEN)?)
             .map_err(Self::map_err(maps::POLICY_GEN))?;
         gen.set(0, next, 0)

@@ -57,6 +57,32 @@ fn reload_is_root_only_and_a_broken_file_changes_nothing() {
         "the new policy is not in force:\n{}",
         text(&now)
     );
+    // From the third reload on, each half of the double buffer is rewritten from what the daemon
+    // knows it holds. Two reloads with the rule put it in both halves; dropping it then must
+    // really delete it from the half that comes into force.
+    let no_rule = "default_profile = \"lan\"\n[profiles.lan]\n".to_string();
+    let with_rule = allow_outside(&w.outside, "");
+    for (step, (policy, expected)) in [
+        (&with_rule, 0),
+        (&with_rule, 0),
+        (&no_rule, 3),
+        (&no_rule, 3),
+        (&with_rule, 0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        w.daemon.write_policy(policy);
+        let out = w.daemon.ctl(0).args(["policy", "reload"]).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let now = attempt(&w, NOBODY, "tcp", &w.outside.tcp4());
+        assert_eq!(
+            probe_code(&now),
+            expected,
+            "reload {step}: the reloaded policy is not what is in force:\n{}",
+            text(&now)
+        );
+    }
 
     let show = w
         .daemon
