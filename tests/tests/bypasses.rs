@@ -328,8 +328,16 @@ fn leaving_the_session_by_cgroup_or_namespace_changes_nothing() {
         .args(["attempt", "tcp", &tcp4])
         .output()
         .unwrap();
-    assert_ne!(probe_code(&out), 0, "{}", text(&out));
+    // The probe itself runs (unshare succeeds) and its connect is refused by connect4.
+    assert_eq!(probe_code(&out), 3, "{}", text(&out));
     assert_eq!(w.outside.counts(), before);
+    assert_audited(
+        &w.daemon,
+        &session_id(&out),
+        &v4,
+        Some("connect4"),
+        "unshare",
+    );
 
     // As root, entering the outside host's own network namespace: still the sandbox's cgroup.
     let netns = format!("/run/netns/{}", w.outside.netns);
