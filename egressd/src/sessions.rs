@@ -86,6 +86,22 @@ impl StateDir {
         serde_json::from_slice(&bytes).ok()
     }
 
+    /// Ids of every session record on disk.
+    pub fn ids(&self) -> Vec<String> {
+        let Ok(dir) = fs::read_dir(&self.0) else {
+            return Vec::new();
+        };
+        dir.filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                // `.<id>.tmp` files are half-written records.
+                (!name.starts_with('.'))
+                    .then(|| name.strip_suffix(".json").map(String::from))
+                    .flatten()
+            })
+            .collect()
+    }
+
     pub fn forget(&self, id: &str) {
         let _ = fs::remove_file(self.path(id));
     }
