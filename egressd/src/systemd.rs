@@ -222,3 +222,236 @@ impl Systemd {
 fn no_such_unit(e: &zbus::Error) -> bool {
     matches!(e, zbus::Error::MethodError(name, _, _) if name.as_str() == "org.freedesktop.systemd1.NoSuchUnit")
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        os::unix::net::UnixStream,
+        sync::{Arc, Mutex},
+    };
+
+    use zbus::{connection::Builder, object_server::SignalEmitter, Guid, OwnedVariant};
+
+    use super::*;
+
+    fn signature(v: &Variant<'_>) -> String {
+        v.value_signature().to_string()
+    }
+
+    #[test]
+    fn scope_properties_have_the_types_systemd_expects() {
+        let props = scope_properties("0a1b2c3d", 4242, SLICE);
+        let types: Vec<(&str, String)> = props.iter().map(|(k, v)| (*k, signature(v))).collect();
+        assert_eq!(
+            types,
+            [
+                ("Description", "s".to_string()),
+                ("Slice", "s".to_string()),
+                ("PIDs", "au".to_string()),
+                ("CollectMode", "s".to_string()),
+            ]
+        );
+        let get = |name: &str| props.iter().find(|(k, _)| *k == name).unwrap().1.clone();
+        assert_eq!(String::try_from(get("Slice")).unwrap(), "egressd.slice");
+        assert_eq!(Vec::<u32>::try_from(get("PIDs")).unwrap(), [4242]);
+        assert_eq!(
+            String::try_from(get("CollectMode")).unwrap(),
+            "inactive-or-failed"
+        );
+        assert!(!props.iter().any(|(k, _)| *k == "Delegate"));
+    }
+
+    /// One call the stand-in received.
+    #[derive(Debug)]
+    struct Call {
+        method: &'static str,
+        name: String,
+        mode: String,
+        properties: Vec<(String, OwnedVariant)>,
+    }
+
+    /// A STAND-IN FOR SYSTEMD, not systemd: it serves the few org.freedesktop.systemd1.Manager
+    /// methods egressd calls, records each call, and ends every job at once with `result`. No unit
+    /// is started and no process is moved. It emits the job's JobRemoved before its method reply
+    /// (systemd may too, when a job completes quickly), preceded by another job's JobRemoved, so
+    /// the client must have subscribed before calling and must pick out its own job.
+    struct StandInSystemd {
+        calls: Arc<Mutex<Vec<Call>>>,
+        result: &'static str,
+        next_job: u32,
+        /// Unit names StartUnit answers with NoSuchUnit (a unit file not installed).
+        missing: Vec<String>,
+    }
+
+    impl StandInSystemd {
+        async fn job(
+            &mut self,
+            emitter: &SignalEmitter<'_>,
+            method: &'static str,
+            name: String,
+            mode: String,
+            properties: Vec<(String, OwnedVariant)>,
+        ) -> zbus::fdo::Result<OwnedObjectPath> {
+            self.next_job += 2;
+            let id = self.next_job;
+            let job = OwnedObjectPath::try_from(format!("/org/freedesktop/systemd1/job/{id}"))
+                .map_err(|e| zbus::fdo::Error::Failed(e.to_string()))?;
+            let other = ObjectPath::try_from(format!("/org/freedesktop/systemd1/job/{}", id - 1))
+                .map_err(|e| zbus::fdo::Error::Failed(e.to_string()))?;
+            Self::job_removed(emitter, id - 1, other, "unrelated.service", "failed").await?;
+            Self::job_removed(emitter, id, job.as_ref(), &name, self.result).await?;
+            self.calls.lock().unwrap().push(Call {
+                method,
+                name,
+                mode,
+                properties,
+            });
+            Ok(job)
+        }
+    }
+
+    #[zbus::interface(name = "org.freedesktop.systemd1.Manager")]
+    impl StandInSystemd {
+        async fn subscribe(&self) {}
+
+        async fn start_transient_unit(
+            &mut self,
+            #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+            name: String,
+            mode: String,
+            properties: Vec<(String, OwnedVariant)>,
+            _aux: Vec<(String, Vec<(String, OwnedVariant)>)>,
+        ) -> zbus::fdo::Result<OwnedObjectPath> {
+            self.job(&emitter, "StartTransientUnit", name, mode, properties)
+                .await
+        }
+
+        async fn start_unit(
+            &mut self,
+            #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+            name: String,
+            mode: String,
+        ) -> Result<OwnedObjectPath, NoSuchUnit> {
+            if self.missing.contains(&name) {
+                return Err(NoSuchUnit::NoSuchUnit(format!("Unit {name} not found.")));
+            }
+            self.job(&emitter, "StartUnit", name, mode, Vec::new())
+                .await
+                .map_err(|e| NoSuchUnit::ZBus(e.into()))
+        }
+
+        #[zbus(signal)]
+        async fn job_removed(
+            emitter: &SignalEmitter<'_>,
+            id: u32,
+            job: ObjectPath<'_>,
+            unit: &str,
+            result: &str,
+        ) -> zbus::Result<()>;
+    }
+
+    /// The error systemd sends for a unit it cannot find.
+    #[derive(Debug, zbus::DBusError)]
+    #[zbus(prefix = "org.freedesktop.systemd1")]
+    enum NoSuchUnit {
+        #[zbus(error)]
+        ZBus(zbus::Error),
+        NoSuchUnit(String),
+    }
+
+    /// A client [`Systemd`] talking to a stand-in over a socketpair (no bus, no systemd, no root).
+    async fn client_and_stand_in(
+        result: &'static str,
+        missing: &[&str],
+    ) -> (Systemd, Arc<Mutex<Vec<Call>>>, zbus::Connection) {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let stand_in = StandInSystemd {
+            calls: calls.clone(),
+            result,
+            next_job: 100,
+            missing: missing.iter().map(|s| s.to_string()).collect(),
+        };
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let server = Builder::unix_stream(theirs)
+            .server(Guid::generate())
+            .p2p()
+            .serve_at("/org/freedesktop/systemd1", stand_in)
+            .build();
+        let client = Builder::unix_stream(ours).p2p().build();
+        let (server, client) = tokio::try_join!(server, client).unwrap();
+        (Systemd::on(&client).await.unwrap(), calls, server)
+    }
+
+    #[tokio::test]
+    async fn start_scope_sends_start_transient_unit_and_waits_for_done() {
+        let (systemd, calls, _server) = client_and_stand_in("done", &[]).await;
+        systemd
+            .start_scope("egressd-0a1b2c3d.scope", "0a1b2c3d", 4242, SLICE)
+            .await
+            .expect("a job that ends \"done\" starts the scope");
+        let calls = calls.lock().unwrap();
+        assert_eq!(calls.len(), 1);
+        let call = &calls[0];
+        assert_eq!(call.method, "StartTransientUnit");
+        assert_eq!(call.name, "egressd-0a1b2c3d.scope");
+        assert_eq!(call.mode, "fail");
+        let got: Vec<(&str, String)> = call
+            .properties
+            .iter()
+            .map(|(k, v)| (k.as_str(), signature(v)))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("Description", "s".to_string()),
+                ("Slice", "s".to_string()),
+                ("PIDs", "au".to_string()),
+                ("CollectMode", "s".to_string()),
+            ]
+        );
+        let pids = call.properties.iter().find(|(k, _)| k == "PIDs").unwrap();
+        assert_eq!(
+            Vec::<u32>::try_from(pids.1.try_clone().unwrap()).unwrap(),
+            [4242]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_job_is_a_clear_error() {
+        let (systemd, _calls, _server) = client_and_stand_in("failed", &[]).await;
+        let err = systemd
+            .start_scope("egressd-0a1b2c3d.scope", "0a1b2c3d", 4242, SLICE)
+            .await
+            .expect_err("a job that ends \"failed\" is an error");
+        assert!(
+            matches!(&err, SystemdError::JobFailed { unit, result } if unit == "egressd-0a1b2c3d.scope" && result == "failed"),
+            "{err:?}"
+        );
+        let message = err.to_string();
+        assert!(message.contains("egressd-0a1b2c3d.scope"), "{message}");
+        assert!(message.contains("\"failed\""), "{message}");
+    }
+
+    #[tokio::test]
+    async fn the_slice_is_started_by_name_or_else_as_a_transient_unit() {
+        let (systemd, calls, _server) = client_and_stand_in("done", &[]).await;
+        systemd.ensure_slice(SLICE).await.unwrap();
+        {
+            let calls = calls.lock().unwrap();
+            assert_eq!(calls.len(), 1);
+            assert_eq!(
+                (calls[0].method, calls[0].name.as_str()),
+                ("StartUnit", SLICE)
+            );
+        }
+
+        let (systemd, calls, _server) = client_and_stand_in("done", &[SLICE]).await;
+        systemd.ensure_slice(SLICE).await.unwrap();
+        let calls = calls.lock().unwrap();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(
+            (calls[0].method, calls[0].name.as_str()),
+            ("StartTransientUnit", SLICE)
+        );
+    }
+}
