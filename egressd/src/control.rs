@@ -311,6 +311,22 @@ async fn start_session(
                 .start_scope(&unit, &id, pid, crate::systemd::SLICE)
                 .await
                 .map_err(|e| format!("creating the session's scope: {e}"))?;
+            // The programs sit on the slice's cgroup as it was when egressd started. A slice that
+            // was stopped and started again since is a new cgroup without them: refuse rather than
+            // hand out a sandbox with nothing in it.
+            let missing = state
+                .enforcer
+                .missing_on(dir.clone())
+                .await
+                .map_err(|e| format!("checking the session's programs: {e}"))?;
+            if !missing.is_empty() {
+                return Err(format!(
+                    "egressd's programs ({}) are not in force on {}: was {} stopped and started again since egressd started? Restart egressd",
+                    missing.join(", "),
+                    dir.display(),
+                    crate::systemd::SLICE
+                ));
+            }
             cgroup::id_of(&dir).map_err(|e| e.to_string())?
         }
     };
