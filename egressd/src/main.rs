@@ -154,6 +154,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             None
         }
         Backend::Systemd => {
+            if cli.cgroup != "egressd" {
+                tracing::warn!(
+                    "--cgroup {} is ignored: the systemd backend keeps sessions in {}",
+                    cli.cgroup,
+                    systemd::SLICE
+                );
+            }
             let systemd = systemd::Systemd::connect_system().await.context(
                 "the systemd cgroup backend (use --cgroup-backend=direct without systemd)",
             )?;

@@ -171,6 +171,20 @@ mod tests {
     }
 
     #[test]
+    fn state_dir_lists_whole_records_only() {
+        let dir = std::env::temp_dir().join(format!("egressd-state-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let state = StateDir(dir.clone());
+        assert!(state.ids().is_empty(), "a missing directory has no records");
+        fs::create_dir_all(&dir).unwrap();
+        for name in ["0a1b2c3d.json", ".11111111.tmp", "notes.txt"] {
+            fs::write(dir.join(name), b"{}").unwrap();
+        }
+        assert_eq!(state.ids(), ["0a1b2c3d"]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn ids_are_hex_and_differ() {
         let (a, b) = (new_id(), new_id());
         assert_eq!(a.len(), 8);
