@@ -1,7 +1,10 @@
 //! Session cgroups on the cgroup v2 hierarchy.
 //!
-//! Without systemd as init, every session is a root-owned child of `<cgroup2 mount>/<name>` (default
-//! name `egressd`), and the programs are attached to that parent once.
+//! Two backends place sessions. `Direct` (no systemd as init): every session is a root-owned child
+//! `s-<id>` of `<cgroup2 mount>/<name>` (default name `egressd`), created by egressd itself.
+//! `Systemd`: every session is a transient scope `egressd-<id>.scope` in `egressd.slice`, created
+//! by systemd at egressd's request (see `systemd.rs`), so that nothing in systemd's tree is made
+//! behind its back. Either way the programs are attached once, to the parent.
 
 use std::{
     fs,
@@ -67,6 +70,55 @@ fn unescape_mount_path(s: &str) -> String {
     out
 }
 
+/// What exists when systemd runs as init (sd_booted(3) checks the same path).
+pub const SYSTEMD_MARKER: &str = "/run/systemd/system";
+
+/// `--cgroup-backend`: who creates session cgroups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendChoice {
+    /// `systemd` when systemd is init, `direct` otherwise.
+    Auto,
+    /// egressd creates session cgroups itself under `<cgroup2 mount>/<--cgroup>`.
+    Direct,
+    /// Sessions are transient scopes in egressd.slice, created through systemd's D-Bus API.
+    Systemd,
+}
+
+impl BackendChoice {
+    /// The backend to use; `marker` is [`SYSTEMD_MARKER`] outside tests.
+    pub fn resolve(self, marker: &Path) -> Backend {
+        match self {
+            BackendChoice::Direct => Backend::Direct,
+            BackendChoice::Systemd => Backend::Systemd,
+            BackendChoice::Auto if marker.exists() => Backend::Systemd,
+            BackendChoice::Auto => Backend::Direct,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Direct,
+    Systemd,
+}
+
+impl Backend {
+    /// A session's cgroup (and, under systemd, unit) name is `<prefix><id><suffix>`.
+    fn affixes(self) -> (&'static str, &'static str) {
+        match self {
+            Backend::Direct => ("s-", ""),
+            Backend::Systemd => ("egressd-", ".scope"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Direct => "direct",
+            Backend::Systemd => "systemd",
+        }
+    }
+}
+
 /// Where sessions live.
 #[derive(Debug, Clone)]
 pub struct Layout {
@@ -75,28 +127,73 @@ pub struct Layout {
     pub parent: PathBuf,
     /// The cgroup v2 level of session cgroups (root is 0).
     pub session_level: u32,
+    pub backend: Backend,
 }
 
 impl Layout {
+    /// The `Direct` layout: sessions under `<mount>/<parent_name>`.
     pub fn new(parent_name: &str) -> Result<Layout, CgroupError> {
-        let mount = cgroup2_mount()?;
-        let parent = mount.join(parent_name.trim_start_matches('/'));
-        let depth = Path::new(parent_name.trim_start_matches('/'))
-            .components()
-            .count() as u32;
-        Ok(Layout {
+        Ok(Layout::at(
+            cgroup2_mount()?,
+            Backend::Direct,
+            Path::new(parent_name.trim_start_matches('/')),
+        ))
+    }
+
+    /// The `Systemd` layout: sessions in the slice `slice` (e.g. `egressd.slice`).
+    pub fn systemd(slice: &str) -> Result<Layout, CgroupError> {
+        Ok(Layout::at(
+            cgroup2_mount()?,
+            Backend::Systemd,
+            &slice_path(slice),
+        ))
+    }
+
+    /// The layout with the parent at `relative` (to the cgroup2 mount). Session cgroups sit one
+    /// level below the parent, and the programs find a task's session as its ancestor at that
+    /// level, so the level must be the parent's real depth plus one.
+    pub fn at(mount: PathBuf, backend: Backend, relative: &Path) -> Layout {
+        let depth = relative.components().count() as u32;
+        Layout {
+            parent: mount.join(relative),
             mount,
-            parent,
             session_level: depth + 1,
-        })
+            backend,
+        }
     }
 
     pub fn ensure_parent(&self) -> Result<(), CgroupError> {
         fs::create_dir_all(&self.parent).map_err(io_err("creating cgroup", &self.parent))
     }
 
+    /// The cgroup directory name of session `id`; under systemd also its scope's unit name.
+    pub fn session_name(&self, id: &str) -> String {
+        let (prefix, suffix) = self.backend.affixes();
+        format!("{prefix}{id}{suffix}")
+    }
+
+    /// The session id a cgroup directory name stands for, if it is a session's.
+    pub fn session_id<'a>(&self, name: &'a str) -> Option<&'a str> {
+        let (prefix, suffix) = self.backend.affixes();
+        let id = name.strip_prefix(prefix)?.strip_suffix(suffix)?;
+        match self.backend {
+            Backend::Direct => Some(id),
+            // Only our own ids (hex) in unit names: anything else in the slice is not a session.
+            Backend::Systemd => {
+                (!id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric())).then_some(id)
+            }
+        }
+    }
+
+    /// Whether egressd removes a session's cgroup once it has emptied. Under systemd the scope
+    /// stops when it empties and systemd removes its cgroup: removing it ourselves would be
+    /// changing systemd's tree behind its back.
+    pub fn removes_session_cgroups(&self) -> bool {
+        self.backend == Backend::Direct
+    }
+
     pub fn session_dir(&self, id: &str) -> PathBuf {
-        self.parent.join(format!("s-{id}"))
+        self.parent.join(self.session_name(id))
     }
 
     /// The path as /proc/PID/cgroup shows it: relative to the mount, with a leading slash.
@@ -114,9 +211,28 @@ impl Layout {
         };
         dir.filter_map(|e| e.ok())
             .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
-            .filter_map(|e| e.file_name().to_str()?.strip_prefix("s-").map(String::from))
+            .filter_map(|e| self.session_id(e.file_name().to_str()?).map(String::from))
             .collect()
     }
+}
+
+/// Where systemd puts a slice's cgroup, relative to the cgroup2 mount: a dash in a slice name is
+/// nesting (`a-b.slice` is `a.slice/a-b.slice`), and `-.slice` is the root.
+pub fn slice_path(slice: &str) -> PathBuf {
+    let stem = slice.strip_suffix(".slice").unwrap_or(slice);
+    let mut path = PathBuf::new();
+    if stem == "-" || stem.is_empty() {
+        return path;
+    }
+    let mut prefix = String::new();
+    for part in stem.split('-') {
+        if !prefix.is_empty() {
+            prefix.push('-');
+        }
+        prefix.push_str(part);
+        path.push(format!("{prefix}.slice"));
+    }
+    path
 }
 
 /// Creates a session cgroup (owned by root, so its members cannot write its `cgroup.procs` or any
@@ -173,6 +289,86 @@ pub fn remove(dir: &Path) -> Result<(), CgroupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backend_follows_the_systemd_marker_unless_forced() {
+        let dir = std::env::temp_dir().join(format!("egressd-marker-{}", std::process::id()));
+        let _ = fs::remove_dir(&dir);
+        assert_eq!(BackendChoice::Auto.resolve(&dir), Backend::Direct);
+        assert_eq!(BackendChoice::Systemd.resolve(&dir), Backend::Systemd);
+        fs::create_dir(&dir).unwrap();
+        assert_eq!(BackendChoice::Auto.resolve(&dir), Backend::Systemd);
+        assert_eq!(BackendChoice::Direct.resolve(&dir), Backend::Direct);
+        fs::remove_dir(&dir).unwrap();
+    }
+
+    fn systemd_layout(mount: &str) -> Layout {
+        Layout::at(mount.into(), Backend::Systemd, &slice_path("egressd.slice"))
+    }
+
+    #[test]
+    fn direct_layout_is_unchanged() {
+        let l = Layout::at(
+            "/sys/fs/cgroup".into(),
+            Backend::Direct,
+            Path::new("egressd"),
+        );
+        assert_eq!(l.parent, Path::new("/sys/fs/cgroup/egressd"));
+        assert_eq!(l.session_level, 2);
+        assert_eq!(
+            l.session_dir("0a1b2c3d"),
+            Path::new("/sys/fs/cgroup/egressd/s-0a1b2c3d")
+        );
+        assert_eq!(l.session_id("s-0a1b2c3d"), Some("0a1b2c3d"));
+        assert_eq!(l.session_id("egressd-0a1b2c3d.scope"), None);
+        assert!(l.removes_session_cgroups());
+        let nested = Layout::at(
+            "/sys/fs/cgroup/unified".into(),
+            Backend::Direct,
+            Path::new("a/b"),
+        );
+        assert_eq!(nested.session_level, 3);
+    }
+
+    #[test]
+    fn scopes_are_named_and_parsed_back() {
+        let l = systemd_layout("/sys/fs/cgroup");
+        assert_eq!(l.session_name("0a1b2c3d"), "egressd-0a1b2c3d.scope");
+        assert_eq!(
+            l.session_dir("0a1b2c3d"),
+            Path::new("/sys/fs/cgroup/egressd.slice/egressd-0a1b2c3d.scope")
+        );
+        assert_eq!(l.session_id("egressd-0a1b2c3d.scope"), Some("0a1b2c3d"));
+        for other in [
+            "s-0a1b2c3d",
+            "egressd-.scope",
+            "egressd-0a1b2c3d.service",
+            "egressd-0a-1b.scope",
+            "other-0a1b2c3d.scope",
+        ] {
+            assert_eq!(l.session_id(other), None, "{other}");
+        }
+        assert!(!l.removes_session_cgroups());
+    }
+
+    #[test]
+    fn session_level_follows_the_slice_depth() {
+        // egressd.slice sits at the root: slice at level 1, scopes at level 2.
+        let l = systemd_layout("/sys/fs/cgroup/unified");
+        assert_eq!(l.parent, Path::new("/sys/fs/cgroup/unified/egressd.slice"));
+        assert_eq!(l.session_level, 2);
+        assert_eq!(
+            slice_path("a-b-c.slice"),
+            Path::new("a.slice/a-b.slice/a-b-c.slice")
+        );
+        let nested = Layout::at(
+            "/sys/fs/cgroup".into(),
+            Backend::Systemd,
+            &slice_path("a-b.slice"),
+        );
+        assert_eq!(nested.session_level, 3);
+        assert_eq!(slice_path("-.slice"), Path::new(""));
+    }
 
     #[test]
     fn unescapes_mount_paths() {

@@ -296,7 +296,40 @@ async fn start_session(
 
     let id = sessions::new_id();
     let dir = state.layout.session_dir(&id);
-    let cgroup_id = cgroup::create(&dir).map_err(|e| e.to_string())?;
+    let cgroup_id = match &state.systemd {
+        None => cgroup::create(&dir).map_err(|e| e.to_string())?,
+        Some(systemd) => {
+            // systemd moves the caller into the scope as it starts it, so here (unlike the direct
+            // path) the caller is in the session's cgroup before the session is registered below.
+            // That window is safe: the caller is egressctl, blocked on this reply before it execs
+            // anything, and the programs give a cgroup under the slice with no registered session
+            // the strictest policy (loopback only, `current_session` in egressd-ebpf), so whatever
+            // ran there would be held tighter, never looser. The session is registered before we
+            // reply, so CMD only ever runs under its profile.
+            let unit = state.layout.session_name(&id);
+            systemd
+                .start_scope(&unit, &id, pid, crate::systemd::SLICE)
+                .await
+                .map_err(|e| format!("creating the session's scope: {e}"))?;
+            // The programs sit on the slice's cgroup as it was when egressd started. A slice that
+            // was stopped and started again since is a new cgroup without them: refuse rather than
+            // hand out a sandbox with nothing in it.
+            let missing = state
+                .enforcer
+                .missing_on(dir.clone())
+                .await
+                .map_err(|e| format!("checking the session's programs: {e}"))?;
+            if !missing.is_empty() {
+                return Err(format!(
+                    "egressd's programs ({}) are not in force on {}: was {} stopped and started again since egressd started? Restart egressd",
+                    missing.join(", "),
+                    dir.display(),
+                    crate::systemd::SLICE
+                ));
+            }
+            cgroup::id_of(&dir).map_err(|e| e.to_string())?
+        }
+    };
     let session = Session {
         id: id.clone(),
         profile: profile.clone(),
@@ -316,7 +349,9 @@ async fn start_session(
             .add_session(cgroup_id, index)
             .await
             .map_err(|e| e.to_string())?;
-        cgroup::move_process(&dir, pid).map_err(|e| e.to_string())?;
+        if state.systemd.is_none() {
+            cgroup::move_process(&dir, pid).map_err(|e| e.to_string())?;
+        }
         state.watch(&session);
         if let Err(e) = state.state_dir.save(&session) {
             tracing::warn!("saving session {id} state: {e} (a restarted daemon will treat it as loopback-only)");
@@ -325,7 +360,10 @@ async fn start_session(
     };
     if let Err(e) = setup.await {
         let _ = state.enforcer.remove_session(cgroup_id).await;
-        let _ = cgroup::remove(&dir);
+        // A failed scope is left to systemd: it stops once egressctl, refused, exits.
+        if state.layout.removes_session_cgroups() {
+            let _ = cgroup::remove(&dir);
+        }
         return Err(format!("setting up the sandbox failed: {e}"));
     }
     tracing::info!(

@@ -22,6 +22,7 @@ use crate::{
     cgroup::{self, Layout},
     enforcer::Handle,
     sessions::{Registry, Session, StateDir},
+    systemd::Systemd,
 };
 
 /// nix's Inotify offers only `AsFd`; tokio's `AsyncFd` wants `AsRawFd`.
@@ -100,6 +101,8 @@ pub struct State {
     pub names: audit::SessionNames,
     /// Enforcement layers in force ("cgroup", "lsm"), fixed at start.
     pub layers: Vec<String>,
+    /// The connection to systemd, with the systemd backend (made once at start and kept).
+    pub systemd: Option<Systemd>,
     watcher: AsyncFd<Watcher>,
 }
 
@@ -111,6 +114,7 @@ pub struct Wiring {
     pub audit_path: PathBuf,
     pub names: audit::SessionNames,
     pub layers: Vec<String>,
+    pub systemd: Option<Systemd>,
 }
 
 impl State {
@@ -138,6 +142,7 @@ impl State {
             audit_path: wiring.audit_path,
             names: wiring.names,
             layers: wiring.layers,
+            systemd: wiring.systemd,
             watcher: readable_fd(Watcher(inotify))?,
         })
     }
@@ -283,6 +288,32 @@ impl State {
             .await;
             self.registry.lock().await.insert(session);
         }
+        if !self.layout.removes_session_cgroups() {
+            // systemd removed the scopes that emptied while no daemon ran: their records are all
+            // that is left. They are adopted as they are, and the first reap ends them with their
+            // final counters (still in the pinned maps) and a session-end record.
+            let present: BTreeSet<String> = self.layout.existing_sessions().into_iter().collect();
+            for id in self.state_dir.ids() {
+                if present.contains(&id) {
+                    continue;
+                }
+                let Some(session) = self.state_dir.load(&id) else {
+                    continue;
+                };
+                kept.insert(session.cgroup_id);
+                self.name(&session);
+                tracing::info!(session = %id, "session ended while no daemon ran");
+                let hash = self.policy.read().await.hash.clone();
+                self.audit(audit::Message::SessionStart(
+                    session.clone(),
+                    hash,
+                    true,
+                    self.layers.clone(),
+                ))
+                .await;
+                self.registry.lock().await.insert(session);
+            }
+        }
         for cgroup_id in registered.keys().filter(|id| !kept.contains(id)) {
             let _ = self.enforcer.remove_session(*cgroup_id).await;
         }
@@ -300,8 +331,12 @@ impl State {
                 .remove_session(s.cgroup_id)
                 .await
                 .unwrap_or_default();
-            if let Err(e) = cgroup::remove(&s.dir) {
-                tracing::warn!(session = %id, "removing cgroup: {e}");
+            // Under systemd the directory is gone or about to go (the scope stopped as it
+            // emptied): the session still ends here, record and all.
+            if self.layout.removes_session_cgroups() {
+                if let Err(e) = cgroup::remove(&s.dir) {
+                    tracing::warn!(session = %id, "removing cgroup: {e}");
+                }
             }
             self.state_dir.forget(&id);
             self.audit(audit::Message::SessionEnd(s.clone(), totals))

@@ -8,6 +8,7 @@ mod daemon;
 mod dns;
 mod enforcer;
 mod sessions;
+mod systemd;
 
 use std::{
     os::unix::fs::PermissionsExt as _,
@@ -26,7 +27,7 @@ use tokio::{
 use egressd_common::policy::{Config, DEFAULT_CONFIG_PATH};
 
 use crate::{
-    cgroup::Layout,
+    cgroup::{Backend, BackendChoice, Layout},
     daemon::State,
     enforcer::{Enforcer, PinDir},
     sessions::StateDir,
@@ -42,9 +43,21 @@ struct Cli {
     /// Control socket.
     #[arg(long, global = true, env = SOCKET_ENV, default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
-    /// Name of the cgroup (under the cgroup2 mount) that holds every session.
+    /// Name of the cgroup (under the cgroup2 mount) that holds every session, with the direct
+    /// backend. The systemd backend always uses egressd.slice.
     #[arg(long, global = true, env = "EGRESSD_CGROUP", default_value = "egressd")]
     cgroup: String,
+    /// Who creates session cgroups: `systemd` (transient scopes in egressd.slice, through
+    /// systemd's D-Bus API), `direct` (egressd itself, under --cgroup), or `auto` (systemd when it
+    /// is init, i.e. /run/systemd/system exists).
+    #[arg(
+        long,
+        global = true,
+        env = "EGRESSD_CGROUP_BACKEND",
+        value_enum,
+        default_value_t = BackendChoice::Auto
+    )]
+    cgroup_backend: BackendChoice,
     /// Where programs' links and maps are pinned (bpffs).
     #[arg(
         long,
@@ -126,14 +139,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let (config, source) = Config::load(&cli.config)?;
     ensure_bpffs(&cli.bpffs)?;
     ensure_securityfs();
-    let layout = Layout::new(&cli.cgroup)?;
-    layout.ensure_parent()?;
-    if Path::new("/run/systemd/system").exists() {
-        tracing::warn!(
-            "systemd is init: sessions are created under {} directly; the egressd.slice backend is not implemented yet",
-            layout.parent.display()
-        );
-    }
+    let layout = layout_for(&cli)?;
+    // The parent must exist before the programs are attached to it, and the programs before any
+    // session exists.
+    let systemd = match layout.backend {
+        Backend::Direct => {
+            if Path::new(cgroup::SYSTEMD_MARKER).exists() {
+                tracing::warn!(
+                    "systemd is init but --cgroup-backend=direct: sessions are created under {} behind systemd's back",
+                    layout.parent.display()
+                );
+            }
+            layout.ensure_parent()?;
+            None
+        }
+        Backend::Systemd => {
+            if cli.cgroup != "egressd" {
+                tracing::warn!(
+                    "--cgroup {} is ignored: the systemd backend keeps sessions in {}",
+                    cli.cgroup,
+                    systemd::SLICE
+                );
+            }
+            let systemd = systemd::Systemd::connect_system().await.context(
+                "the systemd cgroup backend (use --cgroup-backend=direct without systemd)",
+            )?;
+            systemd
+                .ensure_slice(systemd::SLICE)
+                .await
+                .with_context(|| format!("starting {}", systemd::SLICE))?;
+            if !layout.parent.is_dir() {
+                bail!(
+                    "{} is active but its cgroup {} does not exist; is {} systemd's cgroup2 hierarchy?",
+                    systemd::SLICE,
+                    layout.parent.display(),
+                    layout.mount.display()
+                );
+            }
+            Some(systemd)
+        }
+    };
     let socket = bind_socket(&cli.socket, config.socket_group.as_deref())?;
 
     let audit_path = config.audit.path();
@@ -222,6 +267,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             audit_path,
             names,
             layers: layers.clone(),
+            systemd,
         },
         config.clone(),
         source.clone(),
@@ -250,6 +296,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing::info!(
         policy = %source,
         cgroup = %state.layout.parent.display(),
+        backend = state.layout.backend.name(),
         hooks = %hooks.iter().map(|h| h.attach_type.as_str()).collect::<Vec<_>>().join(","),
         layers = %layers.join(","),
         socket = %cli.socket.display(),
@@ -365,13 +412,26 @@ fn notify_systemd_ready() {
     }
 }
 
+/// The session layout of `--cgroup-backend`.
+fn layout_for(cli: &Cli) -> anyhow::Result<Layout> {
+    Ok(
+        match cli
+            .cgroup_backend
+            .resolve(Path::new(cgroup::SYSTEMD_MARKER))
+        {
+            Backend::Direct => Layout::new(&cli.cgroup)?,
+            Backend::Systemd => Layout::systemd(systemd::SLICE)?,
+        },
+    )
+}
+
 fn cleanup(cli: &Cli) -> anyhow::Result<()> {
     let pins = PinDir(cli.bpffs.clone());
     let removed = enforcer::unpin_all(&pins)?;
     for p in &removed {
         println!("unpinned {}", p.display());
     }
-    let layout = Layout::new(&cli.cgroup)?;
+    let layout = layout_for(cli)?;
     for id in layout.existing_sessions() {
         let dir = layout.session_dir(&id);
         if cgroup::populated(&dir) {
@@ -379,14 +439,22 @@ fn cleanup(cli: &Cli) -> anyhow::Result<()> {
                 "session {id} still has processes; left {} in place (now unenforced)",
                 dir.display()
             );
+        } else if !layout.removes_session_cgroups() {
+            // An empty scope stops by itself and systemd removes its cgroup; nothing to do.
         } else if cgroup::remove(&dir).is_ok() {
             println!("removed {}", dir.display());
         }
     }
-    match std::fs::remove_dir(&layout.parent) {
-        Ok(()) => println!("removed {}", layout.parent.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => println!("left {}: {e}", layout.parent.display()),
+    if layout.backend == Backend::Systemd {
+        // Stopping egressd.slice would kill whatever still runs in its scopes; an empty slice
+        // costs nothing, and a package purge removes its unit file.
+        println!("left {} to systemd", systemd::SLICE);
+    } else {
+        match std::fs::remove_dir(&layout.parent) {
+            Ok(()) => println!("removed {}", layout.parent.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => println!("left {}: {e}", layout.parent.display()),
+        }
     }
     let _ = std::fs::remove_dir_all(sessions::state_dir_for(&cli.socket));
     Ok(())

@@ -86,6 +86,22 @@ impl StateDir {
         serde_json::from_slice(&bytes).ok()
     }
 
+    /// Ids of every session record on disk.
+    pub fn ids(&self) -> Vec<String> {
+        let Ok(dir) = fs::read_dir(&self.0) else {
+            return Vec::new();
+        };
+        dir.filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                // `.<id>.tmp` files are half-written records.
+                (!name.starts_with('.'))
+                    .then(|| name.strip_suffix(".json").map(String::from))
+                    .flatten()
+            })
+            .collect()
+    }
+
     pub fn forget(&self, id: &str) {
         let _ = fs::remove_file(self.path(id));
     }
@@ -152,6 +168,20 @@ mod tests {
         assert!(is_under("/egressd", "/egressd"));
         assert!(!is_under("/egressd-other/s-1", "/egressd"));
         assert!(!is_under("/user.slice", "/egressd"));
+    }
+
+    #[test]
+    fn state_dir_lists_whole_records_only() {
+        let dir = std::env::temp_dir().join(format!("egressd-state-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let state = StateDir(dir.clone());
+        assert!(state.ids().is_empty(), "a missing directory has no records");
+        fs::create_dir_all(&dir).unwrap();
+        for name in ["0a1b2c3d.json", ".11111111.tmp", "notes.txt"] {
+            fs::write(dir.join(name), b"{}").unwrap();
+        }
+        assert_eq!(state.ids(), ["0a1b2c3d"]);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

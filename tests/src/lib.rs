@@ -164,6 +164,10 @@ impl Daemon {
             self.socket.display().to_string(),
             "--cgroup".into(),
             self.name.clone(),
+            // Private daemons side by side need private parent cgroups, which only the direct
+            // backend gives (under systemd, auto would put them all in egressd.slice).
+            "--cgroup-backend".into(),
+            "direct".into(),
             "--bpffs".into(),
             format!("/sys/fs/bpf/{}", self.name),
         ]

@@ -66,6 +66,7 @@ fn install_and_check(deb: &std::path::Path) -> anyhow::Result<()> {
             "/usr/bin/egressd",
             "/usr/bin/egressctl",
             "/lib/systemd/system/egressd.service",
+            "/lib/systemd/system/egressd.slice",
             "/usr/lib/tmpfiles.d/egressd.conf",
             "/etc/egressd/egressd.toml",
         ] {
@@ -74,8 +75,12 @@ fn install_and_check(deb: &std::path::Path) -> anyhow::Result<()> {
             }
         }
         check(
-            Command::new("systemd-analyze").args(["verify", "/lib/systemd/system/egressd.service"]),
-            "systemd-analyze verify egressd.service",
+            Command::new("systemd-analyze").args([
+                "verify",
+                "/lib/systemd/system/egressd.service",
+                "/lib/systemd/system/egressd.slice",
+            ]),
+            "systemd-analyze verify egressd.service egressd.slice",
         )?;
         check(
             Command::new("/usr/bin/egressctl").args([

@@ -119,7 +119,8 @@ pub fn sweep(bins: &Bins) {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with("egbench") {
                 let _ = Command::new(&bins.egressd)
-                    .args(["--cgroup", &name, "--bpffs", &format!("/sys/fs/bpf/{name}")])
+                    .args(["--cgroup", &name, "--cgroup-backend", "direct"])
+                    .args(["--bpffs", &format!("/sys/fs/bpf/{name}")])
                     .arg("cleanup")
                     .output();
                 remove_cgroup(&e.path());
@@ -398,6 +399,10 @@ impl Daemon {
             self.socket.display().to_string(),
             "--cgroup".into(),
             self.name.clone(),
+            // Private daemons side by side need private parent cgroups, which only the direct
+            // backend gives (under systemd, auto would put them all in egressd.slice).
+            "--cgroup-backend".into(),
+            "direct".into(),
             "--bpffs".into(),
             format!("/sys/fs/bpf/{}", self.name),
         ]
