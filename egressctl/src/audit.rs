@@ -523,51 +523,35 @@ fn export(
 /// An OCSF 1.1 Network Activity event (class 4001) for a decision record, a DNS Activity event
 /// (class 4003) for a DNS record.
 fn ocsf(r: &Record) -> Option<serde_json::Value> {
-    if r.kind == "dns" {
-        return ocsf_dns(r);
+    match r.kind.as_str() {
+        "decision" => {
+            let mut event = ocsf_event(r, 4001)?;
+            event["count"] = serde_json::json!(r.count.unwrap_or(1));
+            event["actor"]["process"]["file"] =
+                serde_json::json!(r.exe.as_ref().map(|p| serde_json::json!({ "path": p })));
+            event["unmapped"] =
+                serde_json::json!({ "hook": r.hook, "policy": r.policy, "egressd_seq": r.seq });
+            Some(event)
+        }
+        "dns" => {
+            let mut event = ocsf_event(r, 4003)?;
+            event["query"] = serde_json::json!({ "hostname": r.qname, "type": r.qtype });
+            event["rcode"] = serde_json::json!(r.rcode);
+            event["answers"] = r
+                .answers
+                .iter()
+                .flatten()
+                .map(|a| serde_json::json!({ "rdata": a, "ttl": r.ttl }))
+                .collect();
+            Some(event)
+        }
+        _ => None,
     }
-    if r.kind != "decision" {
-        return None;
-    }
-    let time_ms = humantime::parse_rfc3339(&r.time)
-        .ok()?
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .ok()?
-        .as_millis() as u64;
-    let denied = r.verdict.as_deref() == Some("denied");
-    Some(serde_json::json!({
-        "category_uid": 4,
-        "class_uid": 4001,
-        "activity_id": 1,
-        "type_uid": 400101,
-        "severity_id": if denied { 3 } else { 1 },
-        "status_id": if denied { 2 } else { 1 },
-        "action_id": if denied { 2 } else { 1 },
-        "disposition_id": if denied { 2 } else { 1 },
-        "time": time_ms,
-        "count": r.count.unwrap_or(1),
-        "message": r.reason,
-        "metadata": {
-            "version": "1.1.0",
-            "product": { "name": "egressd", "vendor_name": "egressd" },
-            "sequence": r.seq,
-            "correlation_uid": r.session,
-        },
-        "connection_info": { "direction_id": 2, "protocol_name": r.protocol },
-        "dst_endpoint": { "ip": r.dest, "port": r.port },
-        "actor": {
-            "process": {
-                "pid": r.tgid,
-                "name": r.comm,
-                "file": r.exe.as_ref().map(|p| serde_json::json!({ "path": p })),
-                "user": { "uid": r.uid.map(|u| u.to_string()) },
-            }
-        },
-        "unmapped": { "hook": r.hook, "policy": r.policy, "egressd_seq": r.seq },
-    }))
 }
 
-fn ocsf_dns(r: &Record) -> Option<serde_json::Value> {
+/// What Network Activity (4001) and DNS Activity (4003) events share: class, outcome, time,
+/// product, destination and process.
+fn ocsf_event(r: &Record, class_uid: u32) -> Option<serde_json::Value> {
     let time_ms = humantime::parse_rfc3339(&r.time)
         .ok()?
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -576,9 +560,9 @@ fn ocsf_dns(r: &Record) -> Option<serde_json::Value> {
     let denied = r.verdict.as_deref() == Some("denied");
     Some(serde_json::json!({
         "category_uid": 4,
-        "class_uid": 4003,
+        "class_uid": class_uid,
         "activity_id": 1,
-        "type_uid": 400301,
+        "type_uid": class_uid * 100 + 1,
         "severity_id": if denied { 3 } else { 1 },
         "status_id": if denied { 2 } else { 1 },
         "action_id": if denied { 2 } else { 1 },
@@ -591,11 +575,8 @@ fn ocsf_dns(r: &Record) -> Option<serde_json::Value> {
             "sequence": r.seq,
             "correlation_uid": r.session,
         },
-        "query": { "hostname": r.qname, "type": r.qtype },
-        "rcode": r.rcode,
-        "answers": r.answers.iter().flatten().map(|a| serde_json::json!({ "rdata": a, "ttl": r.ttl })).collect::<Vec<_>>(),
-        "dst_endpoint": { "ip": r.dest, "port": r.port },
         "connection_info": { "direction_id": 2, "protocol_name": r.protocol },
+        "dst_endpoint": { "ip": r.dest, "port": r.port },
         "actor": {
             "process": {
                 "pid": r.tgid,
@@ -654,5 +635,60 @@ fn summary(records: Vec<Record>) {
     println!("{:<40} {:>9} {:>9}", "DESTINATION", "ALLOWED", "DENIED");
     for (d, t) in &dests {
         println!("{:<40} {:>9} {:>9}", d, t.allowed, t.denied);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(kind: &str) -> Record {
+        Record {
+            kind: kind.into(),
+            time: "2026-11-22T15:04:56.364Z".into(),
+            session: Some("e38b4bc8".into()),
+            verdict: Some("denied".into()),
+            dest: Some("198.18.0.2".into()),
+            port: Some(443),
+            tgid: Some(2539),
+            comm: Some("python3".into()),
+            uid: Some(1000),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ocsf_maps_decisions_and_dns_to_their_classes() {
+        let mut d = record("decision");
+        d.exe = Some("/usr/bin/python3".into());
+        d.count = Some(3);
+        d.hook = Some("connect4".into());
+        let e = ocsf(&d).unwrap();
+        assert_eq!(e["class_uid"], 4001);
+        assert_eq!(e["type_uid"], 400101);
+        assert_eq!(e["status_id"], 2);
+        assert_eq!(e["time"], 1_795_359_896_364u64);
+        assert_eq!(e["count"], 3);
+        assert_eq!(e["dst_endpoint"]["port"], 443);
+        assert_eq!(e["actor"]["process"]["name"], "python3");
+        assert_eq!(e["actor"]["process"]["file"]["path"], "/usr/bin/python3");
+        assert_eq!(e["actor"]["process"]["user"]["uid"], "1000");
+        assert_eq!(e["unmapped"]["hook"], "connect4");
+
+        let mut q = record("dns");
+        q.verdict = Some("allowed".into());
+        q.qname = Some("git.corp.example".into());
+        q.answers = Some(vec!["198.18.0.7".into()]);
+        q.ttl = Some(60);
+        let e = ocsf(&q).unwrap();
+        assert_eq!(e["class_uid"], 4003);
+        assert_eq!(e["type_uid"], 400301);
+        assert_eq!(e["status_id"], 1);
+        assert_eq!(e["query"]["hostname"], "git.corp.example");
+        assert_eq!(e["answers"][0]["rdata"], "198.18.0.7");
+        assert_eq!(e["answers"][0]["ttl"], 60);
+        assert!(e.get("count").is_none());
+
+        assert!(ocsf(&record("session_start")).is_none());
     }
 }

@@ -39,8 +39,8 @@ pub fn doctor(socket: &Path) -> ExitCode {
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     r.line(Level::Info, "kernel", release.trim());
 
-    match cgroup2_mount() {
-        Some(m) => r.line(Level::Ok, "cgroup v2", format!("mounted at {m}")),
+    match egressd_common::host::cgroup2_mount() {
+        Some(m) => r.line(Level::Ok, "cgroup v2", format!("mounted at {}", m.display())),
         None => r.line(
             Level::Fail,
             "cgroup v2",
@@ -164,17 +164,6 @@ pub fn doctor(socket: &Path) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
-}
-
-fn cgroup2_mount() -> Option<String> {
-    fs::read_to_string("/proc/self/mounts")
-        .ok()?
-        .lines()
-        .find_map(|l| {
-            let mut f = l.split_whitespace();
-            let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
-            (fstype == "cgroup2").then(|| dir.to_string())
-        })
 }
 
 const BPF_PROG_TYPE_CGROUP_SKB: u32 = 8;

@@ -125,16 +125,7 @@ fn verify_enforced(client: &mut Client, started: &SessionStarted) -> anyhow::Res
 
 /// The cgroup2 mount joined with a path from /proc/self/cgroup.
 fn cgroup_dir(relative: &str) -> anyhow::Result<PathBuf> {
-    let mounts = fs::read_to_string("/proc/self/mounts")?;
-    let mount = mounts
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
-            (fstype == "cgroup2").then(|| PathBuf::from(dir))
-        })
-        .next()
-        .context("no cgroup2 mount")?;
+    let mount = egressd_common::host::cgroup2_mount().context("no cgroup2 mount")?;
     Ok(mount.join(relative.trim_start_matches('/')))
 }
 

@@ -13,6 +13,8 @@ pub mod audit;
 #[cfg(feature = "user")]
 pub mod dns_policy;
 #[cfg(feature = "user")]
+pub mod host;
+#[cfg(feature = "user")]
 pub mod layers;
 #[cfg(feature = "user")]
 pub mod policy;

@@ -33,41 +33,9 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
     }
 }
 
-/// The first cgroup2 mount in /proc/self/mounts (`/sys/fs/cgroup` on most machines,
-/// `/sys/fs/cgroup/unified` on hybrid layouts).
+/// The cgroup2 mount, or an error that says how to get one.
 pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
-    let mounts = fs::read_to_string("/proc/self/mounts")
-        .map_err(io_err("reading", Path::new("/proc/self/mounts")))?;
-    mounts
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let (_dev, dir, fstype) = (f.next()?, f.next()?, f.next()?);
-            (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount_path(dir)))
-        })
-        .next()
-        .ok_or(CgroupError::NoCgroup2)
-}
-
-/// /proc/mounts escapes space, tab, newline and backslash as octal.
-fn unescape_mount_path(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v as char);
-            i += 4;
-        } else {
-            out.push(b[i] as char);
-            i += 1;
-        }
-    }
-    out
+    egressd_common::host::cgroup2_mount().ok_or(CgroupError::NoCgroup2)
 }
 
 /// What exists when systemd runs as init (sd_booted(3) checks the same path).
@@ -368,11 +336,5 @@ mod tests {
         );
         assert_eq!(nested.session_level, 3);
         assert_eq!(slice_path("-.slice"), Path::new(""));
-    }
-
-    #[test]
-    fn unescapes_mount_paths() {
-        assert_eq!(unescape_mount_path("/a\\040b"), "/a b");
-        assert_eq!(unescape_mount_path("/sys/fs/cgroup"), "/sys/fs/cgroup");
     }
 }

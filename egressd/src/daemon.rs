@@ -275,18 +275,9 @@ impl State {
                 }
             }
             kept.insert(session.cgroup_id);
-            self.name(&session);
             self.watch(&session);
             tracing::info!(session = %id, profile = %session.profile, "adopted running session");
-            let hash = self.policy.read().await.hash.clone();
-            self.audit(audit::Message::SessionStart(
-                session.clone(),
-                hash,
-                true,
-                self.layers.clone(),
-            ))
-            .await;
-            self.registry.lock().await.insert(session);
+            self.adopt(session).await;
         }
         if !self.layout.removes_session_cgroups() {
             // systemd removed the scopes that emptied while no daemon ran: their records are all
@@ -301,22 +292,28 @@ impl State {
                     continue;
                 };
                 kept.insert(session.cgroup_id);
-                self.name(&session);
                 tracing::info!(session = %id, "session ended while no daemon ran");
-                let hash = self.policy.read().await.hash.clone();
-                self.audit(audit::Message::SessionStart(
-                    session.clone(),
-                    hash,
-                    true,
-                    self.layers.clone(),
-                ))
-                .await;
-                self.registry.lock().await.insert(session);
+                self.adopt(session).await;
             }
         }
         for cgroup_id in registered.keys().filter(|id| !kept.contains(id)) {
             let _ = self.enforcer.remove_session(*cgroup_id).await;
         }
+    }
+
+    /// Makes a previous daemon's session ours: named for the audit task, a session_start record
+    /// marked adopted, registered for ps and the reaper.
+    async fn adopt(&self, session: Session) {
+        self.name(&session);
+        let hash = self.policy.read().await.hash.clone();
+        self.audit(audit::Message::SessionStart(
+            session.clone(),
+            hash,
+            true,
+            self.layers.clone(),
+        ))
+        .await;
+        self.registry.lock().await.insert(session);
     }
 
     /// Ends every session whose cgroup has emptied: final counters, cgroup removed, record written.

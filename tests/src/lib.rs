@@ -282,14 +282,7 @@ fn populated(dir: &std::path::Path) -> bool {
 }
 
 pub fn cgroup2_mount() -> PathBuf {
-    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
-    mounts
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
-        })
-        .expect("cgroup2 mount")
+    egressd_common::host::cgroup2_mount().expect("cgroup2 mount")
 }
 
 /// An "outside" host: a network namespace behind a veth pair, with addresses from 198.18.0.0/15

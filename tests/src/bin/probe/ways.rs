@@ -16,7 +16,7 @@ use std::{
 
 use nix::sys::socket::{setsockopt, sockopt, SockaddrLike as _, SockaddrStorage};
 
-use super::{report, PAYLOAD};
+use super::{report, udp_for, PAYLOAD};
 
 fn split_iface(target: &str) -> (&str, SocketAddr) {
     let (iface, addr) = target
@@ -47,23 +47,19 @@ fn setopt<T>(fd: RawFd, level: i32, name: i32, v: &T) -> io::Result<()> {
     }
 }
 
-fn unspecified_for(a: &SocketAddr) -> io::Result<UdpSocket> {
-    UdpSocket::bind(if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })
-}
-
 pub fn attempt(kind: &str, target: &str) -> Option<i32> {
     Some(match kind {
         // A directed broadcast (198.18.N.255) routes through the test veth like any other address.
         "udp-broadcast" => report((|| {
             let a: SocketAddr = target.parse().expect("ADDR:PORT");
-            let s = unspecified_for(&a)?;
+            let s = udp_for(&a)?;
             s.set_broadcast(true)?;
             s.send_to(PAYLOAD, a)
         })()),
         // The limited broadcast 255.255.255.255 pinned to the test veth (SO_BINDTODEVICE: root).
         "udp-broadcast-dev" => report((|| {
             let (iface, a) = split_iface(target);
-            let s = unspecified_for(&a)?;
+            let s = udp_for(&a)?;
             s.set_broadcast(true)?;
             setsockopt(&s, sockopt::BindToDevice, &std::ffi::OsString::from(iface))?;
             s.send_to(PAYLOAD, a)
@@ -71,7 +67,7 @@ pub fn attempt(kind: &str, target: &str) -> Option<i32> {
         // A multicast group, sent out of the test veth (IP_MULTICAST_IF / IPV6_MULTICAST_IF).
         "udp-multicast" => report((|| {
             let (iface, a) = split_iface(target);
-            let s = unspecified_for(&a)?;
+            let s = udp_for(&a)?;
             let index = ifindex(iface);
             match a {
                 SocketAddr::V4(_) => {
@@ -132,22 +128,11 @@ pub fn attempt(kind: &str, target: &str) -> Option<i32> {
         // sendmmsg(2): several datagrams, one syscall.
         "sendmmsg" => report((|| {
             let a: SocketAddr = target.parse().expect("ADDR:PORT");
-            let s = unspecified_for(&a)?;
+            let s = udp_for(&a)?;
             let dest = SockaddrStorage::from(a);
-            let mut iov = [libc::iovec {
-                iov_base: PAYLOAD.as_ptr() as *mut _,
-                iov_len: PAYLOAD.len(),
-            }];
+            let mut iov = payload_iov();
             let hdr = |iov: &mut [libc::iovec; 1]| libc::mmsghdr {
-                msg_hdr: libc::msghdr {
-                    msg_name: dest.as_ptr() as *mut _,
-                    msg_namelen: dest.len(),
-                    msg_iov: iov.as_mut_ptr(),
-                    msg_iovlen: 1,
-                    msg_control: std::ptr::null_mut(),
-                    msg_controllen: 0,
-                    msg_flags: 0,
-                },
+                msg_hdr: payload_msg(&dest, iov),
                 msg_len: 0,
             };
             let mut msgs = [hdr(&mut iov), hdr(&mut iov)];
@@ -193,19 +178,21 @@ pub fn attempt(kind: &str, target: &str) -> Option<i32> {
                 .expect("cgroup v2 line")
                 .trim()
                 .to_string();
-            let mount = cgroup2_mount();
-            let child = format!("{mount}{rel}/nested-{}", std::process::id());
+            let mount = egressd_common::host::cgroup2_mount().expect("a cgroup2 mount");
+            let child = mount
+                .join(rel.trim_start_matches('/'))
+                .join(format!("nested-{}", std::process::id()));
             if let Err(e) = fs::create_dir(&child) {
                 return Some(report::<()>(Err(e)));
             }
             let moved = fs::OpenOptions::new()
                 .write(true)
-                .open(format!("{child}/cgroup.procs"))
+                .open(child.join("cgroup.procs"))
                 .and_then(|mut f| f.write_all(std::process::id().to_string().as_bytes()));
             if let Err(e) = moved {
                 return Some(report::<()>(Err(e)));
             }
-            println!("moved into {child}");
+            println!("moved into {}", child.display());
             let a: SocketAddr = target.parse().expect("ADDR:PORT");
             report(TcpStream::connect_timeout(&a, Duration::from_secs(2)))
         }
@@ -213,15 +200,24 @@ pub fn attempt(kind: &str, target: &str) -> Option<i32> {
     })
 }
 
-fn cgroup2_mount() -> String {
-    fs::read_to_string("/proc/self/mounts")
-        .unwrap()
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(2) == Some(&"cgroup2")).then(|| f[1].to_string())
-        })
-        .expect("a cgroup2 mount")
+fn payload_iov() -> [libc::iovec; 1] {
+    [libc::iovec {
+        iov_base: PAYLOAD.as_ptr() as *mut _,
+        iov_len: PAYLOAD.len(),
+    }]
+}
+
+/// A message carrying `iov` to `dest`; both must outlive its use.
+fn payload_msg(dest: &SockaddrStorage, iov: &mut [libc::iovec; 1]) -> libc::msghdr {
+    libc::msghdr {
+        msg_name: dest.as_ptr() as *mut _,
+        msg_namelen: dest.len(),
+        msg_iov: iov.as_mut_ptr(),
+        msg_iovlen: 1,
+        msg_control: std::ptr::null_mut(),
+        msg_controllen: 0,
+        msg_flags: 0,
+    }
 }
 
 /// One connect (TCP) or sendmsg (UDP) through an io_uring submission queue.
@@ -239,19 +235,8 @@ fn uring(target: &str, connect: bool) -> io::Result<usize> {
     };
     let fd = super::raw_socket(family, ty, 0)?;
     let dest = SockaddrStorage::from(a);
-    let mut iov = [libc::iovec {
-        iov_base: PAYLOAD.as_ptr() as *mut _,
-        iov_len: PAYLOAD.len(),
-    }];
-    let msg = libc::msghdr {
-        msg_name: dest.as_ptr() as *mut _,
-        msg_namelen: dest.len(),
-        msg_iov: iov.as_mut_ptr(),
-        msg_iovlen: 1,
-        msg_control: std::ptr::null_mut(),
-        msg_controllen: 0,
-        msg_flags: 0,
-    };
+    let mut iov = payload_iov();
+    let msg = payload_msg(&dest, &mut iov);
     let mut ring = IoUring::new(4)?;
     let entry = if connect {
         opcode::Connect::new(Fd(fd.as_raw_fd()), dest.as_ptr(), dest.len()).build()
