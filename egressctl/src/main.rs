@@ -2,6 +2,7 @@
 //! what it enforces.
 
 mod audit;
+mod capabilities;
 mod client;
 mod doctor;
 mod landlock_scope;

@@ -152,28 +152,35 @@ fn spawn_and_wait(started: &SessionStarted, keep: &[i32], argv: &[String]) -> an
     match unsafe { fork() }.context("fork")? {
         ForkResult::Child => {
             std::env::set_var(SESSION_ENV, &started.id);
-            if let Err(why) = close_inherited(keep) {
+            let refuse = |why: String| -> ! {
                 eprintln!("egressctl: {why}; not running {}", argv[0]);
                 // SAFETY: leaving the forked child without running destructors.
-                unsafe { libc::_exit(125) };
+                unsafe { libc::_exit(125) }
+            };
+            if let Err(why) = close_inherited(keep) {
+                refuse(why);
+            }
+            if started.drop_capabilities {
+                // First, while CAP_SETPCAP is still there to do it.
+                if let Err(e) = crate::capabilities::drop_bounding_and_ambient() {
+                    refuse(e);
+                }
             }
             if started.no_new_privs {
                 // Irrevocable and inherited: nothing the tool runs can gain privileges by exec.
                 // SAFETY: prctl with integer arguments only.
                 if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-                    eprintln!(
-                        "egressctl: cannot set no_new_privs ({}); not running {}",
-                        std::io::Error::last_os_error(),
-                        argv[0]
-                    );
-                    // SAFETY: as above.
-                    unsafe { libc::_exit(125) };
+                    refuse(format!(
+                        "cannot set no_new_privs ({})",
+                        std::io::Error::last_os_error()
+                    ));
                 }
                 if started.landlock {
-                    if let Err(e) = crate::landlock_scope::restrict_self() {
-                        eprintln!("egressctl: {e}; not running {}", argv[0]);
-                        // SAFETY: as above.
-                        unsafe { libc::_exit(125) };
+                    let protect = started
+                        .drop_capabilities
+                        .then_some(started.protected.as_slice());
+                    if let Err(e) = crate::landlock_scope::restrict_self(protect) {
+                        refuse(e);
                     }
                 }
                 // With Landlock, ptrace and friends are confined to the sandbox already (and a
@@ -181,12 +188,20 @@ fn spawn_and_wait(started: &SessionStarted, keep: &[i32], argv: &[String]) -> an
                 let deny_ptrace = !started.ptrace && !started.landlock;
                 let filter = crate::seccomp::filter(&started.families, deny_ptrace);
                 if let Err(e) = crate::seccomp::install(&filter) {
-                    eprintln!(
-                        "egressctl: cannot install the seccomp filter ({e}); not running {}",
-                        argv[0]
+                    refuse(format!("cannot install the seccomp filter ({e})"));
+                }
+            }
+            if started.drop_capabilities {
+                // The daemon checks this too; without Landlock's file rules root could write
+                // cgroup.procs and leave.
+                if !(started.no_new_privs && started.landlock) {
+                    refuse(
+                        "a root session without capabilities needs no_new_privs and Landlock"
+                            .into(),
                     );
-                    // SAFETY: as above.
-                    unsafe { libc::_exit(125) };
+                }
+                if let Err(e) = crate::capabilities::drop_the_rest() {
+                    refuse(e);
                 }
             }
             let err = execvp(&args[0], &args).unwrap_err();

@@ -1,8 +1,8 @@
 //! The seccomp layer: a filter egressctl installs on CMD just before exec (after no_new_privs, which
 //! it needs). It cannot be removed by anything CMD runs, and it closes what cgroup hooks do not
 //! see on kernels without BPF LSM: sockets of other families (AF_VSOCK, AF_PACKET, AF_XDP...),
-//! and reaching into processes outside the sandbox (ptrace, process_vm_readv/writev,
-//! pidfd_getfd, which would also steal their sockets).
+//! reaching into processes outside the sandbox (ptrace, process_vm_readv/writev, pidfd_getfd,
+//! which would also steal their sockets), and bpf(2).
 
 use libc::{sock_filter, sock_fprog};
 
@@ -44,9 +44,11 @@ fn jump(code: u16, k: u32, jt: u8, jf: u8) -> sock_filter {
 }
 
 /// The filter for a sandbox whose sockets may be of `families` (AF_* numbers); with
-/// `deny_ptrace`, the calls that reach into other processes are refused too.
+/// `deny_ptrace`, the calls that reach into other processes are refused too. bpf(2) always is.
 pub fn filter(families: &[u32], deny_ptrace: bool) -> Vec<sock_filter> {
-    let mut denied_calls: Vec<u32> = Vec::new();
+    // bpf(2): nothing in a sandbox needs it, and with it a privileged task could detach or
+    // unpin the programs that hold it.
+    let mut denied_calls: Vec<u32> = vec![libc::SYS_bpf as u32];
     if deny_ptrace {
         denied_calls.extend([
             libc::SYS_ptrace as u32,
@@ -165,10 +167,13 @@ mod tests {
             assert_eq!(run(&p, NATIVE_ARCH, nr as u32, 0), RET_EPERM);
         }
         assert_eq!(run(&p, NATIVE_ARCH, libc::SYS_read as u32, 17), RET_ALLOW);
+        assert_eq!(run(&p, NATIVE_ARCH, libc::SYS_bpf as u32, 0), RET_EPERM);
         assert_eq!(run(&p, 0x4000_0003, 102, 17), RET_ENOSYS);
         assert_eq!(run(&p, NATIVE_ARCH, X32_SYSCALL_BIT | 41, 17), RET_ENOSYS);
         let p = filter(&[1, 2], false);
         assert_eq!(run(&p, NATIVE_ARCH, libc::SYS_ptrace as u32, 0), RET_ALLOW);
         assert_eq!(run(&p, NATIVE_ARCH, socket, 10), RET_EPERM);
+        assert_eq!(run(&p, NATIVE_ARCH, libc::SYS_bpf as u32, 0), RET_EPERM);
+        assert_eq!(run(&p, NATIVE_ARCH, libc::SYS_connect as u32, 0), RET_ALLOW);
     }
 }

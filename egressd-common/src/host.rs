@@ -5,14 +5,22 @@ use std::{ffi::OsString, fs, os::unix::ffi::OsStringExt as _, path::PathBuf, vec
 /// The first cgroup2 mount in /proc/self/mounts (`/sys/fs/cgroup` on most machines,
 /// `/sys/fs/cgroup/unified` on hybrid layouts).
 pub fn cgroup2_mount() -> Option<PathBuf> {
-    fs::read_to_string("/proc/self/mounts")
-        .ok()?
+    mounts_of(&["cgroup2"]).into_iter().next()
+}
+
+/// Where file systems of these types are mounted, in /proc/self/mounts order.
+pub fn mounts_of(fstypes: &[&str]) -> Vec<PathBuf> {
+    let Ok(table) = fs::read_to_string("/proc/self/mounts") else {
+        return Vec::new();
+    };
+    table
         .lines()
-        .find_map(|l| {
+        .filter_map(|l| {
             let mut f = l.split_whitespace();
             let (_dev, dir, fstype) = (f.next()?, f.next()?, f.next()?);
-            (fstype == "cgroup2").then(|| unescape_mount_path(dir))
+            fstypes.contains(&fstype).then(|| unescape_mount_path(dir))
         })
+        .collect()
 }
 
 /// /proc/mounts writes space, tab, newline and backslash as a backslash and three octal digits.

@@ -129,6 +129,23 @@ pub enum Bind {
     Any,
 }
 
+/// What a session started by root (uid 0) gets. With its capabilities, root can leave any sandbox
+/// a cgroup program draws (move itself to another cgroup, unpin the programs); without them it
+/// still owns the files that root runs outside the sandbox (cron, units).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RootSessions {
+    /// No session: run egressctl as your own user.
+    Refuse,
+    /// uid 0 with no capabilities, no bpf(2), and no writes under /sys, the cgroup and bpffs
+    /// mounts or egressd's own files: it cannot leave the session or undo enforcement, but it can
+    /// still write other files that root runs outside the sandbox.
+    #[default]
+    DropCapabilities,
+    /// Full root: egressd cannot hold it in.
+    KeepCapabilities,
+}
+
 /// Socket address families by the names people know them by (AF_*), as in linux/socket.h.
 pub const FAMILIES: [(&str, u32); 20] = [
     ("unix", 1),
@@ -237,6 +254,10 @@ pub struct ProfileConfig {
     /// process outside, nor steal its sockets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ptrace: Option<bool>,
+    /// Sessions asked for by root: "drop-capabilities" (default), "refuse" or
+    /// "keep-capabilities" (see [`RootSessions`]).
+    #[serde(default)]
+    pub root: RootSessions,
     /// Layers the profile needs; a session is refused when one is missing. "lsm": BPF LSM (socket
     /// families).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -538,6 +559,11 @@ pub fn compile_profile(p: &ProfileConfig) -> Result<CompiledProfile, String> {
             ));
         }
     }
+    if p.root == RootSessions::DropCapabilities && p.no_new_privs == Some(false) {
+        return Err(
+            "root = \"drop-capabilities\" needs no_new_privs (seccomp and Landlock are what hold root in); remove no_new_privs = false or choose another root setting".into(),
+        );
+    }
     let mut profile = KernelProfile {
         flags,
         families: match &p.families {
@@ -701,6 +727,26 @@ mod tests {
             let err = text.parse::<AllowRule>().unwrap_err();
             assert!(err.contains(why), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn root_sessions_drop_capabilities_unless_a_profile_says_otherwise() {
+        let c = Config::default();
+        assert!(c
+            .profiles
+            .values()
+            .all(|p| p.root == RootSessions::DropCapabilities));
+        let path = Path::new("p.toml");
+        let c = Config::parse(path, "[profiles.airgap]\nroot = \"refuse\"\n").unwrap();
+        assert_eq!(c.profiles["airgap"].root, RootSessions::Refuse);
+        let err = Config::parse(path, "[profiles.airgap]\nroot = \"yes\"\n").unwrap_err();
+        assert!(err.to_string().contains("keep-capabilities"), "{err}");
+        let err = Config::parse(
+            path,
+            "[profiles.airgap]\nroot = \"drop-capabilities\"\nno_new_privs = false\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("needs no_new_privs"), "{err}");
     }
 
     #[test]

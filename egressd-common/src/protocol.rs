@@ -103,6 +103,13 @@ pub struct SessionStarted {
     /// Whether egressctl must confine CMD to a Landlock domain (the kernel has Landlock ABI >= 6).
     #[serde(default)]
     pub landlock: bool,
+    /// A root session of a "drop-capabilities" profile: egressctl drops every capability and its
+    /// Landlock domain forbids writes under /sys, the cgroup and bpffs mounts and `protected`.
+    #[serde(default)]
+    pub drop_capabilities: bool,
+    /// egressd's own files (audit log, policy, state), kept from a root sandbox's writes.
+    #[serde(default)]
+    pub protected: Vec<String>,
 }
 
 fn yes() -> bool {

@@ -1,7 +1,7 @@
 //! The control socket: newline-delimited JSON, one request per line, the caller identified by
 //! SO_PEERCRED only. A bad message gets an error reply and never harms the daemon or other clients.
 
-use egressd_common::policy::describe;
+use egressd_common::policy::{describe, RootSessions};
 use std::{sync::Arc, time::Duration};
 
 use egressd_common::protocol::{
@@ -111,6 +111,24 @@ fn session_layers(daemon: &[String], no_new_privs: bool) -> Vec<String> {
         layers.retain(|l| l != "landlock");
     }
     layers
+}
+
+/// The directories of egressd's own files (audit log, policy, control socket and session records)
+/// a root sandbox must not write.
+fn protected_paths(state: &State) -> Vec<String> {
+    let mut dirs: Vec<String> = [
+        state.audit_path.parent(),
+        state.config_path.parent(),
+        state.state_dir.0.parent(),
+    ]
+    .into_iter()
+    .flatten()
+    .filter(|d| !d.as_os_str().is_empty())
+    .map(|d| d.display().to_string())
+    .collect();
+    dirs.sort();
+    dirs.dedup();
+    dirs
 }
 
 /// Whether `pid` runs inside a sandbox: such a caller may read, never change, the daemon's state.
@@ -250,7 +268,7 @@ async fn start_session(
         Some(_) => {}
         None => return Err(format!("cannot read the cgroup of pid {pid}")),
     }
-    let (profile, index, allows, no_new_privs, families, ptrace) = {
+    let (profile, index, allows, no_new_privs, families, ptrace, drop_capabilities) = {
         let policy = state.policy.read().await;
         let name = profile.unwrap_or_else(|| policy.config.default_profile.clone());
         let Some(p) = policy.config.profiles.get(&name) else {
@@ -275,6 +293,23 @@ async fn start_session(
                 caller.uid, policy.source
             ));
         }
+        let drop_capabilities = match (caller.uid, p.root) {
+            (0, RootSessions::Refuse) => {
+                return Err(format!(
+                    "profile {name:?} refuses sessions for root (root = \"refuse\" in {}): run egressctl as your own user, not with sudo",
+                    policy.source
+                ))
+            }
+            (0, RootSessions::DropCapabilities) => {
+                if !state.layers.iter().any(|l| l == "landlock") {
+                    return Err(format!(
+                        "profile {name:?} runs root without capabilities, which needs Landlock to keep it from writing cgroup.procs, and this kernel has none; run egressctl as your own user"
+                    ));
+                }
+                true
+            }
+            _ => false,
+        };
         let layers = session_layers(&state.layers, p.no_new_privs.unwrap_or(true));
         if let Some(missing) = p.require.iter().find(|l| !layers.contains(l)) {
             return Err(format!(
@@ -291,6 +326,7 @@ async fn start_session(
             p.no_new_privs.unwrap_or(true),
             families,
             p.ptrace.unwrap_or(false),
+            drop_capabilities,
         )
     };
 
@@ -391,6 +427,12 @@ async fn start_session(
         families,
         ptrace,
         landlock: no_new_privs && state.layers.iter().any(|l| l == "landlock"),
+        drop_capabilities,
+        protected: if drop_capabilities {
+            protected_paths(state)
+        } else {
+            Vec::new()
+        },
     })
 }
 

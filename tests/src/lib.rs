@@ -515,6 +515,13 @@ pub fn world_audit(
     }
 }
 
+/// The built-in default profile, except that root keeps its capabilities in a session: for the
+/// ways only a privileged task can try (raw, packet and bound-to-device sockets, IP options,
+/// nsenter, child cgroups). By default a root session is refused.
+pub fn root_keeps_capabilities(_: &Outside) -> Option<String> {
+    Some("[profiles.airgap]\nroot = \"keep-capabilities\"\n".into())
+}
+
 pub fn attempt(w: &World, uid: u32, kind: &str, target: &str) -> std::process::Output {
     let probe = probe();
     w.daemon

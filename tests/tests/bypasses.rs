@@ -4,6 +4,7 @@
 //! outside any sandbox as a control: there it must reach the outside host, or the test proves nothing.
 
 use std::{
+    fs,
     net::TcpListener,
     process::{Command, Output},
 };
@@ -75,7 +76,7 @@ fn blocked(w: &World, uid: u32, kind: &str, target: &str, dest: &str, hook: Opti
 
 #[test]
 fn broadcast_multicast_and_link_local_never_reach_the_wire() {
-    let w = world("bcast");
+    let w = world_with("bcast", root_keeps_capabilities);
     let o = &w.outside;
     let subnet_bcast = format!("198.18.{}.255", o.n);
     blocked(
@@ -192,7 +193,7 @@ impl Drop for LoopbackDnat {
 
 #[test]
 fn source_routes_and_dnat_of_loopback_are_dropped_by_the_backstop() {
-    let w = world("lsrr");
+    let w = world_with("lsrr", root_keeps_capabilities);
     let v4 = w.outside.v4.clone();
     // The socket hooks see 127.0.0.1; the packet's first hop is the outside host. Setting source
     // route options needs CAP_NET_RAW on this kernel (setsockopt gives an unprivileged uid EPERM),
@@ -283,7 +284,7 @@ fn unspecified_and_other_loopback_addresses_follow_the_loopback_port_rules() {
 
 #[test]
 fn leaving_the_session_by_cgroup_or_namespace_changes_nothing() {
-    let w = world("leave");
+    let w = world_with("leave", root_keeps_capabilities);
     let (tcp4, v4) = (w.outside.tcp4(), w.outside.v4.clone());
     // As nobody: the session cgroup is root's; no child cgroup can be made.
     let out = attempt(&w, NOBODY, "subcgroup-tcp", &tcp4);
@@ -366,4 +367,106 @@ fn leaving_the_session_by_cgroup_or_namespace_changes_nothing() {
         .unwrap();
     assert_eq!(probe_code(&control), 0, "{}", text(&control));
     assert_eq!(w.outside.counts().tcp, before.tcp + 1);
+}
+
+#[test]
+fn root_is_held_without_capabilities_or_refused_a_session() {
+    // airgap refuses root; admin has the default, root without capabilities.
+    let w = world_with("root", |_| {
+        Some("[profiles.airgap]\nroot = \"refuse\"\n[profiles.admin]\n".into())
+    });
+    let tcp4 = w.outside.tcp4();
+    let marker = w.scratch.0.join("ran");
+    // root = "refuse": no session for root, nothing run, no cgroup left behind.
+    let out = w.daemon.run(
+        0,
+        &[probe().to_str().unwrap(), "touch", marker.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("refuses sessions for root"),
+        "{}",
+        text(&out)
+    );
+    assert!(!marker.exists(), "a refused root session ran its command");
+    assert!(session_dirs(&w.daemon).is_empty());
+    // Unprivileged users are not affected.
+    let out = w.daemon.run(NOBODY, &[probe().to_str().unwrap(), "ids"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // The default, root = "drop-capabilities": every way out that root has is refused, and the
+    // connect after them is still the session's and denied.
+    let links = fs::read_dir(format!("/sys/fs/bpf/{}/links", w.daemon.name))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect::<Vec<_>>();
+    let pin = links.first().expect("egressd pins its links").clone();
+    let audit_len = fs::metadata(&w.daemon.audit).map(|m| m.len()).unwrap_or(0);
+    let before = w.outside.counts();
+    let script = r#""$0" root-escape "$1" "$2" "$3" && exec "$0" attempt tcp "$4""#;
+    let out = w
+        .daemon
+        .ctl(0)
+        .args(["run", "--profile", "admin", "--", "sh", "-c", script])
+        .arg(probe())
+        .arg(cgroup2_mount())
+        .arg(&pin)
+        .arg(&w.daemon.audit)
+        .arg(&tcp4)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert!(
+            stdout.contains(&format!("{set}: 0000000000000000")),
+            "{set} is not empty in a root session without capabilities:\n{}",
+            text(&out)
+        );
+    }
+    for way in [
+        "move-to-root-cgroup",
+        "child-cgroup",
+        "unpin",
+        "rename-pin",
+        "bpf-obj-get",
+        "truncate-audit-log",
+        "remove-audit-log",
+        "mount-cgroup2",
+    ] {
+        assert!(
+            stdout.contains(&format!("{way}: refused")),
+            "root in the session: {way} was not refused:\n{}",
+            text(&out)
+        );
+    }
+    assert_eq!(probe_code(&out), 3, "{}", text(&out));
+    assert_eq!(
+        w.outside.counts(),
+        before,
+        "the outside host received something"
+    );
+    assert_audited(
+        &w.daemon,
+        &session_id(&out),
+        &w.outside.v4,
+        Some("connect4"),
+        "root",
+    );
+    assert!(pin.exists(), "the pin is gone");
+    assert!(
+        fs::metadata(&w.daemon.audit).unwrap().len() >= audit_len,
+        "the audit log shrank"
+    );
+    // The same profile's sessions still work for root where nothing is forbidden: loopback.
+    let local = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = local.local_addr().unwrap().port();
+    let out = w
+        .daemon
+        .ctl(0)
+        .args(["run", "--profile", "admin", "--"])
+        .arg(probe())
+        .args(["attempt", "tcp", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    assert_eq!(probe_code(&out), 0, "{}", text(&out));
 }

@@ -8,7 +8,7 @@ use egressd_tests::*;
 
 #[test]
 fn every_way_out_is_refused_and_nothing_reaches_the_outside_host() {
-    let w = world("ways");
+    let w = world_with("ways", root_keeps_capabilities);
     let (v4, v6) = (w.outside.tcp4(), w.outside.tcp6());
     let ways: [(&str, &str); 10] = [
         ("tcp", &v4),

@@ -33,7 +33,7 @@ fn daemon_layers(d: &Daemon) -> Vec<String> {
 
 #[test]
 fn packet_vsock_and_xdp_sockets_are_refused() {
-    let w = world("families");
+    let w = world_with("families", root_keeps_capabilities);
     let lsm = daemon_layers(&w.daemon).contains(&"lsm".to_string());
     let frame_target = format!("{}@{}:{PORT}", w.outside.host_if, w.outside.v4);
     // AF_PACKET needs CAP_NET_RAW: root inside the sandbox is the one who could use it.
@@ -261,7 +261,7 @@ fn the_strict_profile_reaches_only_the_model_server_port() {
 
 #[test]
 fn a_sandbox_cannot_change_the_policy_even_as_root() {
-    let w = world("ctl-from-inside");
+    let w = world_with("ctl-from-inside", root_keeps_capabilities);
     let egressctl = bin("egressctl");
     let socket = w.daemon.socket.display().to_string();
     let out = w.daemon.run(

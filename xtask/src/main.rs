@@ -175,12 +175,44 @@ fn run(profile: Option<String>, command: Vec<String>) -> anyhow::Result<()> {
         eprintln!("xtask: egressd is running; stop it with `pkill -x egressd` (enforcement stays pinned; `egressd cleanup` removes it)");
     }
     let mut ctl = Command::new(release.join("egressctl"));
+    as_sudo_user(&mut ctl)?;
     ctl.args(["--socket", &socket, "run"]);
     if let Some(p) = profile {
         ctl.args(["--profile", &p]);
     }
     ctl.arg("--").args(&command);
     Err(ctl.exec()).context("running egressctl")
+}
+
+/// Under sudo, CMD runs as the user who asked for it (their files, their home), not as root:
+/// egressctl needs no privilege, and root in a sandbox is only held without its capabilities.
+fn as_sudo_user(cmd: &mut Command) -> anyhow::Result<()> {
+    use nix::unistd::{Uid, User};
+    let Some(uid) = std::env::var("SUDO_UID").ok().and_then(|u| u.parse::<u32>().ok()) else {
+        return Ok(());
+    };
+    if uid == 0 || !is_root() {
+        return Ok(());
+    }
+    let user = User::from_uid(Uid::from_raw(uid))
+        .context("reading the user database")?
+        .with_context(|| format!("SUDO_UID={uid} names no user"))?;
+    let name = std::ffi::CString::new(user.name.as_bytes())?;
+    let gid = user.gid;
+    cmd.env("HOME", &user.dir)
+        .env("USER", &user.name)
+        .env("LOGNAME", &user.name);
+    // SAFETY: only async-signal-safe-enough calls between fork and exec (initgroups reads the
+    // group database, as sudo itself does at this point).
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::initgroups(&name, gid)?;
+            nix::unistd::setgid(gid)?;
+            nix::unistd::setuid(Uid::from_raw(uid))?;
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 fn test(args: &[String]) -> anyhow::Result<()> {

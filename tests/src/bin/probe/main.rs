@@ -14,6 +14,7 @@ use std::{
 
 mod bench;
 mod dns;
+mod root;
 mod ways;
 
 fn main() {
@@ -62,6 +63,7 @@ fn main() {
             io::stdout().flush().unwrap();
             std::thread::sleep(Duration::from_secs(secs.parse().unwrap()));
         }
+        ["root-escape", cgroup2, pin, log] => root::main(cgroup2, pin, log),
         ["ids"] => {
             // SAFETY: getters without arguments.
             let (uid, euid) = unsafe { (libc::getuid(), libc::geteuid()) };
@@ -72,7 +74,7 @@ fn main() {
             fs::write(file, b"ran").unwrap();
         }
         _ => {
-            eprintln!("usage: egressd-probe listen|attempt|wait-attempt|fds|escape|touch|bench|dns-server|dns-query|dns-raw|resolve ...");
+            eprintln!("usage: egressd-probe listen|attempt|wait-attempt|fds|escape|root-escape|touch|bench|dns-server|dns-query|dns-raw|resolve ...");
             exit(2);
         }
     }
