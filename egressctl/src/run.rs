@@ -45,8 +45,15 @@ pub fn run(
         .context("the kernel does not enforce this sandbox; nothing was run (check `egressctl status` and `egressctl doctor`)")?;
     drop(client);
     eprintln!(
-        "egressd: session {} (profile {}): {}",
-        started.id, started.profile, started.allows
+        "egressd: session {} (profile {}): {}{}",
+        started.id,
+        started.profile,
+        started.allows,
+        if started.drop_capabilities {
+            "; runs as root without capabilities"
+        } else {
+            ""
+        }
     );
     if started.families.is_empty() {
         bail!("egressd sent no socket family list (an older egressd?); nothing was run");

@@ -188,7 +188,10 @@ fn run(profile: Option<String>, command: Vec<String>) -> anyhow::Result<()> {
 /// egressctl needs no privilege, and root in a sandbox is only held without its capabilities.
 fn as_sudo_user(cmd: &mut Command) -> anyhow::Result<()> {
     use nix::unistd::{Uid, User};
-    let Some(uid) = std::env::var("SUDO_UID").ok().and_then(|u| u.parse::<u32>().ok()) else {
+    let Some(uid) = std::env::var("SUDO_UID")
+        .ok()
+        .and_then(|u| u.parse::<u32>().ok())
+    else {
         return Ok(());
     };
     if uid == 0 || !is_root() {
