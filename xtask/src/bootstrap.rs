@@ -118,14 +118,17 @@ fn bpf_linker(sysroot: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// iproute2 (`ip netns`, veth) and util-linux (`setpriv`) for the kernel tests; nftables and
-/// bubblewrap, the alternatives the bench compares egressd with.
+/// iproute2 (`ip netns`, veth) and util-linux (`setpriv`) for the kernel tests, systemd-container
+/// (`systemd-nspawn`) for the test under a live systemd; nftables and bubblewrap, the alternatives
+/// the bench compares egressd with.
 fn debian_tools() -> anyhow::Result<()> {
     let missing: Vec<&str> = [
         ("ip", "iproute2"),
         ("setpriv", "util-linux"),
         ("nft", "nftables"),
         ("bwrap", "bubblewrap"),
+        ("systemd-nspawn", "systemd-container"),
+        ("dbus-daemon", "dbus"),
     ]
     .into_iter()
     .filter(|(bin, _)| {
