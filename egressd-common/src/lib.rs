@@ -67,13 +67,15 @@ pub mod programs {
     pub const LSM_SOCKET_CREATE: &str = "egressd_lsm_socket_create";
     pub const SOCK_CREATE: &str = "egressd_sock_create";
     pub const SKB_EGRESS: &str = "egressd_skb_egress";
-    /// Global: the cgroup v2 level at which session cgroups sit (the parent is one above).
-    pub const GLOBAL_SESSION_LEVEL: &str = "SESSION_LEVEL";
     /// Global: the port of egressd's resolver on 127.0.0.1 and ::1 (0: DNS is not redirected).
     pub const GLOBAL_DNS_PORT: &str = "DNS_PORT";
-    /// Global: the cgroup id of the parent of every session (for the LSM layer, which runs for
-    /// every task on the machine).
+    /// Global: the cgroup id of the parent of every session. The programs find the level of
+    /// session cgroups by meeting it among a cgroup's ancestors, and the LSM layer, which runs
+    /// for every task on the machine, tells sessions from other tasks by it.
     pub const GLOBAL_PARENT_ID: &str = "PARENT_ID";
+    /// Globals: device and inode of egressd's pid namespace, 0 in the initial one.
+    pub const GLOBAL_PIDNS_DEV: &str = "PIDNS_DEV";
+    pub const GLOBAL_PIDNS_INO: &str = "PIDNS_INO";
 }
 
 /// Sizes of the maps. Profiles are double-buffered: slot = generation * MAX_PROFILES + profile index.

@@ -19,13 +19,13 @@ mod verdict;
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock, bpf_sock_addr, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
-        BPF_RB_RING_SIZE,
+        bpf_pidns_info, bpf_sock, bpf_sock_addr, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP,
+        BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE,
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_ktime_get_boot_ns,
-        bpf_skb_ancestor_cgroup_id,
+        bpf_get_current_uid_gid, bpf_get_ns_current_pid_tgid, bpf_get_socket_cookie,
+        bpf_ktime_get_boot_ns, bpf_skb_ancestor_cgroup_id,
     },
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, RingBuf},
@@ -44,9 +44,16 @@ use egressd_common::{
 
 use crate::verdict::{Dest, Tables};
 
-/// Set by user space at load time: the cgroup level of session cgroups.
-#[no_mangle]
-static SESSION_LEVEL: u32 = 2;
+/// The cgroup level of session cgroups (the parent's level + 1) as the kernel counts it, from its
+/// real root; 0 until a program run has found PARENT_ID among its ancestors. Found here rather
+/// than told by user space: egressd in a container sees the tree from its cgroup namespace's root,
+/// which can be any number of levels below the real one, and the ancestor helpers ignore namespaces.
+/// Cgroup ids are never reused, so only the parent's real level can match: nothing a sandbox does
+/// can store a wrong value, and concurrent runs store the same one.
+static mut SESSION_LEVEL: u32 = 0;
+
+/// The deepest level searched for the parent: deeper trees than this are not supported.
+const MAX_PARENT_LEVEL: i32 = 32;
 
 /// Set by user space at load time: the port of egressd's resolver on 127.0.0.1 and ::1; 0 when DNS
 /// queries are not redirected.
@@ -56,6 +63,15 @@ static DNS_PORT: u32 = 0;
 /// Set by user space at load time: the cgroup id of the parent of every session.
 #[no_mangle]
 static PARENT_ID: u64 = 0;
+
+/// Set by user space at load time: the device and inode of egressd's pid namespace when it is not
+/// the initial one (egressd in a container), so that the audit log names pids as egressd, `ps` and
+/// the people reading the log see them. 0 in the initial namespace: that branch is then dead code
+/// the verifier never visits, and kernels without the helper for cgroup programs load as before.
+#[no_mangle]
+static PIDNS_DEV: u64 = 0;
+#[no_mangle]
+static PIDNS_INO: u64 = 0;
 
 // Map statics are named like the constants in `egressd_common::maps` (checked by a test in egressd).
 // Pinned by name, so a restarted daemon reuses them and running sessions keep their state.
@@ -103,23 +119,81 @@ fn tables() -> Tables<'static> {
 
 #[inline(always)]
 fn dns_port() -> u16 {
-    // SAFETY: as for SESSION_LEVEL.
+    // SAFETY: a plain read of a global that user space set before load; volatile so the compiler
+    // does not fold the default value in.
     unsafe { core::ptr::read_volatile(&DNS_PORT) as u16 }
 }
 
+/// The level of session cgroups, searched for in `ancestor` (a cgroup's ancestor id at a level, 0
+/// past its own level) on the first runs and remembered from then on. None while no run has met
+/// the parent and this one is not under it either.
 #[inline(always)]
-fn session_level() -> u32 {
-    // SAFETY: a plain read of a global that user space set before load; volatile so the compiler
-    // does not fold the default value in.
-    unsafe { core::ptr::read_volatile(&SESSION_LEVEL) }
+fn session_level(ancestor: impl Fn(i32) -> u64) -> Option<i32> {
+    // SAFETY: a plain read of a global of the program's own .bss.
+    let known = unsafe { core::ptr::read_volatile(core::ptr::addr_of!(SESSION_LEVEL)) };
+    if known != 0 {
+        return Some(known as i32);
+    }
+    // SAFETY: a plain read of a global that user space set before load.
+    let parent = unsafe { core::ptr::read_volatile(&PARENT_ID) };
+    if parent == 0 {
+        return None;
+    }
+    let mut level = 0;
+    while level < MAX_PARENT_LEVEL {
+        let id = ancestor(level);
+        if id == parent {
+            // SAFETY: a plain write of a global of the program's own .bss (see SESSION_LEVEL).
+            unsafe {
+                core::ptr::write_volatile(core::ptr::addr_of_mut!(SESSION_LEVEL), level as u32 + 1)
+            };
+            return Some(level + 1);
+        }
+        if id == 0 {
+            return None;
+        }
+        level += 1;
+    }
+    None
+}
+
+/// `bpf_get_current_pid_tgid` as egressd's pid namespace numbers it; 0 for a task in a pid
+/// namespace below egressd's, which has no pid there the helper can give.
+#[inline(always)]
+fn current_pid_tgid() -> u64 {
+    // SAFETY: plain reads of globals user space set before load.
+    let (dev, ino) = unsafe {
+        (
+            core::ptr::read_volatile(&PIDNS_DEV),
+            core::ptr::read_volatile(&PIDNS_INO),
+        )
+    };
+    if ino == 0 {
+        return bpf_get_current_pid_tgid();
+    }
+    let mut info = bpf_pidns_info { pid: 0, tgid: 0 };
+    let size = core::mem::size_of::<bpf_pidns_info>() as u32;
+    // SAFETY: `info` is a stack value of the size passed.
+    if unsafe { bpf_get_ns_current_pid_tgid(dev, ino, &mut info, size) } != 0 {
+        return 0;
+    }
+    (u64::from(info.tgid) << 32) | u64::from(info.pid)
+}
+
+#[inline(always)]
+fn current_ancestor(level: i32) -> u64 {
+    // SAFETY: helper with no pointer arguments.
+    unsafe { bpf_get_current_ancestor_cgroup_id(level) }
 }
 
 /// The session of the current task: the ancestor cgroup at the session level. A task under the
 /// parent cgroup with no registered session gets the strictest policy (loopback only).
 #[inline(always)]
 fn current_session() -> (u64, Option<SessionInfo>) {
-    // SAFETY: helper with no pointer arguments.
-    let id = unsafe { bpf_get_current_ancestor_cgroup_id(session_level() as i32) };
+    let Some(level) = session_level(current_ancestor) else {
+        return (0, None);
+    };
+    let id = current_ancestor(level);
     // SAFETY: the value is plain old data copied out immediately.
     let info = unsafe { SESSIONS.get(&id) }.copied();
     (id, info)
@@ -158,7 +232,7 @@ fn report(
     let (pid_tgid, uid_gid, boot_ns) = unsafe {
         if task {
             (
-                bpf_get_current_pid_tgid(),
+                current_pid_tgid(),
                 bpf_get_current_uid_gid(),
                 bpf_ktime_get_boot_ns(),
             )
@@ -221,7 +295,7 @@ fn redirect_dns(ctx: &SockAddrContext, dest: &Dest, session: u64) -> bool {
     }
     // SAFETY: the context is a valid bpf_sock_addr for the whole run.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let (pid_tgid, uid_gid) = (bpf_get_current_pid_tgid(), bpf_get_current_uid_gid());
+    let (pid_tgid, uid_gid) = (current_pid_tgid(), bpf_get_current_uid_gid());
     let origin = DnsOrigin {
         session,
         pid_tgid,
@@ -495,11 +569,10 @@ const EPERM: i32 = 1;
 /// The session of the calling task when it is in one (the LSM layer runs for every task).
 #[inline(always)]
 fn lsm_session() -> Option<(u64, Option<SessionInfo>)> {
+    let level = session_level(current_ancestor)?;
     // SAFETY: read of a global user space set before load.
     let parent = unsafe { core::ptr::read_volatile(&PARENT_ID) };
-    let level = session_level() as i32;
-    // SAFETY: helper with no pointer arguments.
-    if parent == 0 || unsafe { bpf_get_current_ancestor_cgroup_id(level - 1) } != parent {
+    if current_ancestor(level - 1) != parent {
         return None;
     }
     Some(current_session())
@@ -599,8 +672,9 @@ pub fn egressd_sock_create(ctx: SockContext) -> i32 {
 pub fn egressd_skb_egress(ctx: SkBuffContext) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: helper reads the skb's socket cgroup; the context is valid.
-    let session = unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb.cast(), session_level() as i32) };
+    // SAFETY: helper reads the skb's socket cgroup; the context is valid for the whole run.
+    let ancestor = |level| unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb.cast(), level) };
+    let session = session_level(ancestor).map_or(0, ancestor);
     if ifindex == LOOPBACK_IFINDEX {
         note_dns_client(&ctx, session);
         return ALLOW_VERDICT;

@@ -450,7 +450,10 @@ impl Pipeline {
         let wall_ns = self.boot_offset_ns + ev.boot_ns as i128;
         let time = SystemTime::UNIX_EPOCH + Duration::from_nanos(wall_ns.max(0) as u64);
         let tgid = (ev.pid_tgid >> 32) as u32;
-        let task = ev.pid_tgid != 0;
+        // The backstop runs in softirq context, with no task: no pid and no comm. A task in a pid
+        // namespace below egressd's has no pid egressd could name (0), but its uid and comm.
+        let pid_known = ev.pid_tgid != 0;
+        let task = pid_known || ev.comm[0] != 0;
         let audit_mode = ev.verdict == VERDICT_AUDIT_DENIED;
         let reason = if ev.reason == REASON_FAMILY {
             format!(
@@ -472,8 +475,8 @@ impl Pipeline {
             time: humantime::format_rfc3339_nanos(time).to_string(),
             kind: "decision".into(),
             session: Some(self.session_id(ev.session)),
-            pid: task.then_some(ev.pid_tgid as u32),
-            tgid: task.then_some(tgid),
+            pid: pid_known.then_some(ev.pid_tgid as u32),
+            tgid: pid_known.then_some(tgid),
             uid: task.then_some(ev.uid_gid as u32),
             comm: task.then(|| comm(&ev.comm)),
             exe: self.exe(tgid),

@@ -93,8 +93,6 @@ pub struct Layout {
     pub mount: PathBuf,
     /// Absolute path of the parent cgroup that holds every session and carries the programs.
     pub parent: PathBuf,
-    /// The cgroup v2 level of session cgroups (root is 0).
-    pub session_level: u32,
     pub backend: Backend,
 }
 
@@ -118,14 +116,12 @@ impl Layout {
     }
 
     /// The layout with the parent at `relative` (to the cgroup2 mount). Session cgroups sit one
-    /// level below the parent, and the programs find a task's session as its ancestor at that
-    /// level, so the level must be the parent's real depth plus one.
+    /// level below the parent; the programs find that level themselves (the parent's depth seen
+    /// from here is not the kernel's when egressd runs in a cgroup namespace).
     pub fn at(mount: PathBuf, backend: Backend, relative: &Path) -> Layout {
-        let depth = relative.components().count() as u32;
         Layout {
             parent: mount.join(relative),
             mount,
-            session_level: depth + 1,
             backend,
         }
     }
@@ -282,7 +278,6 @@ mod tests {
             Path::new("egressd"),
         );
         assert_eq!(l.parent, Path::new("/sys/fs/cgroup/egressd"));
-        assert_eq!(l.session_level, 2);
         assert_eq!(
             l.session_dir("0a1b2c3d"),
             Path::new("/sys/fs/cgroup/egressd/s-0a1b2c3d")
@@ -290,12 +285,6 @@ mod tests {
         assert_eq!(l.session_id("s-0a1b2c3d"), Some("0a1b2c3d"));
         assert_eq!(l.session_id("egressd-0a1b2c3d.scope"), None);
         assert!(l.removes_session_cgroups());
-        let nested = Layout::at(
-            "/sys/fs/cgroup/unified".into(),
-            Backend::Direct,
-            Path::new("a/b"),
-        );
-        assert_eq!(nested.session_level, 3);
     }
 
     #[test]
@@ -320,21 +309,13 @@ mod tests {
     }
 
     #[test]
-    fn session_level_follows_the_slice_depth() {
-        // egressd.slice sits at the root: slice at level 1, scopes at level 2.
+    fn slices_nest_by_their_dashes() {
         let l = systemd_layout("/sys/fs/cgroup/unified");
         assert_eq!(l.parent, Path::new("/sys/fs/cgroup/unified/egressd.slice"));
-        assert_eq!(l.session_level, 2);
         assert_eq!(
             slice_path("a-b-c.slice"),
             Path::new("a.slice/a-b.slice/a-b-c.slice")
         );
-        let nested = Layout::at(
-            "/sys/fs/cgroup".into(),
-            Backend::Systemd,
-            &slice_path("a-b.slice"),
-        );
-        assert_eq!(nested.session_level, 3);
         assert_eq!(slice_path("-.slice"), Path::new(""));
     }
 }

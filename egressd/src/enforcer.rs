@@ -166,6 +166,21 @@ fn io_err<'a>(
     }
 }
 
+/// The inode the kernel gives the initial pid namespace (PROC_PID_INIT_INO).
+const INITIAL_PID_NAMESPACE: u64 = 0xEFFF_FFFC;
+
+/// (device, inode) of egressd's pid namespace for the programs to number pids in, or (0, 0) in the
+/// initial namespace, where the kernel's own numbering is already egressd's.
+fn own_pid_namespace() -> Result<(u64, u64)> {
+    let path = Path::new("/proc/self/ns/pid");
+    let meta = fs::metadata(path).map_err(io_err("reading", path))?;
+    Ok(if meta.ino() == INITIAL_PID_NAMESPACE {
+        (0, 0)
+    } else {
+        (meta.dev(), meta.ino())
+    })
+}
+
 impl Enforcer {
     /// Loads the programs (reusing pinned maps, so sessions of a previous daemon keep their state),
     /// attaches them to `parent` and pins the links. Links of a previous daemon are replaced only
@@ -173,7 +188,6 @@ impl Enforcer {
     /// is left behind.
     pub fn load(
         parent: &Path,
-        session_level: u32,
         dns_port: u16,
         ring_bytes: u32,
         pins: &PinDir,
@@ -188,12 +202,14 @@ impl Enforcer {
             .collect();
         let dns_port = u32::from(dns_port);
         let mut loader = EbpfLoader::new();
-        loader.override_global(programs::GLOBAL_SESSION_LEVEL, &session_level, true);
         loader.override_global(programs::GLOBAL_DNS_PORT, &dns_port, true);
         let parent_id = fs::metadata(parent)
             .map_err(io_err("reading cgroup", parent))?
             .ino();
         loader.override_global(programs::GLOBAL_PARENT_ID, &parent_id, true);
+        let (pidns_dev, pidns_ino) = own_pid_namespace()?;
+        loader.override_global(programs::GLOBAL_PIDNS_DEV, &pidns_dev, true);
+        loader.override_global(programs::GLOBAL_PIDNS_INO, &pidns_ino, true);
         loader.map_max_entries(maps::EVENTS, ring_bytes);
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());

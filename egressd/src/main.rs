@@ -219,7 +219,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let mut enforcer = Enforcer::load(
         &layout.parent,
-        layout.session_level,
         dns.as_ref().map(|(port, _, _)| *port).unwrap_or(0),
         config.audit.ring_buffer_bytes(),
         &pins,

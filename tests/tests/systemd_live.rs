@@ -178,8 +178,9 @@ fn sessions_are_transient_scopes_of_a_live_systemd_and_outlive_the_service() {
     fs::write(
         scratch.0.join("egressd.toml"),
         format!(
-            "[dns]\nport = {}\nupstream = []\n[audit]\npath = \"/scratch/audit.jsonl\"\n",
-            dns_port()
+            "[dns]\nport = {}\nupstream = []\n[audit]\npath = \"/scratch/audit.jsonl\"\n[profiles.airgap]\n[profiles.lan]\nallow = [\"{}/32:{PORT}/tcp\"]\n",
+            dns_port(),
+            outside.v4
         ),
     )
     .unwrap();
@@ -250,16 +251,43 @@ fn sessions_are_transient_scopes_of_a_live_systemd_and_outlive_the_service() {
     let out = ctl(NOBODY, &[probe, "attempt", "tcp", &outside.tcp4()]);
     assert_eq!(probe_code(&out), 3, "{}", text(&out));
     let denied_session = session_id(&out);
+    let denied_pid = probe_pid(&out);
+    // The session's counters are found by its cgroup at the level the programs found.
+    assert_eq!(summary(&out), Some((0, 1)), "{}", text(&out));
     assert_eq!(
         outside.counts(),
         before,
         "the outside host received something"
     );
+    // A profile's allow rule applies to the session's cgroup, found at its real level.
+    let before_allowed = outside.counts();
+    let mut argv = vec![
+        "/bin-egressd/egressctl",
+        "--socket",
+        "/scratch/egressd.sock",
+        "run",
+        "--profile",
+        "lan",
+        "--",
+    ];
+    let target = outside.tcp4();
+    argv.extend_from_slice(&[probe, "attempt", "tcp", &target]);
+    let out = c.as_uid(NOBODY, &argv);
+    assert_eq!(probe_code(&out), 0, "{}\n{}", text(&out), daemon_log());
+    assert_eq!(summary(&out), Some((1, 0)), "{}", text(&out));
+    assert_eq!(
+        outside.counts().tcp,
+        before_allowed.tcp + 1,
+        "the allowed connection did not arrive"
+    );
+    let before = outside.counts();
     let local = TcpListener::bind("127.0.0.1:0").unwrap();
     let lo = format!("127.0.0.1:{}", local.local_addr().unwrap().port());
     let out = ctl(NOBODY, &[probe, "attempt", "tcp", &lo]);
     assert_eq!(probe_code(&out), 0, "{}", text(&out));
     let allowed_session = session_id(&out);
+    let (allowed, denied) = summary(&out).expect("summary line");
+    assert!(allowed >= 1 && denied == 0, "{}", text(&out));
 
     // Both in the audit log, and each session's end.
     let records = || -> Vec<serde_json::Value> {
@@ -269,24 +297,24 @@ fn sessions_are_transient_scopes_of_a_live_systemd_and_outlive_the_service() {
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
     };
-    // Known bug (issue #2): egressd inside a cgroup namespace, as here, computes the session's
-    // cgroup level from its own view of the tree, while the kernel's ancestor lookup counts from the
-    // real root, so decisions are recorded under "unknown-cgroup-N" (the slice) rather than the
-    // session, and the session's counters stay 0. Enforcement is unaffected (an unknown cgroup
-    // under the slice gets the strictest policy). On a host whose PID 1 is systemd there is no
-    // cgroup namespace and the levels agree. Until it is fixed, the decisions are matched by
-    // destination and each session by its start and end.
+    // egressd runs in the container's cgroup namespace, where egressd.slice looks like level 1
+    // while the kernel counts it from the real root: attributing each decision to its session
+    // (not to "unknown-cgroup-N") shows the programs found the real level.
     let complete = |r: &[serde_json::Value]| {
-        let has = |verdict: &str, dest: &str| {
-            r.iter()
-                .any(|x| x["type"] == "decision" && x["verdict"] == verdict && x["dest"] == dest)
+        let decided = |session: &str, verdict: &str, dest: &str| {
+            r.iter().any(|x| {
+                x["type"] == "decision"
+                    && x["session"] == session
+                    && x["verdict"] == verdict
+                    && x["dest"] == dest
+            })
         };
         let ended = |session: &str| {
             r.iter()
                 .any(|x| x["type"] == "session_end" && x["session"] == session)
         };
-        has("denied", &outside.v4)
-            && has("allowed", "127.0.0.1")
+        decided(&denied_session, "denied", &outside.v4)
+            && decided(&allowed_session, "allowed", "127.0.0.1")
             && ended(&denied_session)
             && ended(&allowed_session)
     };
@@ -303,6 +331,49 @@ fn sessions_are_transient_scopes_of_a_live_systemd_and_outlive_the_service() {
         );
         thread::sleep(Duration::from_millis(100));
     }
+    // egressd has its own pid namespace here: the log names the probe by the pid it has there.
+    let logged_pid = records()
+        .iter()
+        .find(|x| x["type"] == "decision" && x["session"] == denied_session.as_str())
+        .map(|x| x["pid"].clone());
+    assert_eq!(
+        logged_pid,
+        Some(serde_json::json!(denied_pid)),
+        "the denied decision does not name the probe's pid {denied_pid}"
+    );
+    // A task in a pid namespace of its own has no pid in egressd's: logged without one, but with
+    // its uid and comm, and still refused.
+    let out = ctl(
+        NOBODY,
+        &[
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--pid",
+            "--fork",
+            "--",
+            probe,
+            "attempt",
+            "tcp",
+            &outside.tcp4(),
+        ],
+    );
+    assert_eq!(probe_code(&out), 3, "{}", text(&out));
+    assert_eq!(probe_pid(&out), 1, "{}", text(&out));
+    let nested_session = session_id(&out);
+    wait_until("the nested task's decision", 10, || {
+        records()
+            .iter()
+            .any(|x| x["type"] == "decision" && x["session"] == nested_session.as_str())
+    });
+    let nested = records()
+        .into_iter()
+        .find(|x| x["type"] == "decision" && x["session"] == nested_session.as_str())
+        .unwrap();
+    assert_eq!(nested["verdict"], "denied", "{nested}");
+    assert!(nested.get("pid").is_none(), "{nested}");
+    assert_eq!(nested["uid"], NOBODY, "{nested}");
+    assert_eq!(nested["comm"], "egressd-probe", "{nested}");
     // systemd collects the scopes once they are empty.
     wait_until("the session scopes to be gone", 10, || {
         scope_units(&c).is_empty()

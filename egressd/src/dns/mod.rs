@@ -317,8 +317,11 @@ impl Resolver {
                 (None, Some(o)) => format!("unknown-cgroup-{}", o.session),
                 (None, None) => "none".into(),
             }),
-            pid: task.map(|t| t.pid_tgid as u32),
-            tgid: task.map(|t| (t.pid_tgid >> 32) as u32),
+            // 0: a task in a pid namespace below egressd's, with no pid egressd could name.
+            pid: task.filter(|t| t.pid_tgid != 0).map(|t| t.pid_tgid as u32),
+            tgid: task
+                .filter(|t| t.pid_tgid != 0)
+                .map(|t| (t.pid_tgid >> 32) as u32),
             uid: task.map(|t| t.uid_gid as u32),
             comm: task.map(|t| {
                 let end = t.comm.iter().position(|b| *b == 0).unwrap_or(16);
