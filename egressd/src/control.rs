@@ -2,7 +2,11 @@
 //! SO_PEERCRED only. A bad message gets an error reply and never harms the daemon or other clients.
 
 use egressd_common::policy::{describe, RootSessions};
-use std::{sync::Arc, time::Duration};
+use std::{
+    os::fd::{AsRawFd, FromRawFd as _, OwnedFd},
+    sync::Arc,
+    time::Duration,
+};
 
 use egressd_common::protocol::{
     DaemonStatus, EnforcementCheck, Op, PolicyView, Reply, Request, Response, SessionStarted,
@@ -42,10 +46,52 @@ pub async fn serve(state: Arc<State>, listener: UnixListener) {
 }
 
 /// Who is calling, from the kernel (SO_PEERCRED), never from the message.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct Caller {
     pub uid: u32,
     pub pid: Option<u32>,
+    /// The calling process itself (SO_PEERPIDFD, Linux 6.5+), which no later process can be
+    /// mistaken for: `pid` is only a number, and a number can be reused once its process is gone.
+    pub pidfd: Option<Arc<OwnedFd>>,
+}
+
+impl Caller {
+    /// Whether `pid` still names the caller: true until the caller has exited and been reaped,
+    /// which is what frees its pid for reuse. Then `pid` has named it, and nothing else, from the
+    /// moment it connected until now. Without SO_PEERPIDFD there is nothing to ask: true.
+    pub fn pid_still_names_it(&self) -> bool {
+        self.pidfd.as_ref().is_none_or(|fd| {
+            // SAFETY: pidfd_send_signal with signal 0 only checks that the process exists.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    0,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            };
+            r == 0
+        })
+    }
+}
+
+/// A pidfd of the peer as it was when it connected; None on kernels without SO_PEERPIDFD.
+fn peer_pidfd(stream: &impl AsRawFd) -> Option<OwnedFd> {
+    let mut fd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: the option value is a c_int of the length passed.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERPIDFD,
+            (&mut fd as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: on success the kernel installed a new descriptor that nothing else owns.
+    (r == 0 && fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 async fn connection(state: Arc<State>, stream: UnixStream) -> std::io::Result<()> {
@@ -53,6 +99,7 @@ async fn connection(state: Arc<State>, stream: UnixStream) -> std::io::Result<()
     let caller = Caller {
         uid: cred.uid(),
         pid: cred.pid().and_then(|p| u32::try_from(p).ok()),
+        pidfd: peer_pidfd(&stream).map(Arc::new),
     };
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
@@ -82,7 +129,7 @@ async fn connection(state: Arc<State>, stream: UnixStream) -> std::io::Result<()
                     "protocol version {} is not supported (this egressd speaks {PROTOCOL_VERSION}); use an egressctl of the same version",
                     req.v
                 )),
-                Ok(req) => Response::new(handle(&state, caller, req.op).await),
+                Ok(req) => Response::new(handle(&state, caller.clone(), req.op).await),
             }
         };
         let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
@@ -388,6 +435,14 @@ async fn start_session(
         if state.systemd.is_none() {
             cgroup::move_process(&dir, pid).map_err(|e| e.to_string())?;
         }
+        // Checked after the move: a caller that still runs now ran throughout, so the pid moved
+        // was its own. One that exited may have had its pid reused by another process, which the
+        // move then put into this cgroup (held to loopback, never let out): refuse the session.
+        if !caller.pid_still_names_it() {
+            return Err(format!(
+                "the caller (pid {pid}) exited while its session was set up; nothing was run"
+            ));
+        }
         state.watch(&session);
         if let Err(e) = state.state_dir.save(&session) {
             tracing::warn!("saving session {id} state: {e} (a restarted daemon will treat it as loopback-only)");
@@ -449,4 +504,51 @@ fn user_and_groups(uid: u32) -> (Option<String>, Vec<String>) {
         .filter_map(|gid| Group::from_gid(gid).ok().flatten().map(|g| g.name))
         .collect();
     (Some(user.name), groups)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{fs, os::unix::net::UnixStream as StdStream, process::Command};
+
+    fn caller_with(pidfd: Option<OwnedFd>) -> Caller {
+        Caller {
+            uid: 0,
+            pid: None,
+            pidfd: pidfd.map(Arc::new),
+        }
+    }
+
+    fn pid_of(pidfd: &OwnedFd) -> String {
+        let info = fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("Pid:"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    #[test]
+    fn the_peer_pidfd_is_the_connecting_process() {
+        let (ours, _theirs) = StdStream::pair().unwrap();
+        let pidfd = peer_pidfd(&ours).expect("SO_PEERPIDFD (Linux 6.5+)");
+        assert_eq!(pid_of(&pidfd), std::process::id().to_string());
+        assert!(caller_with(Some(pidfd)).pid_still_names_it());
+    }
+
+    #[test]
+    fn a_reaped_caller_no_longer_owns_its_pid() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        // SAFETY: pidfd_open of our own unreaped child; the result is a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id(), 0) };
+        assert!(fd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+        // SAFETY: a new descriptor nothing else owns.
+        let caller = caller_with(Some(unsafe { OwnedFd::from_raw_fd(fd as i32) }));
+        assert!(caller.pid_still_names_it());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!caller.pid_still_names_it());
+        // Without a pidfd there is nothing to ask.
+        assert!(caller_with(None).pid_still_names_it());
+    }
 }
