@@ -168,6 +168,14 @@ fn spawn_and_wait(started: &SessionStarted, keep: &[i32], argv: &[String]) -> an
                 refuse(why);
             }
             if started.drop_capabilities {
+                // The daemon checks this too; without Landlock's file rules root could write
+                // cgroup.procs and leave.
+                if !(started.no_new_privs && started.landlock) {
+                    refuse(
+                        "a root session without capabilities needs no_new_privs and Landlock"
+                            .into(),
+                    );
+                }
                 // First, while CAP_SETPCAP is still there to do it.
                 if let Err(e) = crate::capabilities::drop_bounding_and_ambient() {
                     refuse(e);
@@ -199,14 +207,6 @@ fn spawn_and_wait(started: &SessionStarted, keep: &[i32], argv: &[String]) -> an
                 }
             }
             if started.drop_capabilities {
-                // The daemon checks this too; without Landlock's file rules root could write
-                // cgroup.procs and leave.
-                if !(started.no_new_privs && started.landlock) {
-                    refuse(
-                        "a root session without capabilities needs no_new_privs and Landlock"
-                            .into(),
-                    );
-                }
                 if let Err(e) = crate::capabilities::drop_the_rest() {
                     refuse(e);
                 }

@@ -46,13 +46,12 @@ pub async fn serve(state: Arc<State>, listener: UnixListener) {
 }
 
 /// Who is calling, from the kernel (SO_PEERCRED), never from the message.
-#[derive(Clone)]
 pub struct Caller {
     pub uid: u32,
     pub pid: Option<u32>,
     /// The calling process itself (SO_PEERPIDFD, Linux 6.5+), which no later process can be
     /// mistaken for: `pid` is only a number, and a number can be reused once its process is gone.
-    pub pidfd: Option<Arc<OwnedFd>>,
+    pub pidfd: Option<OwnedFd>,
 }
 
 impl Caller {
@@ -99,7 +98,7 @@ async fn connection(state: Arc<State>, stream: UnixStream) -> std::io::Result<()
     let caller = Caller {
         uid: cred.uid(),
         pid: cred.pid().and_then(|p| u32::try_from(p).ok()),
-        pidfd: peer_pidfd(&stream).map(Arc::new),
+        pidfd: peer_pidfd(&stream),
     };
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
@@ -129,7 +128,7 @@ async fn connection(state: Arc<State>, stream: UnixStream) -> std::io::Result<()
                     "protocol version {} is not supported (this egressd speaks {PROTOCOL_VERSION}); use an egressctl of the same version",
                     req.v
                 )),
-                Ok(req) => Response::new(handle(&state, caller.clone(), req.op).await),
+                Ok(req) => Response::new(handle(&state, &caller, req.op).await),
             }
         };
         let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
@@ -188,7 +187,7 @@ fn sandboxed(state: &State, pid: Option<u32>) -> bool {
     }
 }
 
-async fn handle(state: &State, caller: Caller, op: Op) -> Reply {
+async fn handle(state: &State, caller: &Caller, op: Op) -> Reply {
     if matches!(op, Op::Reload) && sandboxed(state, caller.pid) {
         return error("refused: the caller runs inside a sandbox, and a sandbox may not change the policy (even as root)");
     }
@@ -266,7 +265,7 @@ async fn view(state: &State, s: &Session) -> SessionView {
     s.view(counters)
 }
 
-async fn owned_session(state: &State, caller: Caller, id: &str) -> Result<Session, String> {
+async fn owned_session(state: &State, caller: &Caller, id: &str) -> Result<Session, String> {
     let registry = state.registry.lock().await;
     match registry.get(id) {
         // Same answer for "not yours" and "absent": ids of other users' sessions are not disclosed.
@@ -297,7 +296,7 @@ async fn status(state: &State) -> Reply {
 
 async fn start_session(
     state: &State,
-    caller: Caller,
+    caller: &Caller,
     profile: Option<String>,
     argv: Vec<String>,
 ) -> Result<SessionStarted, String> {
@@ -515,7 +514,7 @@ mod tests {
         Caller {
             uid: 0,
             pid: None,
-            pidfd: pidfd.map(Arc::new),
+            pidfd,
         }
     }
 

@@ -517,7 +517,7 @@ pub fn world_audit(
 
 /// The built-in default profile, except that root keeps its capabilities in a session: for the
 /// ways only a privileged task can try (raw, packet and bound-to-device sockets, IP options,
-/// nsenter, child cgroups). By default a root session is refused.
+/// nsenter, child cgroups). By default a root session runs without capabilities.
 pub fn root_keeps_capabilities(_: &Outside) -> Option<String> {
     Some("[profiles.airgap]\nroot = \"keep-capabilities\"\n".into())
 }

@@ -222,17 +222,20 @@ fn sessions_are_transient_scopes_of_a_live_systemd_and_outlive_the_service() {
         "status does not name egressd.slice: {status}"
     );
 
-    let ctl = |uid: u32, args: &[&str]| -> Output {
+    // `egressctl run [RUN_ARGS] -- ARGS` as `uid`.
+    let ctl_with = |uid: u32, run_args: &[&str], args: &[&str]| -> Output {
         let mut argv = vec![
             "/bin-egressd/egressctl",
             "--socket",
             "/scratch/egressd.sock",
             "run",
-            "--",
         ];
+        argv.extend_from_slice(run_args);
+        argv.push("--");
         argv.extend_from_slice(args);
         c.as_uid(uid, &argv)
     };
+    let ctl = |uid: u32, args: &[&str]| ctl_with(uid, &[], args);
     let probe = "/bin-egressd/egressd-probe";
 
     // The session is a transient scope in egressd.slice.
@@ -261,18 +264,11 @@ fn sessions_are_transient_scopes_of_a_live_systemd_and_outlive_the_service() {
     );
     // A profile's allow rule applies to the session's cgroup, found at its real level.
     let before_allowed = outside.counts();
-    let mut argv = vec![
-        "/bin-egressd/egressctl",
-        "--socket",
-        "/scratch/egressd.sock",
-        "run",
-        "--profile",
-        "lan",
-        "--",
-    ];
-    let target = outside.tcp4();
-    argv.extend_from_slice(&[probe, "attempt", "tcp", &target]);
-    let out = c.as_uid(NOBODY, &argv);
+    let out = ctl_with(
+        NOBODY,
+        &["--profile", "lan"],
+        &[probe, "attempt", "tcp", &outside.tcp4()],
+    );
     assert_eq!(probe_code(&out), 0, "{}\n{}", text(&out), daemon_log());
     assert_eq!(summary(&out), Some((1, 0)), "{}", text(&out));
     assert_eq!(

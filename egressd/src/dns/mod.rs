@@ -305,6 +305,8 @@ impl Resolver {
         o: Outcome,
     ) {
         let task = origin.filter(|o| o.redirected == 1);
+        // 0: a task in a pid namespace below egressd's, with no pid egressd could name.
+        let pid_tgid = task.map(|t| t.pid_tgid).filter(|&p| p != 0);
         let (dest, port) = match task {
             Some(t) => (Some(ipv6_or_4(t.addr).to_string()), Some(t.port)),
             None => (None, None),
@@ -317,11 +319,8 @@ impl Resolver {
                 (None, Some(o)) => format!("unknown-cgroup-{}", o.session),
                 (None, None) => "none".into(),
             }),
-            // 0: a task in a pid namespace below egressd's, with no pid egressd could name.
-            pid: task.filter(|t| t.pid_tgid != 0).map(|t| t.pid_tgid as u32),
-            tgid: task
-                .filter(|t| t.pid_tgid != 0)
-                .map(|t| (t.pid_tgid >> 32) as u32),
+            pid: pid_tgid.map(|p| p as u32),
+            tgid: pid_tgid.map(|p| (p >> 32) as u32),
             uid: task.map(|t| t.uid_gid as u32),
             comm: task.map(|t| {
                 let end = t.comm.iter().position(|b| *b == 0).unwrap_or(16);
