@@ -1,7 +1,11 @@
 //! Enforcement against a real kernel: the programs are loaded and attached, connections from a
 //! sandbox are really refused, and "blocked" is judged by what the outside host received.
 
-use std::{fs, process::Command};
+use std::{
+    fs,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use egressd_common::prog_query;
 use egressd_tests::*;
@@ -72,7 +76,12 @@ fn every_way_out_is_refused_and_nothing_reaches_the_outside_host() {
         "unsandboxed send failed:\n{}",
         text(&direct)
     );
-    let c = w.outside.counts();
+    // The control's traffic may still be on its way on a busy machine: wait for it a while.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut c = w.outside.counts();
+    while (c.tcp, c.udp) != (1, 1) && Instant::now() < deadline {
+        c = w.outside.counts();
+    }
     assert_eq!(
         (c.tcp, c.udp),
         (1, 1),
