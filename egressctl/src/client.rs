@@ -31,6 +31,12 @@ impl Client {
         })
     }
 
+    /// The connection's descriptor.
+    pub fn raw_fd(&self) -> i32 {
+        use std::os::fd::AsRawFd as _;
+        self.reader.get_ref().as_raw_fd()
+    }
+
     /// Sends one request; an error reply from the daemon becomes an `Err` with its message.
     pub fn call(&mut self, op: Op) -> anyhow::Result<Reply> {
         let mut line = serde_json::to_vec(&Request::new(op))?;

@@ -10,6 +10,7 @@ mod policy;
 mod run;
 mod seccomp;
 mod show;
+mod stdio;
 mod verify;
 
 use std::{path::PathBuf, process::ExitCode};

@@ -32,6 +32,9 @@ pub fn run(
     if let Some(bad) = keep_fds.iter().find(|fd| **fd <= 2) {
         bail!("--keep-fd {bad}: descriptors 0, 1 and 2 are always kept; name one above 2");
     }
+    if let Some(bad) = keep_fds.iter().find(|fd| crate::stdio::is_socket(**fd)) {
+        bail!("--keep-fd {bad}: it is a socket, and a socket made outside the sandbox would take the sandbox's traffic past every check; pass a pipe or a file instead. Nothing was run");
+    }
     let mut client = Client::connect(socket).context("nothing was run")?;
     let started = match client.call(Op::Run {
         profile,
@@ -43,7 +46,9 @@ pub fn run(
     };
     verify_enforced(&mut client, &started)
         .context("the kernel does not enforce this sandbox; nothing was run (check `egressctl status` and `egressctl doctor`)")?;
-    drop(client);
+    // The connection stays open: it was made before the move, and a session task cannot make a
+    // new unix connect without the supervisor (egressd keeps it for the session's life). The child
+    // hands egressd its seccomp listener on it, and the summary comes back on it.
     eprintln!(
         "egressd: session {} (profile {}): {}{}",
         started.id,
@@ -55,16 +60,19 @@ pub fn run(
             ""
         }
     );
+    if let Some(why) = &started.unix_missing {
+        eprintln!(
+            "egressd: warning: unix sockets outside the session (tmux, the session bus, systemd --user, docker) are NOT confined: {why}"
+        );
+    }
     if started.families.is_empty() {
         bail!("egressd sent no socket family list (an older egressd?); nothing was run");
     }
 
-    let status = spawn_and_wait(&started, keep_fds, &argv)?;
+    let status = spawn_and_wait(&started, keep_fds, &argv, &mut client)?;
 
-    match Client::connect(socket).and_then(|mut c| {
-        c.call(Op::Summary {
-            id: started.id.clone(),
-        })
+    match client.call(Op::Summary {
+        id: started.id.clone(),
     }) {
         Ok(Reply::Session(s)) => eprintln!(
             "egressd: session {} {}: {} allowed, {} denied",
@@ -149,12 +157,19 @@ extern "C" fn forward(sig: libc::c_int) {
 /// Forks; the child closes every inherited descriptor above 2 (a socket opened outside the sandbox
 /// is judged by the cgroup it was created in and would slip past every hook) and execs CMD. Returns
 /// the exit code to pass on: CMD's, or 128 + signal.
-fn spawn_and_wait(started: &SessionStarted, keep: &[i32], argv: &[String]) -> anyhow::Result<u8> {
+fn spawn_and_wait(
+    started: &SessionStarted,
+    keep: &[i32],
+    argv: &[String],
+    client: &mut Client,
+) -> anyhow::Result<u8> {
     let args: Vec<CString> = argv
         .iter()
         .map(|a| CString::new(a.as_bytes()))
         .collect::<Result<_, _>>()
         .context("an argument contains a NUL byte")?;
+    let relays =
+        crate::stdio::socket_stdio().context("replacing socket standard descriptors by pipes")?;
     // SAFETY: egressctl is single-threaded here, so the child may run arbitrary code before exec.
     match unsafe { fork() }.context("fork")? {
         ForkResult::Child => {
@@ -164,7 +179,18 @@ fn spawn_and_wait(started: &SessionStarted, keep: &[i32], argv: &[String]) -> an
                 // SAFETY: leaving the forked child without running destructors.
                 unsafe { libc::_exit(125) }
             };
-            if let Err(why) = close_inherited(keep) {
+            for r in &relays {
+                if let Err(e) = r.install_in_child() {
+                    refuse(format!(
+                        "cannot replace descriptor {} by a pipe ({e})",
+                        r.fd
+                    ));
+                }
+            }
+            let control = client.raw_fd();
+            let mut kept = keep.to_vec();
+            kept.push(control);
+            if let Err(why) = close_inherited(&kept) {
                 refuse(why);
             }
             if started.drop_capabilities {
@@ -205,7 +231,14 @@ fn spawn_and_wait(started: &SessionStarted, keep: &[i32], argv: &[String]) -> an
                 if let Err(e) = crate::seccomp::install(&filter) {
                     refuse(format!("cannot install the seccomp filter ({e})"));
                 }
+                if started.unix {
+                    if let Err(e) = hand_over_connects(client, &started.id) {
+                        refuse(format!("the unix layer could not start ({e:#})"));
+                    }
+                }
             }
+            // SAFETY: closing the control connection, which CMD must not inherit.
+            unsafe { libc::close(control) };
             if started.drop_capabilities {
                 if let Err(e) = crate::capabilities::drop_the_rest() {
                     refuse(e);
@@ -224,6 +257,7 @@ fn spawn_and_wait(started: &SessionStarted, keep: &[i32], argv: &[String]) -> an
         }
         ForkResult::Parent { child } => {
             CHILD.store(child.as_raw(), Ordering::Relaxed);
+            let outputs = crate::stdio::start(relays);
             // Terminal signals reach the child directly (same process group); the rest we pass on.
             // SAFETY: installing plain handlers; `forward` is async-signal-safe.
             unsafe {
@@ -238,8 +272,28 @@ fn spawn_and_wait(started: &SessionStarted, keep: &[i32], argv: &[String]) -> an
                     let _ = signal::signal(sig, SigHandler::Handler(forward));
                 }
             }
-            wait_for(child)
+            let status = wait_for(child);
+            for relay in outputs {
+                let _ = relay.join();
+            }
+            status
         }
+    }
+}
+
+/// Installs the unix layer's connect filter and gives egressd its listener: from here on every
+/// connect(2) of the session waits for egressd's supervisor.
+fn hand_over_connects(client: &mut Client, id: &str) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let listener = crate::seccomp::install_with_listener(&crate::seccomp::connect_filter())
+        .context("installing the connect filter")?;
+    match client.call(Op::Supervise {
+        id: id.to_string(),
+        pid: std::process::id(),
+        fd: listener.as_raw_fd(),
+    })? {
+        Reply::Supervised => Ok(()),
+        other => bail!("unexpected reply from egressd: {other:?}"),
     }
 }
 

@@ -4,6 +4,8 @@
 //! reaching into processes outside the sandbox (ptrace, process_vm_readv/writev, pidfd_getfd,
 //! which would also steal their sockets), and bpf(2).
 
+use std::os::fd::{FromRawFd as _, OwnedFd};
+
 use libc::{sock_filter, sock_fprog};
 
 // Classic BPF opcodes (linux/filter.h).
@@ -91,6 +93,46 @@ pub fn filter(families: &[u32], deny_ptrace: bool) -> Vec<sock_filter> {
     p
 }
 
+const RET_USER_NOTIF: u32 = libc::SECCOMP_RET_USER_NOTIF;
+
+/// The unix layer's filter: every connect(2) becomes a notification egressd's supervisor answers
+/// (it lets inet connects go on to the kernel's cgroup programs, and connects unix sockets itself
+/// when their server is the session's). Other architectures are refused by [`filter`] already.
+pub fn connect_filter() -> Vec<sock_filter> {
+    vec![
+        stmt(LD_W_ABS, ARCH),
+        jump(JEQ_K, NATIVE_ARCH, 1, 0),
+        stmt(RET_K, RET_ALLOW),
+        stmt(LD_W_ABS, NR),
+        jump(JEQ_K, libc::SYS_connect as u32, 0, 1),
+        stmt(RET_K, RET_USER_NOTIF),
+        stmt(RET_K, RET_ALLOW),
+    ]
+}
+
+/// Installs `filter` and returns its notification listener (close-on-exec).
+pub fn install_with_listener(filter: &[sock_filter]) -> std::io::Result<OwnedFd> {
+    let prog = sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr() as *mut sock_filter,
+    };
+    // SAFETY: `prog` points at `filter`, which outlives the call; the kernel copies it. The
+    // returned descriptor is new and owned below.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+            &prog as *const sock_fprog,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
 /// Installs `filter` on the calling thread (and what it execs). no_new_privs must be set.
 pub fn install(filter: &[sock_filter]) -> std::io::Result<()> {
     let prog = sock_fprog {
@@ -175,5 +217,17 @@ mod tests {
         assert_eq!(run(&p, NATIVE_ARCH, socket, 10), RET_EPERM);
         assert_eq!(run(&p, NATIVE_ARCH, libc::SYS_bpf as u32, 0), RET_EPERM);
         assert_eq!(run(&p, NATIVE_ARCH, libc::SYS_connect as u32, 0), RET_ALLOW);
+    }
+
+    #[test]
+    fn the_connect_filter_notifies_connect_only() {
+        let p = connect_filter();
+        assert_eq!(
+            run(&p, NATIVE_ARCH, libc::SYS_connect as u32, 0),
+            RET_USER_NOTIF
+        );
+        for nr in [libc::SYS_sendto, libc::SYS_socket, libc::SYS_read] {
+            assert_eq!(run(&p, NATIVE_ARCH, nr as u32, 0), RET_ALLOW);
+        }
     }
 }

@@ -88,6 +88,12 @@ pub struct Record {
     pub answers: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<u32>,
+    /// Unix-socket decisions: who serves the address (a session id, "outside", "allowed" for a
+    /// socket the profile allows, "none" when nothing is bound there) and the server's pid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_pid: Option<u32>,
     /// Session records: the enforcement layers in force for the session ("cgroup", "lsm").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layers: Option<Vec<String>>,

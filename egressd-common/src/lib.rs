@@ -67,6 +67,8 @@ pub mod programs {
     pub const LSM_SOCKET_CREATE: &str = "egressd_lsm_socket_create";
     pub const SOCK_CREATE: &str = "egressd_sock_create";
     pub const SKB_EGRESS: &str = "egressd_skb_egress";
+    pub const CONNECT_UNIX: &str = "egressd_connect_unix";
+    pub const SENDMSG_UNIX: &str = "egressd_sendmsg_unix";
     /// Global: the port of egressd's resolver on 127.0.0.1 and ::1 (0: DNS is not redirected).
     pub const GLOBAL_DNS_PORT: &str = "DNS_PORT";
     /// Global: the cgroup id of the parent of every session. The programs find the level of
@@ -117,6 +119,9 @@ pub const PROFILE_PRESENT: u32 = 1 << 2;
 /// Profile flag: sandbox sockets may bind any address (otherwise only loopback; 0.0.0.0 and :: are
 /// bound as 127.0.0.1 and ::1, so no outside peer can connect in).
 pub const PROFILE_BIND_ANY: u32 = 1 << 3;
+/// `unix = "open"`: unix sockets of the session are not confined to the session (the old
+/// behaviour; named an open way in the README).
+pub const PROFILE_UNIX_OPEN: u32 = 1 << 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -228,6 +233,9 @@ pub const REASON_DNS_ANSWER: u8 = 8;
 pub const REASON_FAMILY: u8 = 9;
 /// A bind to a non-loopback address.
 pub const REASON_BIND: u8 = 10;
+/// A unix-socket connect or addressed send that did not come through egressd's unix supervisor
+/// (io_uring, a datagram `sendto` with an address, a raced address): refused in the kernel.
+pub const REASON_UNIX_UNVETTED: u8 = 11;
 
 /// Default size of the `EVENTS` ring buffer (bytes; a power of two, a multiple of the page size).
 pub const DEFAULT_RING_BYTES: u32 = 1 << 20;
@@ -242,6 +250,8 @@ pub const HOOK_SKB_EGRESS: u8 = 6;
 pub const HOOK_LSM_SOCKET_CREATE: u8 = 7;
 pub const HOOK_BIND4: u8 = 8;
 pub const HOOK_BIND6: u8 = 9;
+pub const HOOK_CONNECT_UNIX: u8 = 10;
+pub const HOOK_SENDMSG_UNIX: u8 = 11;
 
 pub const VERDICT_ALLOWED: u8 = 1;
 pub const VERDICT_DENIED: u8 = 2;

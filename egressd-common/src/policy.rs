@@ -129,6 +129,38 @@ pub enum Bind {
     Any,
 }
 
+/// Which unix sockets a session may connect to.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum UnixSockets {
+    /// Only servers inside the session, the sockets `unix_allow` names (Wayland, PipeWire and
+    /// PulseAudio by default) and egressd's own control socket: nothing outside the session can be
+    /// asked to act for it (tmux, `systemd --user`, the session bus, docker, a running IDE).
+    #[default]
+    Session,
+    /// Any unix socket the uid may open (the behaviour before the unix layer): an open way out.
+    Open,
+}
+
+/// The unix sockets outside a session a desktop IDE or an agent CLI needs: the Wayland display
+/// and the sound servers. `$UID` is the caller's uid.
+pub const DEFAULT_UNIX_ALLOW: [&str; 5] = [
+    "/run/user/$UID/wayland-0",
+    "/run/user/$UID/wayland-1",
+    "/run/user/$UID/pipewire-0",
+    "/run/user/$UID/pulse/native",
+    "/run/user/$UID/pipewire-0-manager",
+];
+
+/// The X server's sockets, allowed only with `x11 = true`: any X client can type into any window
+/// (XTEST), which is an open way out, named in the README.
+pub const X11_SOCKETS: [&str; 4] = [
+    "/tmp/.X11-unix/X0",
+    "/tmp/.X11-unix/X1",
+    "@/tmp/.X11-unix/X0",
+    "@/tmp/.X11-unix/X1",
+];
+
 /// What a session started by root (uid 0) gets. With its capabilities, root can leave any sandbox
 /// a cgroup program draws (move itself to another cgroup, unpin the programs); without them it
 /// still owns the files that root runs outside the sandbox (cron, units).
@@ -202,7 +234,7 @@ pub fn family_mask(names: &[String]) -> Result<u64, String> {
 }
 
 /// Layers a profile may `require`.
-pub const LAYERS: [&str; 3] = ["cgroup", "seccomp", "lsm"];
+pub const LAYERS: [&str; 5] = ["cgroup", "seccomp", "lsm", "landlock", "unix"];
 
 /// The AF_* numbers of a profile's `families` (default unix, inet, inet6, netlink).
 pub fn family_numbers(p: &ProfileConfig) -> Result<Vec<u32>, String> {
@@ -266,6 +298,32 @@ pub struct ProfileConfig {
     /// answers' addresses may be reached until the TTL ends. Every other name gets NXDOMAIN.
     #[serde(default)]
     pub dns_allow: Vec<String>,
+    /// Unix sockets: "session" (default) or "open" (see [`UnixSockets`]).
+    #[serde(default)]
+    pub unix: UnixSockets,
+    /// Unix sockets outside the session that the session may use, by exact path (`$UID` is the
+    /// caller's uid) or `@name` for an abstract name; default [`DEFAULT_UNIX_ALLOW`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unix_allow: Option<Vec<String>>,
+    /// Allow the X server's sockets (default false; see [`X11_SOCKETS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x11: Option<bool>,
+}
+
+impl ProfileConfig {
+    /// The unix sockets outside the session a session of `uid` may use, `$UID` expanded.
+    pub fn unix_allowed(&self, uid: u32) -> Vec<String> {
+        let mut out: Vec<String> = match &self.unix_allow {
+            Some(list) => list.clone(),
+            None => DEFAULT_UNIX_ALLOW.iter().map(|s| s.to_string()).collect(),
+        };
+        if self.x11 == Some(true) {
+            out.extend(X11_SOCKETS.iter().map(|s| s.to_string()));
+        }
+        out.iter()
+            .map(|e| e.replace("$UID", &uid.to_string()))
+            .collect()
+    }
 }
 
 /// `CIDR[:port[-port]][/tcp|/udp]`; an IPv6 CIDR with a port is written in brackets:
@@ -550,6 +608,16 @@ pub fn compile_profile(p: &ProfileConfig) -> Result<CompiledProfile, String> {
     }
     if p.bind == Bind::Any {
         flags |= crate::PROFILE_BIND_ANY;
+    }
+    if p.unix == UnixSockets::Open {
+        flags |= crate::PROFILE_UNIX_OPEN;
+    }
+    for entry in p.unix_allow.iter().flatten() {
+        if !(entry.starts_with('/') || entry.starts_with('@')) || entry.len() > 107 {
+            return Err(format!(
+                "unix_allow: {entry:?} is neither an absolute path nor an @abstract name of at most 107 bytes"
+            ));
+        }
     }
     for layer in &p.require {
         if !LAYERS.contains(&layer.as_str()) {

@@ -27,6 +27,9 @@ pub const ATTACH_UDP4_SENDMSG: u32 = 14;
 pub const ATTACH_UDP6_SENDMSG: u32 = 15;
 pub const ATTACH_UDP4_RECVMSG: u32 = 19;
 pub const ATTACH_UDP6_RECVMSG: u32 = 20;
+/// The unix backstop (Linux 6.7+; optional, like BPF LSM).
+pub const ATTACH_UNIX_CONNECT: u32 = 49;
+pub const ATTACH_UNIX_SENDMSG: u32 = 50;
 
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_F_QUERY_EFFECTIVE: u32 = 1;

@@ -48,6 +48,17 @@ pub enum Op {
     },
     /// Re-read the policy file (root only; same as SIGHUP).
     Reload,
+    /// From egressctl's child, once, before it execs CMD: the seccomp notification descriptor
+    /// (its number in the caller) through which egressd's supervisor answers the session's
+    /// connect(2) calls. egressd takes the descriptor itself (pidfd_getfd).
+    Supervise {
+        id: String,
+        /// The child's pid: the connection is its parent's (made before the session existed, so
+        /// the only unix connect of the session that needs no supervisor). egressd checks that it
+        /// is a child of the caller and inside the session.
+        pid: u32,
+        fd: i32,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -66,7 +77,11 @@ pub enum Reply {
     Session(SessionView),
     Enforced(EnforcementCheck),
     Policy(PolicyView),
-    Error { message: String },
+    /// The session's connects are supervised from now on.
+    Supervised,
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -110,6 +125,13 @@ pub struct SessionStarted {
     /// egressd's own files (audit log, policy, state), kept from a root sandbox's writes.
     #[serde(default)]
     pub protected: Vec<String>,
+    /// Whether egressctl must hand egressd a seccomp listener for connect(2) (the unix layer):
+    /// the session's unix sockets then reach only servers inside it and those the profile allows.
+    #[serde(default)]
+    pub unix: bool,
+    /// Why the unix layer is not in force for this session, for the person starting it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unix_missing: Option<String>,
 }
 
 fn yes() -> bool {

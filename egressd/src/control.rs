@@ -103,16 +103,20 @@ async fn connection(state: Arc<State>, stream: UnixStream) -> std::io::Result<()
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut line = Vec::new();
+    // The connection that started a session is egressctl's for the session's life: a session
+    // task cannot connect anew without the supervisor, and its summary comes back on it.
+    let mut lifeline = false;
     loop {
         line.clear();
-        let n = tokio::time::timeout(
-            IDLE_TIMEOUT,
-            (&mut reader)
-                .take(MAX_MESSAGE_BYTES as u64 + 1)
-                .read_until(b'\n', &mut line),
-        )
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "idle client"))??;
+        let mut limited = (&mut reader).take(MAX_MESSAGE_BYTES as u64 + 1);
+        let read = limited.read_until(b'\n', &mut line);
+        let n = if lifeline {
+            read.await?
+        } else {
+            tokio::time::timeout(IDLE_TIMEOUT, read)
+                .await
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "idle client"))??
+        };
         if n == 0 {
             return Ok(());
         }
@@ -128,7 +132,11 @@ async fn connection(state: Arc<State>, stream: UnixStream) -> std::io::Result<()
                     "protocol version {} is not supported (this egressd speaks {PROTOCOL_VERSION}); use an egressctl of the same version",
                     req.v
                 )),
-                Ok(req) => Response::new(handle(&state, &caller, req.op).await),
+                Ok(req) => {
+                    let reply = handle(&state, &caller, req.op).await;
+                    lifeline |= matches!(reply, Reply::Started(_));
+                    Response::new(reply)
+                }
             }
         };
         let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
@@ -147,16 +155,31 @@ fn error(message: impl Into<String>) -> Reply {
 }
 
 /// The layers of a session: the daemon's, and egressctl's seccomp filter (which needs
-/// no_new_privs).
-fn session_layers(daemon: &[String], no_new_privs: bool) -> Vec<String> {
+/// no_new_privs). The unix layer needs both the kernel's unix hooks and that filter (its
+/// supervisor hears of every connect through it), and a profile that confines unix sockets.
+fn session_layers(daemon: &[String], no_new_privs: bool, unix_open: bool) -> Vec<String> {
     let mut layers = daemon.to_vec();
     if no_new_privs {
         layers.insert(1, "seccomp".into());
     } else {
         // Landlock, like seccomp, needs no_new_privs in an unprivileged process.
-        layers.retain(|l| l != "landlock");
+        layers.retain(|l| l != "landlock" && l != "unix");
+    }
+    if unix_open {
+        layers.retain(|l| l != "unix");
     }
     layers
+}
+
+/// Why a session of this profile has no unix layer, in words for the person starting it.
+fn unix_missing(state: &State, no_new_privs: bool, unix_open: bool) -> Option<String> {
+    if unix_open {
+        return Some("the profile sets unix = \"open\"".into());
+    }
+    if !no_new_privs {
+        return Some("the profile sets no_new_privs = false, which seccomp needs".into());
+    }
+    state.unix_missing.clone()
 }
 
 /// The directories of egressd's own files (audit log, policy, control socket and session records)
@@ -246,6 +269,10 @@ async fn handle(state: &State, caller: &Caller, op: Op) -> Reply {
             }
             Err(e) => error(e),
         },
+        Op::Supervise { id, pid, fd } => match supervise(state, caller, &id, pid, fd).await {
+            Ok(()) => Reply::Supervised,
+            Err(m) => error(m),
+        },
         Op::CheckEnforced { id } => match owned_session(state, caller, &id).await {
             Ok(s) => match state.enforcer.missing_on(s.dir.clone()).await {
                 Ok(missing) => Reply::Enforced(EnforcementCheck { missing }),
@@ -257,12 +284,66 @@ async fn handle(state: &State, caller: &Caller, op: Op) -> Reply {
 }
 
 async fn view(state: &State, s: &Session) -> SessionView {
-    let counters = state
+    let mut counters = state
         .enforcer
         .counters(s.cgroup_id)
         .await
         .unwrap_or_default();
+    let (unix_allowed, unix_refused) = state.handoff.get(s.cgroup_id);
+    counters.allowed += unix_allowed;
+    counters.denied += unix_refused;
     s.view(counters)
+}
+
+/// Takes the session's seccomp listener from egressctl's child (the caller, inside the session,
+/// before it execs CMD) and starts the supervisor on it.
+async fn supervise(
+    state: &State,
+    caller: &Caller,
+    id: &str,
+    pid: u32,
+    fd: i32,
+) -> Result<(), String> {
+    let session = owned_session(state, caller, id).await?;
+    let parent = caller
+        .pid
+        .ok_or("the kernel did not report the caller's pid")?;
+    // Only egressctl's child, inside the session, hands its listener over, and only once: nothing
+    // else can make the daemon answer for the session's connects.
+    if sessions::cgroup_of(pid).as_deref() != Some(session.cgroup.as_str())
+        || sessions::parent_of(pid) != Some(parent)
+    {
+        return Err(format!(
+            "pid {pid} is not egressctl's child in session {id}"
+        ));
+    }
+    if !state.supervised.lock().await.insert(id.to_string()) {
+        return Err(format!("session {id} is supervised already"));
+    }
+    let listener = crate::handoff::take_listener(pid, fd)
+        .map_err(|e| format!("taking the session's seccomp listener: {e}"))?;
+    let (allow, audit_only) = {
+        let policy = state.policy.read().await;
+        let p = policy.config.profiles.get(&session.profile);
+        (
+            p.map(|p| p.unix_allowed(session.uid)).unwrap_or_default(),
+            p.is_some_and(|p| p.mode == egressd_common::policy::Mode::Audit),
+        )
+    };
+    let watch = crate::handoff::Watch {
+        session: session.id.clone(),
+        cgroup_id: session.cgroup_id,
+        cgroup_dir: session.dir.clone(),
+        cgroup: session.cgroup.clone(),
+        parent: state.layout.relative(&state.layout.parent),
+        allow,
+        audit_only,
+        control_socket: state.socket_path.clone(),
+        audit: state.audit.clone(),
+        counts: state.handoff.clone(),
+    };
+    tokio::task::block_in_place(|| crate::handoff::supervise(listener, watch, pid))
+        .map_err(|e| format!("starting the unix supervisor: {e}"))
 }
 
 async fn owned_session(state: &State, caller: &Caller, id: &str) -> Result<Session, String> {
@@ -314,7 +395,7 @@ async fn start_session(
         Some(_) => {}
         None => return Err(format!("cannot read the cgroup of pid {pid}")),
     }
-    let (profile, index, allows, no_new_privs, families, ptrace, drop_capabilities) = {
+    let (profile, index, allows, no_new_privs, families, ptrace, drop_capabilities, unix_open) = {
         let policy = state.policy.read().await;
         let name = profile.unwrap_or_else(|| policy.config.default_profile.clone());
         let Some(p) = policy.config.profiles.get(&name) else {
@@ -356,7 +437,8 @@ async fn start_session(
             }
             _ => false,
         };
-        let layers = session_layers(&state.layers, p.no_new_privs.unwrap_or(true));
+        let unix_open = p.unix == egressd_common::policy::UnixSockets::Open;
+        let layers = session_layers(&state.layers, p.no_new_privs.unwrap_or(true), unix_open);
         if let Some(missing) = p.require.iter().find(|l| !layers.contains(l)) {
             return Err(format!(
                 "profile {name:?} requires the {missing:?} enforcement layer, which is not in force on this machine (in force: {}); `egressctl doctor` says why",
@@ -373,6 +455,7 @@ async fn start_session(
             families,
             p.ptrace.unwrap_or(false),
             drop_capabilities,
+            unix_open,
         )
     };
 
@@ -466,7 +549,7 @@ async fn start_session(
             session.clone(),
             hash,
             false,
-            session_layers(&state.layers, no_new_privs),
+            session_layers(&state.layers, no_new_privs, unix_open),
         ))
         .await;
     let cgroup = session.cgroup.clone();
@@ -477,7 +560,9 @@ async fn start_session(
         cgroup,
         allows,
         no_new_privs,
-        layers: session_layers(&state.layers, no_new_privs),
+        layers: session_layers(&state.layers, no_new_privs, unix_open),
+        unix: unix_missing(state, no_new_privs, unix_open).is_none(),
+        unix_missing: unix_missing(state, no_new_privs, unix_open),
         families,
         ptrace,
         landlock: no_new_privs && state.layers.iter().any(|l| l == "landlock"),

@@ -103,6 +103,14 @@ pub struct State {
     pub layers: Vec<String>,
     /// The connection to systemd, with the systemd backend (made once at start and kept).
     pub systemd: Option<Systemd>,
+    /// Why the unix layer is not in force (None: it is), fixed at start.
+    pub unix_missing: Option<String>,
+    /// egressd's control socket, which sessions may use.
+    pub socket_path: PathBuf,
+    /// Unix connects decided by the supervisor, per session.
+    pub handoff: crate::handoff::Counts,
+    /// Sessions whose connects are supervised (a session hands its listener over once).
+    pub supervised: Mutex<std::collections::HashSet<String>>,
     watcher: AsyncFd<Watcher>,
 }
 
@@ -115,6 +123,8 @@ pub struct Wiring {
     pub names: audit::SessionNames,
     pub layers: Vec<String>,
     pub systemd: Option<Systemd>,
+    pub unix_missing: Option<String>,
+    pub socket_path: PathBuf,
 }
 
 impl State {
@@ -143,6 +153,10 @@ impl State {
             names: wiring.names,
             layers: wiring.layers,
             systemd: wiring.systemd,
+            unix_missing: wiring.unix_missing,
+            socket_path: wiring.socket_path,
+            handoff: Default::default(),
+            supervised: Default::default(),
             watcher: readable_fd(Watcher(inotify))?,
         })
     }
@@ -323,11 +337,15 @@ impl State {
             let Some(s) = self.registry.lock().await.remove(&id) else {
                 continue;
             };
-            let totals = self
+            let mut totals = self
                 .enforcer
                 .remove_session(s.cgroup_id)
                 .await
                 .unwrap_or_default();
+            let (unix_allowed, unix_refused) = self.handoff.take(s.cgroup_id);
+            totals.allowed += unix_allowed;
+            totals.denied += unix_refused;
+            self.supervised.lock().await.remove(&id);
             // Under systemd the directory is gone or about to go (the scope stopped as it
             // emptied): the session still ends here, record and all.
             if self.layout.removes_session_cgroups() {

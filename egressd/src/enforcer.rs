@@ -125,6 +125,22 @@ const HOOKS: [(&str, &str, u32); 10] = [
 /// still enforces, and sessions whose profile requires "lsm" are refused.
 const LSM_HOOKS: [(&str, &str); 1] = [(programs::LSM_SOCKET_CREATE, "socket_create")];
 
+/// The unix backstop (Linux 6.7+). Optional like the LSM layer: without it egressd cannot make the
+/// session's own unix connects safe to let through, so the unix layer is reported missing, and
+/// sessions whose profile requires it are refused.
+const UNIX_HOOKS: [(&str, &str, u32); 2] = [
+    (
+        programs::CONNECT_UNIX,
+        "cgroup/connect_unix",
+        prog_query::ATTACH_UNIX_CONNECT,
+    ),
+    (
+        programs::SENDMSG_UNIX,
+        "cgroup/sendmsg_unix",
+        prog_query::ATTACH_UNIX_SENDMSG,
+    ),
+];
+
 pub struct DnsMaps {
     pub peers: HashMap<MapData, DnsPeerKey, DnsOrigin>,
     pub allow: HashMap<MapData, DnsAllowKey, u64>,
@@ -135,6 +151,8 @@ pub struct Enforcer {
     hooks: Vec<(HookStatus, u32)>,
     /// The LSM layer's programs, or why it is not in force.
     lsm: Result<Vec<HookStatus>, String>,
+    /// The unix backstop's programs with their attach types, or why they are not attached.
+    unix: Result<Vec<(HookStatus, u32)>, String>,
     /// Policy hash per generation, read by the audit task to label decisions.
     hashes: PolicyHashes,
     /// The allow-table entries each half of the double buffer holds, as (prefix, key) pairs,
@@ -247,10 +265,17 @@ impl Enforcer {
         if let Err(why) = &lsm {
             tracing::warn!("BPF LSM layer not in force: {why}; the cgroup layer enforces alone");
         }
+        let unix = attach_unix(&mut ebpf, &cgroup, pins);
+        if let Err(why) = &unix {
+            tracing::warn!(
+                "unix layer not in force: {why}; sessions can reach unix sockets outside them"
+            );
+        }
         Ok(Enforcer {
             ebpf,
             hooks,
             lsm,
+            unix,
             hashes,
             installed: [None, None],
         })
@@ -269,7 +294,15 @@ impl Enforcer {
         if self.lsm.is_ok() {
             layers.push("lsm".into());
         }
+        if self.unix.is_ok() {
+            layers.push("unix".into());
+        }
         layers
+    }
+
+    /// Why the unix layer is not in force (None: it is).
+    pub fn unix_missing(&self) -> Option<String> {
+        self.unix.as_ref().err().cloned()
     }
 
     /// The audit events ring buffer, for the task that drains it (the only map that leaves us).
@@ -323,6 +356,9 @@ impl Enforcer {
         let mut all: Vec<HookStatus> = self.hooks.iter().map(|(h, _)| h.clone()).collect();
         if let Ok(lsm) = &self.lsm {
             all.extend(lsm.iter().cloned());
+        }
+        if let Ok(unix) = &self.unix {
+            all.extend(unix.iter().map(|(h, _)| h.clone()));
         }
         all
     }
@@ -476,7 +512,8 @@ impl Enforcer {
     pub fn missing_on(&self, cgroup: &Path) -> Result<Vec<String>> {
         let dir = fs::File::open(cgroup).map_err(io_err("opening cgroup", cgroup))?;
         let mut missing = Vec::new();
-        for (hook, attach_type) in &self.hooks {
+        let unix = self.unix.as_deref().unwrap_or(&[]);
+        for (hook, attach_type) in self.hooks.iter().chain(unix) {
             let ids = prog_query::effective_programs(&dir, *attach_type)
                 .map_err(io_err("querying programs of", cgroup))?;
             if !ids.contains(&hook.prog_id) {
@@ -519,6 +556,38 @@ fn attach_lsm(ebpf: &mut Ebpf, pins: &PinDir) -> Result<Vec<HookStatus>, String>
             prog_id,
             pinned: pin_path.display().to_string(),
         });
+    }
+    Ok(out)
+}
+
+/// Attaches the unix backstop to `cgroup`, pinning its links. Kernels before 6.7 have no such
+/// attach types: loading fails there, and the daemon says which layer is missing.
+fn attach_unix(
+    ebpf: &mut Ebpf,
+    cgroup: &fs::File,
+    pins: &PinDir,
+) -> Result<Vec<(HookStatus, u32)>, String> {
+    let mut out = Vec::new();
+    for (name, attach_name, attach_type) in UNIX_HOOKS {
+        let p: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or_else(|| format!("program {name} missing"))?
+            .try_into()
+            .map_err(|e| format!("{name}: {e}"))?;
+        let link = attach_sock_addr(name, p, cgroup)
+            .map_err(|e| format!("{e} (cgroup unix hooks need Linux 6.7 or later)"))?;
+        let prog_id = p.info().map_err(|e| format!("{name}: {e}"))?.id();
+        let pin_path = pins.links().join(name);
+        replace_pinned_link(link, &pin_path).map_err(|e| e.to_string())?;
+        out.push((
+            HookStatus {
+                name: name.to_string(),
+                attach_type: attach_name.to_string(),
+                prog_id,
+                pinned: pin_path.display().to_string(),
+            },
+            attach_type,
+        ));
     }
     Ok(out)
 }
@@ -709,8 +778,8 @@ mod tests {
         for name in maps::ALL {
             assert!(obj.maps.contains_key(name), "map {name} missing");
         }
-        for (name, _, _) in HOOKS {
-            assert!(obj.programs.contains_key(name), "program {name} missing");
+        for (name, _, _) in HOOKS.iter().chain(&UNIX_HOOKS) {
+            assert!(obj.programs.contains_key(*name), "program {name} missing");
         }
         // Globals are set with `must_exist`, so a renamed one fails every load (and every test).
         assert_eq!(HOOKS.len(), REQUIRED_ATTACH_TYPES.len());

@@ -7,6 +7,7 @@ mod control;
 mod daemon;
 mod dns;
 mod enforcer;
+mod handoff;
 mod sessions;
 mod systemd;
 
@@ -230,6 +231,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     unsafe { libc::malloc_trim(0) };
     let hooks = enforcer.hooks();
     let layers = enforcer.layers();
+    let unix_missing = enforcer.unix_missing();
     if let Some(logger) = enforcer.take_logger() {
         tokio::spawn(daemon::kernel_logs(logger));
     }
@@ -267,6 +269,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             names,
             layers: layers.clone(),
             systemd,
+            unix_missing,
+            socket_path: cli.socket.clone(),
         },
         config.clone(),
         source.clone(),

@@ -147,6 +147,15 @@ pub fn cgroup_of(pid: u32) -> Option<String> {
 }
 
 /// Whether a cgroup path lies inside the parent of all sessions.
+/// The parent pid of `pid` (PPid in /proc/PID/status).
+pub fn parent_of(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|p| p.trim().parse().ok())
+}
+
 pub fn is_under(cgroup_path: &str, parent_rel: &str) -> bool {
     cgroup_path == parent_rel || cgroup_path.starts_with(&format!("{parent_rel}/"))
 }
