@@ -11,6 +11,7 @@ mod run;
 mod seccomp;
 mod show;
 mod stdio;
+mod unix_fallback;
 mod verify;
 
 use std::{path::PathBuf, process::ExitCode};

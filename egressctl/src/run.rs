@@ -21,6 +21,10 @@ use nix::{
     unistd::{execvp, fork, ForkResult, Pid},
 };
 
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+
 use crate::client::Client;
 
 pub fn run(
@@ -170,6 +174,20 @@ fn spawn_and_wait(
         .context("an argument contains a NUL byte")?;
     let relays =
         crate::stdio::socket_stdio().context("replacing socket standard descriptors by pipes")?;
+    // The child's connect filter's listener comes to us over this pair; we hand it to egressd,
+    // keep it (a restarted egressd takes it from us), and tell the child to go on.
+    let (to_parent, to_child) = if started.unix {
+        let (a, b) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .context("socketpair")?;
+        (Some(a), Some(b))
+    } else {
+        (None, None)
+    };
     // SAFETY: egressctl is single-threaded here, so the child may run arbitrary code before exec.
     match unsafe { fork() }.context("fork")? {
         ForkResult::Child => {
@@ -187,9 +205,9 @@ fn spawn_and_wait(
                     ));
                 }
             }
-            let control = client.raw_fd();
+            drop(to_child);
             let mut kept = keep.to_vec();
-            kept.push(control);
+            kept.extend(to_parent.as_ref().map(|fd| fd.as_raw_fd()));
             if let Err(why) = close_inherited(&kept) {
                 refuse(why);
             }
@@ -231,14 +249,13 @@ fn spawn_and_wait(
                 if let Err(e) = crate::seccomp::install(&filter) {
                     refuse(format!("cannot install the seccomp filter ({e})"));
                 }
-                if started.unix {
-                    if let Err(e) = hand_over_connects(client, &started.id) {
+                if let Some(pair) = &to_parent {
+                    if let Err(e) = hand_over_connects(pair) {
                         refuse(format!("the unix layer could not start ({e:#})"));
                     }
                 }
             }
-            // SAFETY: closing the control connection, which CMD must not inherit.
-            unsafe { libc::close(control) };
+            drop(to_parent);
             if started.drop_capabilities {
                 if let Err(e) = crate::capabilities::drop_the_rest() {
                     refuse(e);
@@ -257,6 +274,14 @@ fn spawn_and_wait(
         }
         ForkResult::Parent { child } => {
             CHILD.store(child.as_raw(), Ordering::Relaxed);
+            drop(to_parent);
+            if let Some(pair) = &to_child {
+                let listener = supervise_child(pair, client, &started.id)?;
+                // Kept for the session's life: a restarted egressd takes it from here, and
+                // while none runs, egressctl answers for it.
+                crate::unix_fallback::start(listener, client.peer_pid().unwrap_or(0));
+            }
+            drop(to_child);
             let outputs = crate::stdio::start(relays);
             // Terminal signals reach the child directly (same process group); the rest we pass on.
             // SAFETY: installing plain handlers; `forward` is async-signal-safe.
@@ -281,20 +306,68 @@ fn spawn_and_wait(
     }
 }
 
-/// Installs the unix layer's connect filter and gives egressd its listener: from here on every
-/// connect(2) of the session waits for egressd's supervisor.
-fn hand_over_connects(client: &mut Client, id: &str) -> anyhow::Result<()> {
-    use std::os::fd::AsRawFd as _;
+/// In the child: installs the unix layer's connect filter, sends its listener to egressctl,
+/// and waits for egressctl to say egressd has it. From here on every connect(2) of the session
+/// waits for egressd's supervisor.
+fn hand_over_connects(pair: &OwnedFd) -> anyhow::Result<()> {
     let listener = crate::seccomp::install_with_listener(&crate::seccomp::connect_filter())
         .context("installing the connect filter")?;
-    match client.call(Op::Supervise {
-        id: id.to_string(),
-        pid: std::process::id(),
-        fd: listener.as_raw_fd(),
-    })? {
-        Reply::Supervised => Ok(()),
-        other => bail!("unexpected reply from egressd: {other:?}"),
+    let fds = [listener.as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    sendmsg::<()>(
+        pair.as_raw_fd(),
+        &[std::io::IoSlice::new(b"L")],
+        &cmsg,
+        MsgFlags::empty(),
+        None,
+    )
+    .context("passing the listener to egressctl")?;
+    drop(listener);
+    let mut answer = [0u8; 512];
+    let n = nix::unistd::read(pair.as_raw_fd(), &mut answer).context("waiting for egressctl")?;
+    match &answer[..n] {
+        b"go" => Ok(()),
+        other => bail!("{}", String::from_utf8_lossy(other)),
     }
+}
+
+/// In egressctl: takes the child's listener, hands it to egressd, and lets the child go on (or
+/// tells it why not). Returns the listener, which egressctl keeps.
+fn supervise_child(pair: &OwnedFd, client: &mut Client, id: &str) -> anyhow::Result<OwnedFd> {
+    let result = (|| -> anyhow::Result<OwnedFd> {
+        let mut byte = [0u8; 1];
+        let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let msg = recvmsg::<()>(
+            pair.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .context("receiving the child's listener")?;
+        let fd = msg
+            .cmsgs()?
+            .find_map(|c| match c {
+                ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+                _ => None,
+            })
+            .context("the child sent no listener")?;
+        // SAFETY: the descriptor just arrived and nothing else owns it.
+        let listener = unsafe { OwnedFd::from_raw_fd(fd) };
+        match client.call(Op::Supervise {
+            id: id.to_string(),
+            fd: listener.as_raw_fd(),
+        })? {
+            Reply::Supervised => Ok(listener),
+            other => bail!("unexpected reply from egressd: {other:?}"),
+        }
+    })();
+    let answer = match &result {
+        Ok(_) => "go".to_string(),
+        Err(e) => format!("{e:#}"),
+    };
+    let _ = nix::unistd::write(pair, answer.as_bytes());
+    result
 }
 
 /// Closes every descriptor above 2 except `keep`, with close_range(2) over the gaps.

@@ -48,15 +48,12 @@ pub enum Op {
     },
     /// Re-read the policy file (root only; same as SIGHUP).
     Reload,
-    /// From egressctl's child, once, before it execs CMD: the seccomp notification descriptor
-    /// (its number in the caller) through which egressd's supervisor answers the session's
-    /// connect(2) calls. egressd takes the descriptor itself (pidfd_getfd).
+    /// From egressctl, once, before its child execs CMD: the seccomp notification descriptor of
+    /// the child's connect filter (its number in egressctl, which keeps it for a restarted
+    /// egressd) through which egressd's supervisor answers the session's connect(2) calls.
+    /// egressd takes the descriptor itself (pidfd_getfd).
     Supervise {
         id: String,
-        /// The child's pid: the connection is its parent's (made before the session existed, so
-        /// the only unix connect of the session that needs no supervisor). egressd checks that it
-        /// is a child of the caller and inside the session.
-        pid: u32,
         fd: i32,
     },
 }
@@ -203,4 +200,10 @@ impl Response {
             message: message.into(),
         })
     }
+}
+
+/// The signal a restarted egressd sends the egressctl of an adopted session once it supervises
+/// that session's connects again (egressctl answered them while no egressd ran).
+pub fn resumed_signal() -> i32 {
+    libc::SIGRTMIN() + 3
 }

@@ -17,11 +17,12 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use egressd_common::{
     audit::{head_of, line_hash, ChainHead, Record},
-    Counters, Event, HOOK_BIND4, HOOK_BIND6, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_LSM_SOCKET_CREATE,
-    HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SKB_EGRESS, HOOK_SOCK_CREATE, REASON_ALLOW_RULE,
-    REASON_BIND, REASON_DEFAULT_DENY, REASON_DNS_ANSWER, REASON_DNS_REDIRECT, REASON_FAMILY,
-    REASON_FORBIDDEN_SOCKET, REASON_LOOPBACK, REASON_LOOPBACK_PORT, REASON_OFF_LOOPBACK,
-    VERDICT_ALLOWED, VERDICT_AUDIT_DENIED, VERDICT_REDIRECTED,
+    Counters, Event, HOOK_BIND4, HOOK_BIND6, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_CONNECT_UNIX,
+    HOOK_LSM_SOCKET_CREATE, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SENDMSG_UNIX, HOOK_SKB_EGRESS,
+    HOOK_SOCK_CREATE, REASON_ALLOW_RULE, REASON_BIND, REASON_DEFAULT_DENY, REASON_DNS_ANSWER,
+    REASON_DNS_REDIRECT, REASON_FAMILY, REASON_FORBIDDEN_SOCKET, REASON_LOOPBACK,
+    REASON_LOOPBACK_PORT, REASON_OFF_LOOPBACK, REASON_UNIX_UNVETTED, VERDICT_ALLOWED,
+    VERDICT_AUDIT_DENIED, VERDICT_REDIRECTED,
 };
 use tokio::sync::mpsc;
 
@@ -470,7 +471,12 @@ impl Pipeline {
             6 => Some(Ipv6Addr::from(ev.addr).to_string()),
             _ => None,
         };
-        let sock_create = ev.hook == HOOK_SOCK_CREATE || ev.hook == HOOK_LSM_SOCKET_CREATE;
+        // Socket creation and the unix backstop carry no destination (the unix programs cannot
+        // read the path; the supervisor's own records name it).
+        let sock_create = ev.hook == HOOK_SOCK_CREATE
+            || ev.hook == HOOK_LSM_SOCKET_CREATE
+            || ev.hook == HOOK_CONNECT_UNIX
+            || ev.hook == HOOK_SENDMSG_UNIX;
         Record {
             time: humantime::format_rfc3339_nanos(time).to_string(),
             kind: "decision".into(),
@@ -484,9 +490,10 @@ impl Pipeline {
             family: match ev.family {
                 4 => Some("ipv4".into()),
                 6 => Some("ipv6".into()),
+                1 => Some("unix".into()),
                 _ => None,
             },
-            protocol: Some(proto_name(ev.proto)),
+            protocol: (ev.family != 1).then(|| proto_name(ev.proto)),
             dest: if sock_create { None } else { dest },
             port: (!sock_create).then_some(ev.port),
             verdict: Some(
@@ -631,6 +638,8 @@ fn hook_name(h: u8) -> &'static str {
         HOOK_LSM_SOCKET_CREATE => "lsm_socket_create",
         HOOK_BIND4 => "bind4",
         HOOK_BIND6 => "bind6",
+        HOOK_CONNECT_UNIX => "connect_unix",
+        HOOK_SENDMSG_UNIX => "sendmsg_unix",
         _ => "unknown",
     }
 }
@@ -646,6 +655,9 @@ fn reason_name(r: u8) -> &'static str {
         REASON_DNS_REDIRECT => "dns query, answered by egressd's resolver",
         REASON_DNS_ANSWER => "address of an allowed name (dns_allow)",
         REASON_BIND => "bind to a non-loopback address",
+        REASON_UNIX_UNVETTED => {
+            "unix socket used without egressd's supervisor (io_uring, sendto with a unix address)"
+        }
         _ => "unknown",
     }
 }

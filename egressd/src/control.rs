@@ -95,10 +95,21 @@ fn peer_pidfd(stream: &impl AsRawFd) -> Option<OwnedFd> {
 
 async fn connection(state: Arc<State>, stream: UnixStream) -> std::io::Result<()> {
     let cred = stream.peer_cred()?;
+    // The unix supervisor connects a session's sockets itself, so a session's connection to this
+    // socket names this process as its peer. Such a caller is a sandbox whose pid is unknown:
+    // never taken for the daemon, never moved, never allowed to change anything.
+    let via_supervisor = cred.pid() == Some(std::process::id() as i32);
     let caller = Caller {
         uid: cred.uid(),
-        pid: cred.pid().and_then(|p| u32::try_from(p).ok()),
-        pidfd: peer_pidfd(&stream),
+        pid: cred
+            .pid()
+            .and_then(|p| u32::try_from(p).ok())
+            .filter(|_| !via_supervisor),
+        pidfd: if via_supervisor {
+            None
+        } else {
+            peer_pidfd(&stream)
+        },
     };
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
@@ -269,7 +280,7 @@ async fn handle(state: &State, caller: &Caller, op: Op) -> Reply {
             }
             Err(e) => error(e),
         },
-        Op::Supervise { id, pid, fd } => match supervise(state, caller, &id, pid, fd).await {
+        Op::Supervise { id, fd } => match supervise(state, caller, &id, fd).await {
             Ok(()) => Reply::Supervised,
             Err(m) => error(m),
         },
@@ -295,55 +306,31 @@ async fn view(state: &State, s: &Session) -> SessionView {
     s.view(counters)
 }
 
-/// Takes the session's seccomp listener from egressctl's child (the caller, inside the session,
-/// before it execs CMD) and starts the supervisor on it.
-async fn supervise(
-    state: &State,
-    caller: &Caller,
-    id: &str,
-    pid: u32,
-    fd: i32,
-) -> Result<(), String> {
+/// Takes the session's seccomp listener from egressctl (the caller, inside the session since the
+/// move) and starts the supervisor on it.
+async fn supervise(state: &State, caller: &Caller, id: &str, fd: i32) -> Result<(), String> {
     let session = owned_session(state, caller, id).await?;
-    let parent = caller
+    let pid = caller
         .pid
         .ok_or("the kernel did not report the caller's pid")?;
-    // Only egressctl's child, inside the session, hands its listener over, and only once: nothing
-    // else can make the daemon answer for the session's connects.
-    if sessions::cgroup_of(pid).as_deref() != Some(session.cgroup.as_str())
-        || sessions::parent_of(pid) != Some(parent)
-    {
-        return Err(format!(
-            "pid {pid} is not egressctl's child in session {id}"
-        ));
+    // Only the egressctl that started the session hands its listener over, and only once:
+    // nothing else can make the daemon answer for the session's connects.
+    if sessions::cgroup_of(pid).as_deref() != Some(session.cgroup.as_str()) {
+        return Err(format!("pid {pid} is not in session {id}"));
     }
     if !state.supervised.lock().await.insert(id.to_string()) {
         return Err(format!("session {id} is supervised already"));
     }
     let listener = crate::handoff::take_listener(pid, fd)
         .map_err(|e| format!("taking the session's seccomp listener: {e}"))?;
-    let (allow, audit_only) = {
-        let policy = state.policy.read().await;
-        let p = policy.config.profiles.get(&session.profile);
-        (
-            p.map(|p| p.unix_allowed(session.uid)).unwrap_or_default(),
-            p.is_some_and(|p| p.mode == egressd_common::policy::Mode::Audit),
-        )
-    };
-    let watch = crate::handoff::Watch {
-        session: session.id.clone(),
-        cgroup_id: session.cgroup_id,
-        cgroup_dir: session.dir.clone(),
-        cgroup: session.cgroup.clone(),
-        parent: state.layout.relative(&state.layout.parent),
-        allow,
-        audit_only,
-        control_socket: state.socket_path.clone(),
-        audit: state.audit.clone(),
-        counts: state.handoff.clone(),
-    };
-    tokio::task::block_in_place(|| crate::handoff::supervise(listener, watch, pid))
-        .map_err(|e| format!("starting the unix supervisor: {e}"))
+    state.start_supervision(&session, listener, pid).await?;
+    let mut session = session;
+    session.listener = Some((pid, fd));
+    if let Err(e) = state.state_dir.save(&session) {
+        tracing::warn!(session = %id, "saving session state: {e} (a restarted daemon could not supervise it)");
+    }
+    state.registry.lock().await.insert(session);
+    Ok(())
 }
 
 async fn owned_session(state: &State, caller: &Caller, id: &str) -> Result<Session, String> {
@@ -381,9 +368,9 @@ async fn start_session(
     profile: Option<String>,
     argv: Vec<String>,
 ) -> Result<SessionStarted, String> {
-    let pid = caller
-        .pid
-        .ok_or("the kernel did not report the caller's pid (SO_PEERCRED); cannot sandbox it")?;
+    let pid = caller.pid.ok_or(
+        "the caller is already sandboxed (it reached egressd through the session's unix supervisor), or the kernel did not report its pid; sessions cannot be nested or changed from inside",
+    )?;
     // A sandboxed process must not be able to trade its session for a more permissive one.
     let parent_rel = state.layout.relative(&state.layout.parent);
     match sessions::cgroup_of(pid) {
@@ -505,6 +492,7 @@ async fn start_session(
         cgroup_id,
         started: sessions::now_secs(),
         argv,
+        listener: None,
     };
     // The policy is in the kernel, and the audit task knows the session, before the caller enters.
     state.name(&session);

@@ -276,6 +276,7 @@ impl State {
                         cgroup_id: cgroup_id.unwrap_or(0),
                         started: 0,
                         argv: Vec::new(),
+                        listener: None,
                     }
                 }
             };
@@ -315,10 +316,77 @@ impl State {
         }
     }
 
+    /// Starts the unix supervisor of `session` on its seccomp listener, taken from `pid`.
+    pub async fn start_supervision(
+        &self,
+        session: &Session,
+        listener: std::os::fd::OwnedFd,
+        pid: u32,
+    ) -> Result<(), String> {
+        let (allow, audit_only) = {
+            let policy = self.policy.read().await;
+            let p = policy.config.profiles.get(&session.profile);
+            (
+                p.map(|p| p.unix_allowed(session.uid)).unwrap_or_default(),
+                p.is_some_and(|p| p.mode == egressd_common::policy::Mode::Audit),
+            )
+        };
+        let watch = crate::handoff::Watch {
+            session: session.id.clone(),
+            cgroup_id: session.cgroup_id,
+            cgroup_dir: session.dir.clone(),
+            cgroup: session.cgroup.clone(),
+            parent: self.layout.relative(&self.layout.parent),
+            allow,
+            audit_only,
+            control_socket: self.socket_path.clone(),
+            audit: self.audit.clone(),
+            counts: self.handoff.clone(),
+        };
+        tokio::task::block_in_place(|| crate::handoff::supervise(listener, watch, pid))
+            .map_err(|e| format!("starting the unix supervisor: {e}"))
+    }
+
+    /// Supervises an adopted session's connects again, with the listener its egressctl keeps.
+    /// Until then its connects waited (the listener was still open in egressctl), so none went
+    /// unjudged. Without it (egressctl gone), every connect of the session fails.
+    async fn resupervise(&self, session: &Session) {
+        let Some((pid, fd)) = session.listener else {
+            return;
+        };
+        let taken = crate::handoff::take_listener(pid, fd)
+            .map_err(|e| e.to_string())
+            .and_then(|l| {
+                // The pid must still be that session's egressctl, not a reused number.
+                if crate::sessions::cgroup_of(pid).as_deref() == Some(session.cgroup.as_str()) {
+                    Ok(l)
+                } else {
+                    Err(format!("pid {pid} is no longer in the session"))
+                }
+            });
+        let result = match taken {
+            Ok(l) => self.start_supervision(session, l, pid).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                self.supervised.lock().await.insert(session.id.clone());
+                // egressctl answered for the session while no egressd ran: it stops now.
+                // SAFETY: kill(2) with integer arguments.
+                unsafe { libc::kill(pid as i32, egressd_common::protocol::resumed_signal()) };
+            }
+            Err(e) => tracing::warn!(
+                session = %session.id,
+                "cannot supervise the adopted session's unix connects again ({e}); its connects fail until it ends"
+            ),
+        }
+    }
+
     /// Makes a previous daemon's session ours: named for the audit task, a session_start record
     /// marked adopted, registered for ps and the reaper.
     async fn adopt(&self, session: Session) {
         self.name(&session);
+        self.resupervise(&session).await;
         let hash = self.policy.read().await.hash.clone();
         self.audit(audit::Message::SessionStart(
             session.clone(),

@@ -26,6 +26,10 @@ pub struct Session {
     pub cgroup_id: u64,
     pub started: u64,
     pub argv: Vec<String>,
+    /// Where the session's seccomp listener lives besides this daemon: egressctl's pid and its
+    /// descriptor number. A restarted daemon takes it from there and supervises again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listener: Option<(u32, i32)>,
 }
 
 impl Session {
@@ -147,15 +151,6 @@ pub fn cgroup_of(pid: u32) -> Option<String> {
 }
 
 /// Whether a cgroup path lies inside the parent of all sessions.
-/// The parent pid of `pid` (PPid in /proc/PID/status).
-pub fn parent_of(pid: u32) -> Option<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("PPid:"))
-        .and_then(|p| p.trim().parse().ok())
-}
-
 pub fn is_under(cgroup_path: &str, parent_rel: &str) -> bool {
     cgroup_path == parent_rel || cgroup_path.starts_with(&format!("{parent_rel}/"))
 }
