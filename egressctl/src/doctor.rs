@@ -65,12 +65,33 @@ pub fn doctor(socket: &Path) -> ExitCode {
                 ),
             }
         }
+        // The unix layer's backstop: optional, like BPF LSM, but without it the unix layer is off.
+        match probe_load(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, 49) {
+            Ok(()) => r.line(
+                Level::Ok,
+                "cgroup/connect_unix",
+                "program loads (unix layer: a session reaches only its own unix servers and the sockets its profile allows)",
+            ),
+            Err(e) => r.line(
+                Level::Warn,
+                "cgroup/connect_unix",
+                format!("cannot load a program ({e}): the unix layer is off, and a session can ask a process outside it (tmux, systemd --user, the session bus, docker) to act for it; cgroup unix hooks need Linux 6.7+"),
+            ),
+        }
     } else {
         r.line(
             Level::Info,
             "attach types",
             "skipped: loading test programs needs root (run `sudo egressctl doctor`)",
         );
+    }
+    match egressd_common::layers::landlock_abi() {
+        Some(v) if v >= 9 => r.line(
+            Level::Info,
+            "landlock unix",
+            format!("ABI {v}: the kernel can scope pathname unix sockets itself (LANDLOCK_ACCESS_FS_RESOLVE_UNIX); egressd uses its supervisor on every kernel today"),
+        ),
+        _ => {}
     }
 
     let bpffs = fs::read_to_string("/proc/self/mounts")
@@ -136,6 +157,19 @@ pub fn doctor(socket: &Path) -> ExitCode {
                 Level::Ok,
                 "egressd",
                 format!("running (pid {}), {} hooks attached", s.pid, s.hooks.len()),
+            );
+            let unix = s.layers.iter().any(|l| l == "unix");
+            r.line(
+                if unix { Level::Ok } else { Level::Warn },
+                "unix layer",
+                if unix {
+                    "in force: a session's unix sockets reach only servers inside it and its profile's unix_allow (supervisor + cgroup/connect_unix)".to_string()
+                } else {
+                    format!(
+                        "NOT in force ({}): sessions can reach unix sockets outside them; profiles with require = [\"unix\"] refuse to start",
+                        s.unix_missing.as_deref().unwrap_or("egressd's log says why")
+                    )
+                },
             );
             let lsm = s.layers.iter().any(|l| l == "lsm");
             r.line(

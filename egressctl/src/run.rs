@@ -86,7 +86,7 @@ pub fn run(
             s.counters.denied + s.counters.sockets_refused
         ),
         Ok(_) | Err(_) => eprintln!(
-            "egressd: session {} {}; summary unavailable (is egressd still running?)",
+            "egressd: session {} {}; summary unavailable: egressd stopped or restarted during the session (`egressctl audit` has its records)",
             started.id,
             exit_words(status)
         ),

@@ -36,6 +36,14 @@ pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
         "layers:   {}, and seccomp in every session",
         s.layers.join(", ")
     );
+    match &s.unix_missing {
+        None => println!(
+            "unix:     sessions reach only their own unix servers and their profile's unix_allow (supervisor + cgroup/connect_unix)"
+        ),
+        Some(why) => println!(
+            "unix:     NOT confined ({why}): sessions can ask tmux, systemd --user, the session bus or docker to act for them"
+        ),
+    }
     println!("hooks:    {} attached and pinned", s.hooks.len());
     for h in &s.hooks {
         println!("  {:<20} prog {:<6} {}", h.attach_type, h.prog_id, h.pinned);

@@ -82,12 +82,99 @@ fn ways() -> Vec<Way> {
             "landlock (seccomp without it)",
         ),
         w(
+            "unix socket of a service outside (tmux, systemd --user, docker)",
+            "unix",
+            "PATH",
+            "unix supervisor",
+        ),
+        w(
+            "abstract unix socket of a service outside",
+            "unix-abstract",
+            "ABSTRACT",
+            "unix supervisor + landlock",
+        ),
+        w(
+            "unix datagram sendto a service outside",
+            "unix-sendto",
+            "DGRAM",
+            "cgroup/sendmsg_unix",
+        ),
+        w(
             "listener on 0.0.0.0 for an outside peer",
             "listen",
             &format!("0.0.0.0:{}", PORT + 1),
             "cgroup/bind4 (kept on loopback)",
         ),
     ]
+}
+
+/// Unix services outside any session, as a tmux server or `systemd --user` would be: a stream
+/// socket in a directory everyone may enter, an abstract one, and a datagram one. They count what
+/// reaches them, and go with the value.
+struct UnixServices {
+    dir: PathBuf,
+    stream: PathBuf,
+    dgram: PathBuf,
+    abstract_name: String,
+    received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl UnixServices {
+    fn start() -> anyhow::Result<UnixServices> {
+        use std::os::linux::net::SocketAddrExt as _;
+        use std::os::unix::fs::PermissionsExt as _;
+        use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram, UnixListener};
+        use std::sync::atomic::Ordering;
+        let dir = std::env::temp_dir().join(format!("egressd-verify-unix-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
+        let stream = dir.join("service.sock");
+        let dgram = dir.join("datagram.sock");
+        let abstract_name = format!("egressd-verify-{}", std::process::id());
+        let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let listeners = [
+            UnixListener::bind(&stream)?,
+            UnixListener::bind_addr(&UnixAddr::from_abstract_name(abstract_name.as_bytes())?)?,
+        ];
+        let datagram = UnixDatagram::bind(&dgram)?;
+        for p in [&stream, &dgram] {
+            fs::set_permissions(p, fs::Permissions::from_mode(0o777))?;
+        }
+        for l in listeners {
+            let received = received.clone();
+            std::thread::spawn(move || {
+                for c in l.incoming().flatten() {
+                    received.fetch_add(1, Ordering::Relaxed);
+                    drop(c);
+                }
+            });
+        }
+        let got = received.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while datagram.recv(&mut buf).is_ok() {
+                got.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        Ok(UnixServices {
+            dir,
+            stream,
+            dgram,
+            abstract_name,
+            received,
+        })
+    }
+
+    fn take_received(&self) -> u64 {
+        self.received.swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for UnixServices {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Removes the test host on every exit path.
@@ -245,6 +332,16 @@ pub fn attempt(kind: &str, target: &str) -> anyhow::Result<ExitCode> {
                 Err(std::io::Error::last_os_error())
             }
         }
+        "unix" => std::os::unix::net::UnixStream::connect(target).map(|_| "connected".into()),
+        "unix-abstract" => {
+            use std::os::linux::net::SocketAddrExt as _;
+            std::os::unix::net::SocketAddr::from_abstract_name(target.as_bytes())
+                .and_then(|a| std::os::unix::net::UnixStream::connect_addr(&a))
+                .map(|_| "connected".into())
+        }
+        "unix-sendto" => std::os::unix::net::UnixDatagram::unbound()
+            .and_then(|s| s.send_to(b"egressd-verify", target))
+            .map(|_| "sent".into()),
         "listen" => TcpListener::bind(target).map(|l| {
             l.local_addr()
                 .map(|a| format!("bound {a}"))
@@ -301,14 +398,17 @@ pub fn verify(socket: &Path) -> anyhow::Result<ExitCode> {
         .spawn()
         .context("starting sleep(1) for the ptrace check")?;
     let victim_pid = victim.id().to_string();
+    let services = UnixServices::start().context("starting the outside unix services")?;
     let mut rows = Vec::new();
     let mut failed = false;
     for way in ways() {
         let before = received(&host);
-        let target = if way.attempt == "ptrace" {
-            victim_pid.clone()
-        } else {
-            way.target.clone()
+        let target = match way.attempt {
+            "ptrace" => victim_pid.clone(),
+            "unix" => services.stream.display().to_string(),
+            "unix-abstract" => services.abstract_name.clone(),
+            "unix-sendto" => services.dgram.display().to_string(),
+            _ => way.target.clone(),
         };
         let out = Command::new(&me)
             .arg("--socket")
@@ -328,7 +428,7 @@ pub fn verify(socket: &Path) -> anyhow::Result<ExitCode> {
             );
         }
         let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let got = received(&host) - before;
+        let got = received(&host) - before + services.take_received();
         let (status, detail) = judge(&way, &line, got);
         failed |= status != "blocked";
         rows.push((way.name, status, way.layer, detail));

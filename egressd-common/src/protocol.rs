@@ -158,6 +158,9 @@ pub struct DaemonStatus {
     /// Enforcement layers in force: "cgroup", and "lsm" where BPF LSM runs.
     #[serde(default)]
     pub layers: Vec<String>,
+    /// Why the unix layer is not in force (absent: it is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unix_missing: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

@@ -359,6 +359,7 @@ async fn status(state: &State) -> Reply {
         sessions: state.registry.lock().await.len(),
         audit_path: state.audit_path.display().to_string(),
         layers: state.layers.clone(),
+        unix_missing: state.unix_missing.clone(),
     })
 }
 
