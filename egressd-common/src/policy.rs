@@ -845,6 +845,46 @@ mod tests {
     }
 
     #[test]
+    fn unix_sockets_are_confined_by_default_and_allow_lists_expand_the_uid() {
+        let c = Config::default();
+        let airgap = &c.profiles["airgap"];
+        assert_eq!(airgap.unix, UnixSockets::Session);
+        let allowed = airgap.unix_allowed(1000);
+        assert!(allowed.contains(&"/run/user/1000/wayland-0".to_string()));
+        assert!(allowed.contains(&"/run/user/1000/pulse/native".to_string()));
+        assert!(!allowed
+            .iter()
+            .any(|a| a.contains("X11") || a.ends_with("/bus")));
+        assert_eq!(
+            compile_profile(airgap).unwrap().profile.flags & crate::PROFILE_UNIX_OPEN,
+            0
+        );
+
+        let text = "default_profile = \"x\"\n[profiles.x]\nunix_allow = [\"/run/user/$UID/app.sock\", \"@name\"]\nx11 = true\n[profiles.open]\nunix = \"open\"\n";
+        let c = Config::parse(Path::new("x.toml"), text).unwrap();
+        let x = c.profiles["x"].unix_allowed(65534);
+        assert_eq!(&x[..2], ["/run/user/65534/app.sock", "@name"]);
+        assert!(x.contains(&"/tmp/.X11-unix/X0".to_string()));
+        let open = compile_profile(&c.profiles["open"]).unwrap();
+        assert_ne!(open.profile.flags & crate::PROFILE_UNIX_OPEN, 0);
+
+        let err = Config::parse(
+            Path::new("x.toml"),
+            "default_profile = \"x\"\n[profiles.x]\nunix_allow = [\"tmux.sock\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("neither an absolute path"), "{err}");
+        let err = Config::parse(
+            Path::new("x.toml"),
+            "default_profile = \"x\"\n[profiles.x]\nunix = \"some\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
     fn access_grants_profiles_by_user_and_group() {
         let text = "default_profile = \"airgap\"\n[profiles.airgap]\n[profiles.lan]\n[profiles.ops]\n[access]\nusers = { alice = [\"lan\"] }\ngroups = { sre = [\"ops\"] }\n";
         let c = Config::parse(Path::new("x.toml"), text).unwrap();
