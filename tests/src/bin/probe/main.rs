@@ -14,6 +14,7 @@ use std::{
 
 mod bench;
 mod dns;
+mod handoff;
 mod root;
 mod ways;
 
@@ -73,6 +74,16 @@ fn main() {
         ["touch", file] => {
             fs::write(file, b"ran").unwrap();
         }
+        ["runner", path] => handoff::runner(path, "stream"),
+        ["runner", path, kind] => handoff::runner(path, kind),
+        ["unix-run", path, cmd] => exit(handoff::unix_run(path, cmd, "stream")),
+        ["unix-run", path, cmd, kind] => exit(handoff::unix_run(path, cmd, kind)),
+        ["fd-passer", path, hostport] => handoff::fd_passer(path, hostport),
+        ["fd-take", path] => exit(handoff::fd_take(path)),
+        ["fd-take-stdin"] => exit(handoff::fd_take_stdin("fd")),
+        ["fd-take-stdin", line] => exit(handoff::fd_take_stdin(line)),
+        ["echo-server", path] => handoff::echo_server(path),
+        ["single-instance", path] => exit(handoff::single_instance(path)),
         _ => {
             eprintln!("usage: egressd-probe listen|attempt|wait-attempt|fds|escape|root-escape|touch|bench|dns-server|dns-query|dns-raw|resolve ...");
             exit(2);
