@@ -192,6 +192,12 @@ fn spawn_and_wait(
     match unsafe { fork() }.context("fork")? {
         ForkResult::Child => {
             std::env::set_var(SESSION_ENV, &started.id);
+            // The user's bus is outside the session: CMD gets its filtered proxy, or no bus.
+            match &started.bus {
+                Some(address) => std::env::set_var("DBUS_SESSION_BUS_ADDRESS", address),
+                None if started.unix => std::env::remove_var("DBUS_SESSION_BUS_ADDRESS"),
+                None => {}
+            }
             let refuse = |why: String| -> ! {
                 eprintln!("egressctl: {why}; not running {}", argv[0]);
                 // SAFETY: leaving the forked child without running destructors.

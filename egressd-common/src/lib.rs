@@ -214,6 +214,7 @@ mod user {
     unsafe impl aya::Pod for AllowValue {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for UnixEvent {}
     unsafe impl aya::Pod for DnsOrigin {}
     unsafe impl aya::Pod for DnsPeerKey {}
     unsafe impl aya::Pod for DnsAllowKey {}
@@ -289,6 +290,25 @@ pub struct Event {
     pub _pad2: [u8; 4],
 }
 const _: () = assert!(core::mem::size_of::<Event>() == 80);
+/// A decision of the unix backstop: the event, and the address the task gave (read from the
+/// kernel's copy of it), which the 16 address bytes of `Event` cannot hold.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnixEvent {
+    pub event: Event,
+    /// Bytes of `path` the address held (its length less the family).
+    pub path_len: u32,
+    pub _pad: u32,
+    /// `sun_path`: a path, or a NUL and an abstract name.
+    pub path: [u8; 112],
+}
+const _: () = assert!(core::mem::size_of::<UnixEvent>() == 200);
+
+/// Offsets in the kernel's `struct bpf_sock_addr_kern` (Linux 6.7+), the context a sock_addr
+/// program really runs on: `uaddr` (the kernel's copy of the address) and `uaddrlen`.
+pub const SOCK_ADDR_KERN_UADDR: usize = 8;
+pub const SOCK_ADDR_KERN_UADDRLEN: usize = 32;
+
 /// A loopback address in a packet leaving through a device other than `lo` (source routing, DNAT).
 pub const REASON_OFF_LOOPBACK: u8 = 6;
 

@@ -142,6 +142,19 @@ pub enum UnixSockets {
     Open,
 }
 
+/// The user's session bus in a session.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionBus {
+    /// Through a filtering proxy of the session's own (xdg-dbus-proxy) that talks only to
+    /// notifications and the secret service: no systemd1, no portals, nothing that starts
+    /// processes. Where the user has a bus and xdg-dbus-proxy is installed.
+    #[default]
+    Filtered,
+    /// No bus at all.
+    None,
+}
+
 /// The unix sockets outside a session a desktop IDE or an agent CLI needs: the Wayland display
 /// and the sound servers. `$UID` is the caller's uid.
 pub const DEFAULT_UNIX_ALLOW: [&str; 5] = [
@@ -308,6 +321,9 @@ pub struct ProfileConfig {
     /// Allow the X server's sockets (default false; see [`X11_SOCKETS`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub x11: Option<bool>,
+    /// The user's session bus: "filtered" (default) or "none" (see [`SessionBus`]).
+    #[serde(default)]
+    pub session_bus: SessionBus,
 }
 
 impl ProfileConfig {

@@ -129,6 +129,9 @@ pub struct SessionStarted {
     /// Why the unix layer is not in force for this session, for the person starting it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unix_missing: Option<String>,
+    /// The session's filtered session bus (`DBUS_SESSION_BUS_ADDRESS` for CMD), when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bus: Option<String>,
 }
 
 fn yes() -> bool {

@@ -25,7 +25,8 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_uid_gid, bpf_get_ns_current_pid_tgid, bpf_get_socket_cookie,
-        bpf_ktime_get_boot_ns, bpf_skb_ancestor_cgroup_id,
+        bpf_ktime_get_boot_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+        bpf_skb_ancestor_cgroup_id,
     },
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, RingBuf},
@@ -34,13 +35,13 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use egressd_common::{
     AllowKey, AllowValue, Counters, DnsAllowKey, DnsOrigin, DnsPeerKey, Event, Profile,
-    SessionInfo, DEFAULT_RING_BYTES, DNS_PORT as DNS_QUERY_PORT, HOOK_BIND4, HOOK_BIND6,
+    SessionInfo, UnixEvent, DEFAULT_RING_BYTES, DNS_PORT as DNS_QUERY_PORT, HOOK_BIND4, HOOK_BIND6,
     HOOK_CONNECT4, HOOK_CONNECT6, HOOK_CONNECT_UNIX, HOOK_LSM_SOCKET_CREATE, HOOK_SENDMSG4,
     HOOK_SENDMSG6, HOOK_SENDMSG_UNIX, HOOK_SKB_EGRESS, HOOK_SOCK_CREATE, MAX_ALLOW_ENTRIES,
     MAX_DNS_ALLOW, MAX_DNS_SOCKETS, MAX_PROFILES, MAX_SESSIONS, PROFILE_BIND_ANY,
     PROFILE_UNIX_OPEN, REASON_BIND, REASON_DEFAULT_DENY, REASON_DNS_REDIRECT, REASON_FAMILY,
-    REASON_FORBIDDEN_SOCKET, REASON_UNIX_UNVETTED, VERDICT_ALLOWED, VERDICT_AUDIT_DENIED,
-    VERDICT_DENIED, VERDICT_REDIRECTED,
+    REASON_FORBIDDEN_SOCKET, REASON_UNIX_UNVETTED, SOCK_ADDR_KERN_UADDR, SOCK_ADDR_KERN_UADDRLEN,
+    VERDICT_ALLOWED, VERDICT_AUDIT_DENIED, VERDICT_DENIED, VERDICT_REDIRECTED,
 };
 
 use crate::verdict::{Dest, Tables};
@@ -642,7 +643,7 @@ pub fn egressd_lsm_socket_create(ctx: LsmContext) -> i32 {
 /// (io_uring, `sendto` with a unix address, an address rewritten after the supervisor read it):
 /// refused here. The program cannot read the path, so it judges the caller, not the address.
 #[inline(always)]
-fn judge_unix(hook: u8) -> i32 {
+fn judge_unix(ctx: *mut bpf_sock_addr, hook: u8) -> i32 {
     let Some((session, info)) = lsm_session() else {
         return ALLOW_VERDICT;
     };
@@ -664,15 +665,7 @@ fn judge_unix(hook: u8) -> i32 {
     } else {
         VERDICT_DENIED
     };
-    report(
-        session,
-        &dest,
-        hook,
-        verdict,
-        REASON_UNIX_UNVETTED,
-        generation,
-        true,
-    );
+    report_unix(ctx, session, &dest, hook, verdict, generation);
     if audit {
         ALLOW_VERDICT
     } else {
@@ -680,19 +673,84 @@ fn judge_unix(hook: u8) -> i32 {
     }
 }
 
+/// Reports a unix backstop decision with the address the task gave. The program's context is
+/// really the kernel's `bpf_sock_addr_kern`, whose `uaddr` points at the kernel's copy of the
+/// address: read with bpf_probe_read_kernel (root-loaded programs may pass the context's address
+/// to it), since the ctx fields cannot reach `sun_path` and the kfunc that can is out of reach of
+/// Rust programs today. A failed read leaves the path empty; the verdict does not depend on it.
+#[inline(always)]
+fn report_unix(
+    ctx: *mut bpf_sock_addr,
+    session: u64,
+    dest: &Dest,
+    hook: u8,
+    verdict: u8,
+    generation: u32,
+) {
+    let Some(mut entry) = EVENTS.reserve::<UnixEvent>(0) else {
+        count(session, |c| c.events_lost += 1);
+        return;
+    };
+    let base = ctx as *const u8;
+    // SAFETY: probe reads of kernel memory; failures are handled.
+    let (uaddr, len) = unsafe {
+        (
+            bpf_probe_read_kernel(base.add(SOCK_ADDR_KERN_UADDR) as *const u64).unwrap_or(0),
+            bpf_probe_read_kernel(base.add(SOCK_ADDR_KERN_UADDRLEN) as *const u32).unwrap_or(0),
+        )
+    };
+    // SAFETY: helpers without pointer arguments.
+    let (pid_tgid, uid_gid, boot_ns) = unsafe {
+        (
+            current_pid_tgid(),
+            bpf_get_current_uid_gid(),
+            bpf_ktime_get_boot_ns(),
+        )
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points at the reserved record, written field by field before submit.
+    unsafe {
+        (*e).event = Event {
+            boot_ns,
+            session,
+            pid_tgid,
+            uid_gid,
+            addr: dest.addr,
+            port: 0,
+            hook,
+            verdict,
+            reason: REASON_UNIX_UNVETTED,
+            proto: 0,
+            family: dest.family,
+            _pad: 0,
+            policy_gen: generation,
+            comm: bpf_get_current_comm().unwrap_or([0; 16]),
+            _pad2: [0; 4],
+        };
+        (*e).path_len = len.saturating_sub(2).min(108);
+        (*e)._pad = 0;
+        (*e).path = [0; 112];
+        if uaddr != 0 {
+            let path = &mut (*e).path;
+            let _ = bpf_probe_read_kernel_buf((uaddr + 2) as *const u8, &mut path[..108]);
+        }
+    }
+    entry.submit(BPF_RB_FORCE_WAKEUP as u64);
+}
+
 /// `cgroup/connect_unix` (Linux 6.7+). Written out by hand: aya-ebpf 0.2's macro knows no unix
 /// attach types (the section is what the vendored aya-obj parses).
 #[no_mangle]
 #[link_section = "cgroup/connect_unix"]
-pub fn egressd_connect_unix(_ctx: *mut bpf_sock_addr) -> i32 {
-    judge_unix(HOOK_CONNECT_UNIX)
+pub fn egressd_connect_unix(ctx: *mut bpf_sock_addr) -> i32 {
+    judge_unix(ctx, HOOK_CONNECT_UNIX)
 }
 
 /// `cgroup/sendmsg_unix` (Linux 6.7+): a datagram sent with a unix address.
 #[no_mangle]
 #[link_section = "cgroup/sendmsg_unix"]
-pub fn egressd_sendmsg_unix(_ctx: *mut bpf_sock_addr) -> i32 {
-    judge_unix(HOOK_SENDMSG_UNIX)
+pub fn egressd_sendmsg_unix(ctx: *mut bpf_sock_addr) -> i32 {
+    judge_unix(ctx, HOOK_SENDMSG_UNIX)
 }
 
 #[cgroup_sock(sock_create)]

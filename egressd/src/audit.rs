@@ -17,12 +17,12 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use egressd_common::{
     audit::{head_of, line_hash, ChainHead, Record},
-    Counters, Event, HOOK_BIND4, HOOK_BIND6, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_CONNECT_UNIX,
-    HOOK_LSM_SOCKET_CREATE, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SENDMSG_UNIX, HOOK_SKB_EGRESS,
-    HOOK_SOCK_CREATE, REASON_ALLOW_RULE, REASON_BIND, REASON_DEFAULT_DENY, REASON_DNS_ANSWER,
-    REASON_DNS_REDIRECT, REASON_FAMILY, REASON_FORBIDDEN_SOCKET, REASON_LOOPBACK,
-    REASON_LOOPBACK_PORT, REASON_OFF_LOOPBACK, REASON_UNIX_UNVETTED, VERDICT_ALLOWED,
-    VERDICT_AUDIT_DENIED, VERDICT_REDIRECTED,
+    Counters, Event, UnixEvent, HOOK_BIND4, HOOK_BIND6, HOOK_CONNECT4, HOOK_CONNECT6,
+    HOOK_CONNECT_UNIX, HOOK_LSM_SOCKET_CREATE, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SENDMSG_UNIX,
+    HOOK_SKB_EGRESS, HOOK_SOCK_CREATE, REASON_ALLOW_RULE, REASON_BIND, REASON_DEFAULT_DENY,
+    REASON_DNS_ANSWER, REASON_DNS_REDIRECT, REASON_FAMILY, REASON_FORBIDDEN_SOCKET,
+    REASON_LOOPBACK, REASON_LOOPBACK_PORT, REASON_OFF_LOOPBACK, REASON_UNIX_UNVETTED,
+    VERDICT_ALLOWED, VERDICT_AUDIT_DENIED, VERDICT_REDIRECTED,
 };
 use tokio::sync::mpsc;
 
@@ -372,6 +372,13 @@ impl Pipeline {
             if item.len() < std::mem::size_of::<Event>() {
                 continue;
             }
+            if item.len() >= std::mem::size_of::<UnixEvent>() {
+                // SAFETY: the kernel wrote a whole `UnixEvent` (same repr(C) type).
+                let ev: UnixEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                drop(item);
+                self.unix_decision(&ev);
+                continue;
+            }
             // SAFETY: the kernel wrote a whole `Event` (same repr(C) type); read unaligned.
             let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             drop(item);
@@ -380,6 +387,19 @@ impl Pipeline {
         if self.folds.len() > 10_000 {
             self.flush_folds(true, None);
         }
+    }
+
+    /// A unix backstop decision: written at once (they are rare), with the address the task gave
+    /// and, best effort, who serves it.
+    fn unix_decision(&mut self, ev: &UnixEvent) {
+        let mut rec = self.decision(&ev.event);
+        let path = &ev.path[..(ev.path_len as usize).min(ev.path.len())];
+        let (dest, server) =
+            crate::handoff::name_and_server(path, (ev.event.pid_tgid >> 32) as u32);
+        rec.dest = Some(dest);
+        rec.peer = Some(server.1);
+        rec.peer_pid = server.0;
+        self.write(rec);
     }
 
     fn fold(&mut self, ev: Event) {

@@ -541,6 +541,11 @@ async fn start_session(
             session_layers(&state.layers, no_new_privs, unix_open),
         ))
         .await;
+    let bus = if unix_missing(state, no_new_privs, unix_open).is_none() {
+        state.start_bus(&session).await
+    } else {
+        None
+    };
     let cgroup = session.cgroup.clone();
     state.registry.lock().await.insert(session);
     Ok(SessionStarted {
@@ -552,6 +557,7 @@ async fn start_session(
         layers: session_layers(&state.layers, no_new_privs, unix_open),
         unix: unix_missing(state, no_new_privs, unix_open).is_none(),
         unix_missing: unix_missing(state, no_new_privs, unix_open),
+        bus,
         families,
         ptrace,
         landlock: no_new_privs && state.layers.iter().any(|l| l == "landlock"),

@@ -111,6 +111,8 @@ pub struct State {
     pub handoff: crate::handoff::Counts,
     /// Sessions whose connects are supervised (a session hands its listener over once).
     pub supervised: Mutex<std::collections::HashSet<String>>,
+    /// Each session's filtering proxy of the user's session bus, stopped when the session ends.
+    pub buses: Mutex<BTreeMap<String, crate::handoff::bus::BusProxy>>,
     watcher: AsyncFd<Watcher>,
 }
 
@@ -157,6 +159,7 @@ impl State {
             socket_path: wiring.socket_path,
             handoff: Default::default(),
             supervised: Default::default(),
+            buses: Default::default(),
             watcher: readable_fd(Watcher(inotify))?,
         })
     }
@@ -323,7 +326,7 @@ impl State {
         listener: std::os::fd::OwnedFd,
         pid: u32,
     ) -> Result<(), String> {
-        let (allow, audit_only) = {
+        let (mut allow, audit_only) = {
             let policy = self.policy.read().await;
             let p = policy.config.profiles.get(&session.profile);
             (
@@ -331,6 +334,9 @@ impl State {
                 p.is_some_and(|p| p.mode == egressd_common::policy::Mode::Audit),
             )
         };
+        if let Some(bus) = self.buses.lock().await.get(&session.id) {
+            allow.push(bus.socket.display().to_string());
+        }
         let watch = crate::handoff::Watch {
             session: session.id.clone(),
             cgroup_id: session.cgroup_id,
@@ -345,6 +351,43 @@ impl State {
         };
         tokio::task::block_in_place(|| crate::handoff::supervise(listener, watch, pid))
             .map_err(|e| format!("starting the unix supervisor: {e}"))
+    }
+
+    /// Starts the session's filtered session bus when its profile and the user have one. Returns
+    /// its address, or None (no bus for the session; why is logged).
+    pub async fn start_bus(&self, session: &Session) -> Option<String> {
+        let wanted = {
+            let policy = self.policy.read().await;
+            policy
+                .config
+                .profiles
+                .get(&session.profile)
+                .is_some_and(|p| p.session_bus == egressd_common::policy::SessionBus::Filtered)
+        };
+        if !wanted {
+            return None;
+        }
+        let gid = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(session.uid))
+            .ok()
+            .flatten()
+            .map_or(session.uid, |u| u.gid.as_raw());
+        let (id, uid) = (session.id.clone(), session.uid);
+        match tokio::task::spawn_blocking(move || crate::handoff::bus::start(&id, uid, gid)).await {
+            Ok(Ok(Some(proxy))) => {
+                let address = proxy.address();
+                self.buses.lock().await.insert(session.id.clone(), proxy);
+                Some(address)
+            }
+            Ok(Ok(None)) => None,
+            Ok(Err(e)) => {
+                tracing::warn!(session = %session.id, "{e}");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(session = %session.id, "starting the bus proxy: {e}");
+                None
+            }
+        }
     }
 
     /// Supervises an adopted session's connects again, with the listener its egressctl keeps.
@@ -386,6 +429,9 @@ impl State {
     /// marked adopted, registered for ps and the reaper.
     async fn adopt(&self, session: Session) {
         self.name(&session);
+        // The proxy died with the previous daemon (or lingers, unknown to us): the session's
+        // DBUS_SESSION_BUS_ADDRESS names this path, so a new proxy takes it over.
+        self.start_bus(&session).await;
         self.resupervise(&session).await;
         let hash = self.policy.read().await.hash.clone();
         self.audit(audit::Message::SessionStart(
@@ -414,6 +460,7 @@ impl State {
             totals.allowed += unix_allowed;
             totals.denied += unix_refused;
             self.supervised.lock().await.remove(&id);
+            self.buses.lock().await.remove(&id);
             // Under systemd the directory is gone or about to go (the scope stopped as it
             // emptied): the session still ends here, record and all.
             if self.layout.removes_session_cgroups() {

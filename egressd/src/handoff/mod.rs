@@ -19,6 +19,7 @@
 //!   datagram a session task makes itself: what did not come through here (io_uring, `sendto`
 //!   with a unix address, an address rewritten after it was read) never reaches a server.
 
+pub mod bus;
 mod caller;
 mod diag;
 
@@ -545,6 +546,54 @@ fn classify(watch: &Watch, ino: u32) -> Server {
         .and_then(crate::sessions::cgroup_of)
         .filter(|c| crate::sessions::is_under(c, &watch.parent) && *c != watch.cgroup);
     Server::Outside { pid, other }
+}
+
+/// For a backstop record: the address as people read it (a path, or `@name`), and who serves it
+/// (the server's pid, and "outside", a session's cgroup, or "none"), looked up after the fact in
+/// the view of `pid` (the sender, when it still runs) and the daemon's network namespace.
+pub fn name_and_server(path: &[u8], pid: u32) -> (String, (Option<u32>, String)) {
+    let abstract_name = path.first() == Some(&0);
+    let end = if abstract_name {
+        path.len()
+    } else {
+        path.iter().position(|b| *b == 0).unwrap_or(path.len())
+    };
+    let name = &path[..end];
+    let shown = if abstract_name {
+        format!("@{}", String::from_utf8_lossy(&name[1..]))
+    } else {
+        String::from_utf8_lossy(name).into_owned()
+    };
+    let Ok(bound) = diag::bound_sockets() else {
+        return (shown, (None, "unknown".into()));
+    };
+    let ino = if abstract_name {
+        bound.iter().find(|b| b.name == name).map(|b| b.ino)
+    } else {
+        let seen = if shown.starts_with('/') && pid != 0 {
+            format!("/proc/{pid}/root{shown}")
+        } else {
+            shown.clone()
+        };
+        fs::metadata(&seen)
+            .or_else(|_| fs::metadata(&shown))
+            .ok()
+            .and_then(|m| {
+                let vfs = (m.ino() as u32, diag::encode_dev(m.dev()));
+                bound.iter().find(|b| b.vfs == Some(vfs)).map(|b| b.ino)
+            })
+    };
+    let Some(ino) = ino else {
+        return (shown, (None, "none".into()));
+    };
+    let holder = holder(&format!("socket:[{ino}]"));
+    let peer = match holder.and_then(crate::sessions::cgroup_of) {
+        Some(c) if pid != 0 && crate::sessions::cgroup_of(pid).as_deref() == Some(c.as_str()) => {
+            "session".to_string()
+        }
+        _ => "outside".to_string(),
+    };
+    (shown, (holder, peer))
 }
 
 fn holds(pid: u32, needle: &str) -> bool {
