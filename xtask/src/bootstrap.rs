@@ -119,22 +119,31 @@ fn bpf_linker(sysroot: &std::path::Path) -> anyhow::Result<()> {
 }
 
 /// iproute2 (`ip netns`, veth) and util-linux (`setpriv`) for the kernel tests, systemd-container
-/// (`systemd-nspawn`) for the test under a live systemd; nftables and bubblewrap, the alternatives
-/// the bench compares egressd with.
+/// (`systemd-nspawn`) for the test under a live systemd; tmux, dbus (dbus-daemon, dbus-send),
+/// gdbus, python3-dbus and python3-gi (a stand-in bus service) for the hand-off tests, and
+/// xdg-dbus-proxy, which egressd runs as each session's filter of the session bus; nftables and
+/// bubblewrap, the alternatives the bench compares egressd with.
 fn debian_tools() -> anyhow::Result<()> {
+    let has = |bin: &str| format!("command -v {bin}");
     let missing: Vec<&str> = [
-        ("ip", "iproute2"),
-        ("setpriv", "util-linux"),
-        ("nft", "nftables"),
-        ("bwrap", "bubblewrap"),
-        ("systemd-nspawn", "systemd-container"),
-        ("dbus-daemon", "dbus"),
+        (has("ip"), "iproute2"),
+        (has("setpriv"), "util-linux"),
+        (has("nft"), "nftables"),
+        (has("bwrap"), "bubblewrap"),
+        (has("systemd-nspawn"), "systemd-container"),
+        (has("dbus-daemon"), "dbus"),
+        (has("dbus-send"), "dbus-bin"),
+        (has("tmux"), "tmux"),
+        (has("gdbus"), "libglib2.0-bin"),
+        (has("xdg-dbus-proxy"), "xdg-dbus-proxy"),
+        (
+            "/usr/bin/python3 -c 'import dbus, gi' 2>/dev/null && echo yes".to_string(),
+            "python3-dbus python3-gi",
+        ),
     ]
     .into_iter()
-    .filter(|(bin, _)| {
-        output(Command::new("sh").args(["-c", &format!("command -v {bin}")])).is_none()
-    })
-    .map(|(_, pkg)| pkg)
+    .filter(|(check, _)| output(Command::new("sh").args(["-c", check])).is_none())
+    .flat_map(|(_, pkg)| pkg.split(' '))
     .collect();
     if missing.is_empty() {
         return Ok(());
