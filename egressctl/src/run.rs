@@ -282,10 +282,12 @@ fn spawn_and_wait(
             CHILD.store(child.as_raw(), Ordering::Relaxed);
             drop(to_parent);
             if let Some(pair) = &to_child {
-                let listener = supervise_child(pair, client, &started.id)?;
-                // Kept for the session's life: a restarted egressd takes it from here, and
-                // while none runs, egressctl answers for it.
-                crate::unix_fallback::start(listener, client.peer_pid().unwrap_or(0));
+                // On failure the child is told why, says so and exits 125: wait for it.
+                if let Ok(listener) = supervise_child(pair, client, &started.id) {
+                    // Kept for the session's life: a restarted egressd takes it from here, and
+                    // while none runs, egressctl answers for it.
+                    crate::unix_fallback::start(listener, client.peer_pid().unwrap_or(0));
+                }
             }
             drop(to_child);
             let outputs = crate::stdio::start(relays);

@@ -905,3 +905,235 @@ fn a_single_instance_app_starts_its_own_instance_inside() {
     );
     assert_audited(&w, &inside, &path, Some(pid), CONNECT_HOOK);
 }
+
+/// A stand-in for two services on the user's session bus: notifications (harmless, on the
+/// filter's list) and a command runner (what the filter must hide). It logs every call to the
+/// file named by its argument and prints `ready` once it owns both names.
+const BUS_STAND_IN: &str = r#"
+import dbus, dbus.service, dbus.mainloop.glib, sys, subprocess
+from gi.repository import GLib
+dbus.mainloop.glib.DBusGMainLoop(set_as_default=True)
+bus = dbus.SessionBus()
+log = open(sys.argv[1], "a", buffering=1)
+class Notif(dbus.service.Object):
+    @dbus.service.method("org.freedesktop.Notifications", in_signature="susssasa{sv}i", out_signature="u")
+    def Notify(self, app, rid, icon, summary, body, actions, hints, timeout):
+        log.write("notify %s\n" % summary); return 1
+class Runner(dbus.service.Object):
+    @dbus.service.method("org.egressd.Runner", in_signature="s", out_signature="")
+    def Run(self, cmd):
+        log.write("run %s\n" % cmd); subprocess.Popen(["sh", "-c", cmd])
+n1 = dbus.service.BusName("org.freedesktop.Notifications", bus); Notif(bus, "/org/freedesktop/Notifications")
+n2 = dbus.service.BusName("org.egressd.Runner", bus); Runner(bus, "/org/egressd/Runner")
+print("ready", flush=True)
+GLib.MainLoop().run()
+"#;
+
+/// `sh -c IN_SESSION sh CMD...`: prints the session's bus address and whether its socket is
+/// there, then runs CMD.
+const BUS_IN_SESSION: &str = r#"
+echo "bus address: $DBUS_SESSION_BUS_ADDRESS"
+sock=${DBUS_SESSION_BUS_ADDRESS#unix:path=}
+[ -S "$sock" ] && echo "proxy socket present"
+exec "$@"
+"#;
+
+/// The pids of the xdg-dbus-proxy processes serving `socket`.
+fn bus_proxy_pids(socket: &str) -> Vec<i32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args[0].ends_with(b"xdg-dbus-proxy") && args.contains(&socket.as_bytes())
+        })
+        .collect()
+}
+
+/// The proxy sockets of the test's sessions: on drop, a proxy the daemon left running (a failed
+/// test) is killed by its pid and its socket removed.
+#[derive(Default)]
+struct BusProxies(Vec<String>);
+
+impl Drop for BusProxies {
+    fn drop(&mut self) {
+        for socket in &self.0 {
+            for pid in bus_proxy_pids(socket) {
+                // SAFETY: kill(2) of a proxy the daemon started for this test's session.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            let _ = fs::remove_file(socket);
+        }
+    }
+}
+
+#[test]
+fn the_session_bus_is_reached_only_through_its_filter() {
+    let w = world("handoff-bus");
+    let mut run_user = RunUser::new();
+    let bus = run_user.file("bus");
+    let real = format!("unix:path={bus}");
+    let dir = NobodyDir::new(w.scratch.0.join("bus"), 0o755);
+    let log = dir.path("services.log");
+    let script = dir.path("services.py");
+    fs::write(&script, BUS_STAND_IN).unwrap();
+    let mut proxies = BusProxies::default();
+
+    // The user's session bus, and the services on it, as nobody outside any sandbox.
+    let mut daemon = nobody_cmd("dbus-daemon");
+    daemon.args([
+        "--session",
+        "--nofork",
+        &format!("--address={real}"),
+        "--print-address",
+    ]);
+    let (dbus, address) = Server::spawn("dbus-daemon --session", daemon);
+    assert!(address.contains(&bus), "dbus-daemon address: {address}");
+    let mut services = nobody_cmd("/usr/bin/python3");
+    services
+        .args([&script, &log])
+        .env("DBUS_SESSION_BUS_ADDRESS", &real);
+    let (_services, ready) = Server::spawn("the stand-in session services", services);
+    assert_eq!(ready, "ready", "the stand-in session services");
+    let logged = || fs::read_to_string(&log).unwrap_or_default();
+
+    let cmd = format!("{} attempt tcp {}", probe_path(), w.outside.tcp4());
+    let run_call = |bus_flag: &str| -> Vec<String> {
+        [
+            "gdbus",
+            "call",
+            bus_flag,
+            "--dest",
+            "org.egressd.Runner",
+            "--object-path",
+            "/org/egressd/Runner",
+            "--method",
+            "org.egressd.Runner.Run",
+            &format!("'{cmd}'"),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    // CMD in a session, through BUS_IN_SESSION: the session's id and the output, once the
+    // session's bus address named its own proxy, whose socket was there during the session and
+    // is gone (its proxy stopped) within 5 s after.
+    let mut in_session = |args: &[String]| -> (String, Output) {
+        let mut argv = vec!["sh", "-c", BUS_IN_SESSION, "sh"];
+        argv.extend(args.iter().map(String::as_str));
+        let out = w.daemon.run(NOBODY, &argv);
+        let id = ran_in_session(&out);
+        let socket = format!("/run/user/{NOBODY}/egressd-bus-{id}");
+        proxies.0.push(socket.clone());
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l == format!("bus address: unix:path={socket}")),
+            "session {id} was not given its own filtered bus (DBUS_SESSION_BUS_ADDRESS \
+             unix:path={socket}):\n{}",
+            text(&out)
+        );
+        assert!(
+            stdout.contains("proxy socket present"),
+            "session {id}: the proxy socket {socket} was not there during the session:\n{}",
+            text(&out)
+        );
+        wait_until(
+            &format!("the bus proxy of session {id} to stop after the session ended ({socket} gone, no xdg-dbus-proxy serving it)"),
+            5,
+            || !Path::new(&socket).exists() && bus_proxy_pids(&socket).is_empty(),
+        );
+        (id, out)
+    };
+
+    // Notifications go through the filter.
+    let notify: Vec<String> = [
+        "gdbus",
+        "call",
+        "--session",
+        "--dest",
+        "org.freedesktop.Notifications",
+        "--object-path",
+        "/org/freedesktop/Notifications",
+        "--method",
+        "org.freedesktop.Notifications.Notify",
+        "app",
+        "0",
+        "i",
+        "hello-from-the-session",
+        "body",
+        "[]",
+        "{}",
+        "1000",
+    ]
+    .map(String::from)
+    .to_vec();
+    let (_, out) = in_session(&notify);
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("(uint32 1,)"),
+        "a notification from the session through its filtered bus failed:\n{}",
+        text(&out)
+    );
+    assert!(
+        logged().contains("notify hello-from-the-session"),
+        "the notification service did not get the session's call; its log:\n{}",
+        logged()
+    );
+
+    // The runner is hidden by the filter.
+    let what = format!("a command-running service on the session bus at {bus}");
+    let before = settled(&w);
+    let (_, out) = in_session(&run_call("--session"));
+    assert_nothing_reached(&w, before, &what, &out);
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr)
+                .contains("org.freedesktop.DBus.Error.ServiceUnknown"),
+        "{what}: the session's filtered bus did not hide org.egressd.Runner (want ServiceUnknown):\n{}",
+        text(&out)
+    );
+
+    // The real bus is a server outside the session: refused.
+    let what = format!("the real session bus at {bus}, addressed directly");
+    let before = settled(&w);
+    let (_, direct) = in_session(&run_call(&format!("--address={real}")));
+    assert_nothing_reached(&w, before, &what, &direct);
+    assert!(
+        !direct.status.success() && says_refused(&direct),
+        "{what}: the session's connect to the bus was not refused:\n{}",
+        text(&direct)
+    );
+    assert!(
+        !logged().contains("run "),
+        "the runner service ran something for the session; its log:\n{}",
+        logged()
+    );
+
+    // The control: outside any sandbox, the runner on the bus reaches the outside host.
+    let before = settled(&w);
+    let args = run_call("--session");
+    let control = as_nobody(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .env("DBUS_SESSION_BUS_ADDRESS", &real)
+        .output()
+        .unwrap();
+    assert!(
+        control.status.success(),
+        "control: Run on the bus outside any sandbox: {}",
+        text(&control)
+    );
+    assert_reached(
+        &w,
+        before,
+        "Run on the session bus's runner service",
+        &control,
+    );
+    assert!(
+        logged().contains(&format!("run {cmd}")),
+        "control: the runner service's log does not show the run:\n{}",
+        logged()
+    );
+
+    assert_audited(&w, &direct, &bus, Some(dbus.pid()), CONNECT_HOOK);
+}

@@ -416,6 +416,11 @@ fn connect_for(
             (server, None)
         }
     };
+    if matches!(server, Server::None) {
+        // A socket file nothing is bound to (stale, or bound in another network namespace): what
+        // the kernel would answer, so apps that clean up stale sockets still do.
+        return Ok((Answer::Errno(libc::ECONNREFUSED), server, "denied"));
+    }
     if !server.allowed() && !watch.audit_only {
         return Ok((Answer::Errno(libc::EACCES), server, "denied"));
     }
@@ -662,8 +667,22 @@ fn socket_int(sock: &OwnedFd, opt: i32) -> Option<i32> {
     (rc == 0).then_some(v)
 }
 
-/// The caller's descriptor `fd` (the same open socket, not a copy of it).
-fn take_socket(pid: u32, fd: i32) -> io::Result<OwnedFd> {
+/// The thread group (process) of thread `tid`: pidfd_open takes a process, and a notification
+/// names the thread that made the call.
+fn tgid_of(tid: u32) -> u32 {
+    fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Tgid:"))
+                .and_then(|t| t.trim().parse().ok())
+        })
+        .unwrap_or(tid)
+}
+
+/// The descriptor `fd` of thread `tid`'s process (the same open socket, not a copy of it).
+fn take_socket(tid: u32, fd: i32) -> io::Result<OwnedFd> {
+    let pid = tgid_of(tid);
     // SAFETY: pidfd_open and pidfd_getfd with integer arguments; the descriptors are owned.
     unsafe {
         let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
@@ -715,13 +734,7 @@ fn record(
     let comm = fs::read_to_string(format!("/proc/{}/comm", n.pid))
         .map(|c| c.trim_end().to_string())
         .ok();
-    let tgid = fs::read_to_string(format!("/proc/{}/status", n.pid))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Tgid:"))
-                .and_then(|t| t.trim().parse().ok())
-        });
+    let tgid = Some(tgid_of(n.pid));
     Some(Record {
         time: audit::now_rfc3339(),
         kind: "decision".into(),
