@@ -309,7 +309,8 @@ pub struct Counts {
 
 impl Outside {
     pub fn new(scratch: &Scratch) -> Outside {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed) % 250 + 1;
+        // Spread by pid: test binaries run side by side must not put two hosts on one subnet.
+        let n = (NEXT.fetch_add(1, Ordering::Relaxed) + std::process::id() * 37) % 250 + 1;
         let tag = format!("{}x{n}", std::process::id() % 10000);
         let (netns, host_if, out_if) = (
             format!("egt{tag}"),
