@@ -39,7 +39,24 @@ pub fn start(listener: OwnedFd, daemon: i32) {
         sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
         libc::sigaction(resumed_signal(), &sa, std::ptr::null_mut());
     }
-    std::thread::spawn(move || serve(listener));
+    // The signal must interrupt this thread's poll: every other thread (this one, and the relays
+    // started after it, which inherit the mask) blocks it.
+    mask(libc::SIG_BLOCK);
+    std::thread::spawn(move || {
+        mask(libc::SIG_UNBLOCK);
+        serve(listener)
+    });
+}
+
+/// Blocks or unblocks the resumed signal in the calling thread.
+fn mask(how: libc::c_int) {
+    // SAFETY: a sigset of our own, filled by the libc calls, for this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, resumed_signal());
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+    }
 }
 
 fn pidfd(pid: i32) -> Option<OwnedFd> {
@@ -76,8 +93,9 @@ fn serve(listener: OwnedFd) {
                 revents: 0,
             },
         ];
-        // SAFETY: two pollfds (a negative fd is skipped).
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 200) };
+        // SAFETY: two pollfds (a negative fd is skipped). No timeout: egressd's exit, a waiting
+        // connect, the session's end or the resumed signal (EINTR) wake it.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
         if n <= 0 {
             continue;
         }

@@ -371,3 +371,112 @@ fn a_session_whose_profile_is_removed_falls_back_to_loopback_only() {
     );
     assert_eq!(w.outside.counts(), Counts::default());
 }
+
+/// The unix layer across a daemon restart: while no egressd runs, egressctl lets a session's
+/// connects go on to the kernel alone (unix ones refused by the backstop); a restarted egressd
+/// takes the session's listener back from egressctl and supervises again, so the session's own
+/// unix servers work once more and outside ones stay refused.
+#[test]
+fn a_restarted_daemon_supervises_a_running_sessions_unix_sockets_again() {
+    let mut w = world("unix-restart");
+    let dir = w.scratch.0.join("sockets");
+    fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::chown(&dir, Some(NOBODY), Some(NOBODY)).unwrap();
+    let probe = probe().display().to_string();
+    let outside_sock = dir.join("outside.sock").display().to_string();
+    let inside_sock = dir.join("inside.sock").display().to_string();
+    // A same-uid command runner outside any session, and its control: from outside it runs a
+    // connect to the outside host.
+    let mut runner = Command::new("setpriv")
+        .args([
+            &format!("--reuid={NOBODY}"),
+            &format!("--regid={NOBODY}"),
+            "--clear-groups",
+            &probe,
+            "runner",
+            &outside_sock,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    wait_until("the runner's socket", 10, || {
+        std::path::Path::new(&outside_sock).exists()
+    });
+    let attempt = format!("{probe} attempt tcp {}", w.outside.tcp4());
+    let (gate1, gate2) = (w.scratch.0.join("gate1"), w.scratch.0.join("gate2"));
+    let script = format!(
+        "{probe} echo-server {inside_sock} >/dev/null 2>&1 & es=$!; \
+         while [ ! -S {inside_sock} ]; do sleep 0.05; done; \
+         {probe} unix-run {inside_sock} hello >/dev/null; echo up-inside=$?; \
+         while [ ! -e {g1} ]; do sleep 0.05; done; \
+         {probe} unix-run {inside_sock} hello >/dev/null; echo down-inside=$?; \
+         {probe} unix-run {outside_sock} '{attempt}' >/dev/null; echo down-outside=$?; \
+         while [ ! -e {g2} ]; do sleep 0.05; done; \
+         {probe} unix-run {inside_sock} hello >/dev/null; echo back-inside=$?; \
+         {probe} unix-run {outside_sock} '{attempt}' >/dev/null; echo back-outside=$?; \
+         kill $es",
+        g1 = gate1.display(),
+        g2 = gate2.display(),
+    );
+    let before = w.outside.counts();
+    let session = w
+        .daemon
+        .ctl(NOBODY)
+        .args(["run", "--", "sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_running_session(&w.daemon);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    w.daemon.kill9();
+    fs::write(&gate1, b"").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    w.daemon.spawn();
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    fs::write(&gate2, b"").unwrap();
+    let out = session.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    for (phase, code) in [
+        // Supervised: the session's own server is reached.
+        ("up-inside", 0),
+        // No egressd: the backstop refuses every unix connect (EPERM), its own server's included.
+        ("down-inside", 3),
+        ("down-outside", 3),
+        // The restarted egressd supervises again.
+        ("back-inside", 0),
+        ("back-outside", 3),
+    ] {
+        assert!(
+            stdout.contains(&format!("{phase}={code}\n")),
+            "{phase} should exit {code}:\n{}",
+            text(&out)
+        );
+    }
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    assert_eq!(
+        w.outside.counts(),
+        before,
+        "the runner outside connected for the session"
+    );
+    // Control: the same runner, asked from outside any session, reaches the outside host.
+    let control = Command::new("setpriv")
+        .args([
+            &format!("--reuid={NOBODY}"),
+            &format!("--regid={NOBODY}"),
+            "--clear-groups",
+            &probe,
+            "unix-run",
+            &outside_sock,
+            &attempt,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(probe_code(&control), 0, "{}", text(&control));
+    wait_until("the control's connect on the outside host", 5, || {
+        w.outside.counts().tcp > before.tcp
+    });
+    let _ = runner.kill();
+    let _ = runner.wait();
+}

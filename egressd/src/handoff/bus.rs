@@ -7,7 +7,8 @@
 //! (a server outside the session).
 
 use std::{
-    os::unix::{fs::FileTypeExt as _, process::CommandExt as _},
+    os::fd::{AsRawFd as _, OwnedFd},
+    os::unix::{fs::FileTypeExt as _, net::UnixStream, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -17,10 +18,16 @@ use std::{
 /// nothing on the caller's behalf.
 pub const TALK: [&str; 2] = ["org.freedesktop.Notifications", "org.freedesktop.secrets"];
 
+/// The proxy's end of its lifeline, as it sees it.
+const LIFELINE_FD: i32 = 3;
+
 /// A running proxy; killed with the value.
 pub struct BusProxy {
     pub socket: PathBuf,
     child: Child,
+    /// Our end of the proxy's `--fd`: the proxy stops when it closes, so a killed egressd leaves
+    /// no proxy behind.
+    _lifeline: UnixStream,
 }
 
 impl BusProxy {
@@ -60,8 +67,11 @@ pub fn start(id: &str, uid: u32, gid: u32) -> Result<Option<BusProxy>, String> {
     let dir = bus.parent().unwrap_or(Path::new("/run"));
     let socket = dir.join(format!("egressd-bus-{id}"));
     let _ = std::fs::remove_file(&socket);
+    let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+    let theirs = OwnedFd::from(theirs);
     let mut cmd = Command::new(program);
-    cmd.arg(format!("unix:path={}", bus.display()))
+    cmd.arg(format!("--fd={LIFELINE_FD}"))
+        .arg(format!("unix:path={}", bus.display()))
         .arg(&socket)
         .arg("--filter");
     for name in TALK {
@@ -72,10 +82,31 @@ pub fn start(id: &str, uid: u32, gid: u32) -> Result<Option<BusProxy>, String> {
         .stderr(Stdio::inherit())
         .uid(uid)
         .gid(gid);
+    let raw = theirs.as_raw_fd();
+    // SAFETY: only dup2/fcntl between fork and exec (async-signal-safe); both leave the
+    // lifeline open across exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let rc = if raw == LIFELINE_FD {
+                libc::fcntl(raw, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(raw, LIFELINE_FD)
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let child = cmd
         .spawn()
         .map_err(|e| format!("starting xdg-dbus-proxy: {e}"))?;
-    let mut proxy = BusProxy { socket, child };
+    drop(theirs);
+    let mut proxy = BusProxy {
+        socket,
+        child,
+        _lifeline: ours,
+    };
     let deadline = Instant::now() + Duration::from_secs(3);
     while !proxy.socket.exists() {
         if let Ok(Some(status)) = proxy.child.try_wait() {
