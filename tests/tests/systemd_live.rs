@@ -64,8 +64,10 @@ impl Container {
                 "--register=no",
                 "--keep-unit",
                 "--capability=all",
-                // nspawn's own seccomp filter refuses bpf(2) unless asked.
-                "--system-call-filter=bpf",
+                // nspawn's own seccomp filter refuses bpf(2) unless asked, and the calls the
+                // unix supervisor makes to take a session's listener and socket and read its
+                // connect address (pidfd_getfd, process_vm_readv) and enter its namespaces.
+                "--system-call-filter=bpf pidfd_open pidfd_getfd process_vm_readv setns",
                 "--resolv-conf=off",
                 "--timezone=off",
                 "--link-journal=no",
@@ -184,9 +186,12 @@ fn sessions_are_transient_scopes_of_a_live_systemd_and_outlive_the_service() {
         ),
     )
     .unwrap();
-    let started = c.sh(
-        "systemd-run --unit=egressd-live -p Type=notify /bin-egressd/egressd --config /scratch/egressd.toml --socket /scratch/egressd.sock --cgroup-backend systemd",
-    );
+    // The packaged unit's confinement (capabilities, namespaces, address families...), so what
+    // the daemon needs is what the unit grants; its paths are the scratch dir's here.
+    let started = c.sh(&format!(
+        "systemd-run --unit=egressd-live -p Type=notify {} /bin-egressd/egressd --config /scratch/egressd.toml --socket /scratch/egressd.sock --cgroup-backend systemd",
+        packaged_confinement()
+    ));
     let daemon_log = || {
         String::from_utf8_lossy(&c.sh("journalctl -u egressd-live --no-pager -o cat").stdout)
             .into_owned()
@@ -422,4 +427,38 @@ fn sessions_are_transient_scopes_of_a_live_systemd_and_outlive_the_service() {
         before,
         "the outside host received something"
     );
+}
+
+/// `-p KEY=VALUE` for the packaged egressd.service's confinement settings that neither name paths
+/// (they differ in the container) nor give the service a mount namespace of its own: bpffs is not
+/// mounted in the container, and a bpffs the daemon mounted in a namespace of its own would go,
+/// pins and all, with the service (on a systemd host, systemd mounts /sys/fs/bpf at boot).
+fn packaged_confinement() -> String {
+    const KEYS: [&str; 10] = [
+        "CapabilityBoundingSet",
+        "AmbientCapabilities",
+        "NoNewPrivileges",
+        "RestrictNamespaces",
+        "RestrictAddressFamilies",
+        "RestrictRealtime",
+        "RestrictSUIDSGID",
+        "LockPersonality",
+        "MemoryDenyWriteExecute",
+        "SystemCallArchitectures",
+    ];
+    let unit = fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/egressd.service"),
+    )
+    .expect("packaging/egressd.service");
+    let props: Vec<String> = unit
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .filter(|(k, _)| KEYS.contains(k))
+        .map(|(k, v)| format!("-p \"{k}={v}\""))
+        .collect();
+    assert!(
+        props.iter().any(|p| p.contains("CapabilityBoundingSet")),
+        "no confinement found in the unit"
+    );
+    props.join(" ")
 }
