@@ -33,24 +33,7 @@ impl Client {
 
     /// egressd's pid (SO_PEERCRED of the connection).
     pub fn peer_pid(&self) -> Option<i32> {
-        use std::os::fd::AsRawFd as _;
-        let mut cred = libc::ucred {
-            pid: 0,
-            uid: 0,
-            gid: 0,
-        };
-        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-        // SAFETY: SO_PEERCRED into a ucred of the length passed.
-        let rc = unsafe {
-            libc::getsockopt(
-                self.reader.get_ref().as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_PEERCRED,
-                (&mut cred as *mut libc::ucred).cast(),
-                &mut len,
-            )
-        };
-        (rc == 0 && cred.pid > 0).then_some(cred.pid)
+        egressd_common::host::peer_cred(self.reader.get_ref()).map(|c| c.pid)
     }
 
     /// Sends one request; an error reply from the daemon becomes an `Err` with its message.

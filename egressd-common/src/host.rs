@@ -65,3 +65,25 @@ mod tests {
         );
     }
 }
+
+/// The credentials a connected unix socket names for its peer (`SO_PEERCRED`), when it names a
+/// process.
+pub fn peer_cred(sock: &impl std::os::fd::AsRawFd) -> Option<libc::ucred> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = core::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED into a ucred of the length passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && cred.pid > 0).then_some(cred)
+}

@@ -23,23 +23,7 @@ pub fn take_listener(pid: u32, fd: i32) -> io::Result<OwnedFd> {
 }
 
 pub(super) fn peer_cred(sock: &OwnedFd) -> Option<libc::ucred> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: SO_PEERCRED into a ucred of the length passed.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0 && cred.pid > 0).then_some(cred)
+    egressd_common::host::peer_cred(sock)
 }
 
 pub(super) fn peer_pid(sock: &OwnedFd) -> Option<u32> {
