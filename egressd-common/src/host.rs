@@ -46,26 +46,6 @@ fn unescape_mount_path(s: &str) -> PathBuf {
     PathBuf::from(OsString::from_vec(out))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unescapes_mount_paths() {
-        assert_eq!(unescape_mount_path("/a\\040b"), PathBuf::from("/a b"));
-        assert_eq!(
-            unescape_mount_path("/sys/fs/cgroup"),
-            PathBuf::from("/sys/fs/cgroup")
-        );
-        assert_eq!(unescape_mount_path("/end\\040"), PathBuf::from("/end "));
-        assert_eq!(unescape_mount_path("/x\\04"), PathBuf::from("/x\\04"));
-        assert_eq!(
-            unescape_mount_path("/caf\u{e9}"),
-            PathBuf::from("/caf\u{e9}")
-        );
-    }
-}
-
 /// The credentials a connected unix socket names for its peer (`SO_PEERCRED`), when it names a
 /// process.
 pub fn peer_cred(sock: &impl std::os::fd::AsRawFd) -> Option<libc::ucred> {
@@ -86,4 +66,24 @@ pub fn peer_cred(sock: &impl std::os::fd::AsRawFd) -> Option<libc::ucred> {
         )
     };
     (rc == 0 && cred.pid > 0).then_some(cred)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescapes_mount_paths() {
+        assert_eq!(unescape_mount_path("/a\\040b"), PathBuf::from("/a b"));
+        assert_eq!(
+            unescape_mount_path("/sys/fs/cgroup"),
+            PathBuf::from("/sys/fs/cgroup")
+        );
+        assert_eq!(unescape_mount_path("/end\\040"), PathBuf::from("/end "));
+        assert_eq!(unescape_mount_path("/x\\04"), PathBuf::from("/x\\04"));
+        assert_eq!(
+            unescape_mount_path("/caf\u{e9}"),
+            PathBuf::from("/caf\u{e9}")
+        );
+    }
 }
