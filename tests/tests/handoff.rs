@@ -1137,3 +1137,55 @@ fn the_session_bus_is_reached_only_through_its_filter() {
 
     assert_audited(&w, &direct, &bus, Some(dbus.pid()), CONNECT_HOOK);
 }
+
+/// The strict profile (loopback port 11434 only) confines unix sockets the same way.
+#[test]
+fn the_strict_profile_refuses_a_runner_outside_too() {
+    let w = world("handoff-strict");
+    let dir = NobodyDir::in_tmp("strict");
+    let path = dir.path("runner.sock");
+    let p = probe_path();
+    let runner = Server::probe(&["runner", &path, "stream"]);
+    let cmd = format!("{p} attempt tcp {}", w.outside.tcp4());
+    let what = format!("a command runner outside at {path}, under --profile strict");
+
+    let before = settled(&w);
+    let inside = w
+        .daemon
+        .ctl(NOBODY)
+        .args([
+            "run",
+            "--profile",
+            "strict",
+            "--",
+            &p,
+            "unix-run",
+            &path,
+            &cmd,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&inside.stderr).contains("(profile strict)"),
+        "the session did not run under strict:\n{}",
+        text(&inside)
+    );
+    assert_nothing_reached(&w, before, &what, &inside);
+    assert_eq!(
+        probe_code(&inside),
+        3,
+        "{what}: the connect was not refused:\n{}",
+        text(&inside)
+    );
+    assert_audited(&w, &inside, &path, Some(runner.pid()), CONNECT_HOOK);
+
+    let before = settled(&w);
+    let control = as_nobody(&[&p, "unix-run", &path, &cmd]).output().unwrap();
+    assert_eq!(
+        probe_code(&control),
+        0,
+        "control: {what}: {}",
+        text(&control)
+    );
+    assert_reached(&w, before, &what, &control);
+}
