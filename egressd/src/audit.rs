@@ -587,6 +587,17 @@ impl Pipeline {
                         lost_reported: 0,
                     },
                 );
+                // Said plainly where the unix layer is missing: a reader of the log must not take
+                // "cgroup" alone for a session that could not reach tmux or the session bus.
+                let notes: Vec<&str> = [
+                    adopted.then_some("adopted by a restarted egressd"),
+                    (!layers.iter().any(|l| l == "unix")).then_some(
+                        "unix layer not in force: this session's unix sockets could reach servers outside it (egressctl doctor says why)",
+                    ),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
                 self.write(Record {
                     time: now_rfc3339(),
                     kind: "session_start".into(),
@@ -596,7 +607,7 @@ impl Pipeline {
                     argv: Some(s.argv),
                     policy: Some(policy),
                     layers: Some(layers),
-                    message: adopted.then(|| "adopted by a restarted egressd".to_string()),
+                    message: (!notes.is_empty()).then(|| notes.join("; ")),
                     ..Default::default()
                 });
             }

@@ -1189,3 +1189,72 @@ fn the_strict_profile_refuses_a_runner_outside_too() {
     );
     assert_reached(&w, before, &what, &control);
 }
+
+/// `unix = "open"` is the old behaviour, and says so: egressctl warns, the session_start record
+/// names the missing layer, and a profile that requires the unix layer is refused instead.
+#[test]
+fn a_profile_without_the_unix_layer_says_so_and_require_refuses_it() {
+    let w = world_with("handoff-open", |_| {
+        Some("default_profile = \"open\"\n[profiles.open]\nunix = \"open\"\n[profiles.must]\nunix = \"open\"\nrequire = [\"unix\"]\n".into())
+    });
+    let dir = NobodyDir::in_tmp("open");
+    let path = dir.path("runner.sock");
+    let p = probe_path();
+    let _runner = Server::probe(&["runner", &path, "stream"]);
+    let cmd = format!("{p} attempt tcp {}", w.outside.tcp4());
+
+    let before = settled(&w);
+    let open = w
+        .daemon
+        .ctl(NOBODY)
+        .args([
+            "run",
+            "--profile",
+            "open",
+            "--",
+            &p,
+            "unix-run",
+            &path,
+            &cmd,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&open.stderr).contains("are NOT confined"),
+        "no warning for a session without the unix layer:\n{}",
+        text(&open)
+    );
+    // Open means open: the runner outside is reached (this is the way the layer closes).
+    assert_eq!(probe_code(&open), 0, "{}", text(&open));
+    assert_reached(&w, before, "a runner under unix = \"open\"", &open);
+    let id = session_id(&open);
+    let records = audit_records(&w.daemon);
+    let start = records
+        .iter()
+        .find(|r| r["type"] == "session_start" && r["session"] == id.as_str())
+        .expect("a session_start record");
+    assert!(
+        start["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("unix layer not in force")),
+        "the session_start record does not say the unix layer is missing: {start}"
+    );
+    assert!(!start["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l == "unix"));
+
+    let must = w
+        .daemon
+        .ctl(NOBODY)
+        .args(["run", "--profile", "must", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(must.status.code(), Some(125), "{}", text(&must));
+    assert!(
+        String::from_utf8_lossy(&must.stderr).contains("requires the \"unix\" enforcement layer"),
+        "{}",
+        text(&must)
+    );
+}
