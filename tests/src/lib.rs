@@ -587,11 +587,17 @@ pub fn records_after_end(d: &Daemon, session: &str) -> Vec<serde_json::Value> {
 /// Waits until a sandboxed command is really running: the session cgroup holds egressctl and its
 /// child, so setup and the enforcement check are over.
 pub fn wait_for_running_session(d: &Daemon) {
+    // egressctl and its child, which has exec'd CMD: before the exec the child may still be
+    // handing its connect listener to egressd, and a daemon stopped then leaves nothing running.
     wait_until("a running session", 15, || {
         session_dirs(d).iter().any(|dir| {
-            fs::read_to_string(dir.join("cgroup.procs"))
-                .map(|p| p.lines().count() >= 2)
-                .unwrap_or(false)
+            let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            let pids: Vec<&str> = procs.lines().collect();
+            pids.len() >= 2
+                && pids.iter().any(|pid| {
+                    fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .is_ok_and(|c| c.trim_end() != "egressctl")
+                })
         })
     });
 }

@@ -403,6 +403,11 @@ fn sessions_are_transient_scopes_of_a_live_systemd_and_outlive_the_service() {
         .spawn()
         .unwrap();
     wait_until("the sleeper's scope", 10, || !scope_units(&c).is_empty());
+    // Running, not only set up: egressctl hands its child's connect listener to egressd before
+    // the probe is exec'd, and a sandbox whose setup egressd could not finish runs nothing.
+    wait_until("the probe running in its scope", 10, || {
+        c.sh("pgrep -x egressd-probe").status.success()
+    });
     let stop = c.sh("systemctl stop egressd-live.service");
     assert!(stop.status.success(), "{}", text(&stop));
     assert!(
