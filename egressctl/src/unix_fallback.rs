@@ -5,7 +5,8 @@
 //! kernel: the cgroup programs then judge it alone (inet by the policy, unix refused by the
 //! backstop, since no supervisor vetted it), and record it in the pinned ring buffer for the next
 //! egressd. A restarted egressd that has taken the listener signals [`resumed_signal`], and the
-//! answering stops until that one is gone too (watched through a pidfd).
+//! answering stops until that one is gone too (watched through a pidfd). A stopped egressd
+//! (SIGSTOP) is answered for the same way while it is stopped, so connects never wait on it.
 
 use std::{
     mem::MaybeUninit,
@@ -93,10 +94,22 @@ fn serve(listener: OwnedFd) {
                 revents: 0,
             },
         ];
-        // SAFETY: two pollfds (a negative fd is skipped). No timeout: egressd's exit, a waiting
-        // connect, the session's end or the resumed signal (EINTR) wake it.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if n <= 0 {
+        // SAFETY: two pollfds (a negative fd is skipped). egressd's exit, a waiting connect (while
+        // it is gone), the session's end or the resumed signal (EINTR) wake it; and once a second,
+        // while egressd runs, a look at whether it is stopped.
+        let timeout = if daemon.is_some() { STALL_CHECK_MS } else { -1 };
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+        if n == 0 {
+            if stopped(watched) {
+                // A stopped egressd (SIGSTOP) answers nothing: let the waiting connects go on to
+                // the kernel's programs, as while it is gone, until it runs again.
+                while pending(&listener) && stopped(watched) {
+                    answer_one(&listener);
+                }
+            }
+            continue;
+        }
+        if n < 0 {
             continue;
         }
         if fds[1].revents & libc::POLLHUP != 0 {
@@ -111,6 +124,31 @@ fn serve(listener: OwnedFd) {
             answer_one(&listener);
         }
     }
+}
+
+/// How often a running egressd is looked at for being stopped.
+const STALL_CHECK_MS: i32 = 1000;
+
+/// Whether process `pid` is stopped (`T` in /proc/PID/stat: SIGSTOP, or a debugger).
+fn stopped(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(") ")?.1;
+            after.chars().next()
+        })
+        .is_some_and(|state| state == 'T' || state == 't')
+}
+
+/// Whether a connect waits for an answer.
+fn pending(listener: &OwnedFd) -> bool {
+    let mut fd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd of our own descriptor, no waiting.
+    unsafe { libc::poll(&mut fd, 1, 0) == 1 && fd.revents & libc::POLLIN != 0 }
 }
 
 /// Lets one waiting connect go on to the kernel's programs.

@@ -480,3 +480,63 @@ fn a_restarted_daemon_supervises_a_running_sessions_unix_sockets_again() {
     let _ = runner.kill();
     let _ = runner.wait();
 }
+
+/// A stopped egressd (SIGSTOP) answers no connect notification: egressctl sees it stopped and lets
+/// the session's connects go on to the kernel's programs, which still judge them (loopback works,
+/// the outside host is refused and receives nothing), instead of leaving them waiting.
+#[test]
+fn a_stopped_daemon_leaves_no_connect_waiting_and_nothing_unjudged() {
+    let w = world("stopped-daemon");
+    let probe = probe().display().to_string();
+    let gate = w.scratch.0.join("gate");
+    let results = w.scratch.0.join("results");
+    fs::write(&results, b"").unwrap();
+    std::os::unix::fs::chown(&results, Some(NOBODY), Some(NOBODY)).unwrap();
+    let script = format!(
+        "while [ ! -e {gate} ]; do sleep 0.05; done; \
+         {probe} attempt loopback-tcp 127.0.0.1:0 >/dev/null; echo loopback=$? >> {res}; \
+         {probe} attempt tcp {out} >/dev/null; echo outside=$? >> {res}",
+        gate = gate.display(),
+        res = results.display(),
+        out = w.outside.tcp4(),
+    );
+    let before = w.outside.counts();
+    let session = w
+        .daemon
+        .ctl(NOBODY)
+        .args(["run", "--", "sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_running_session(&w.daemon);
+    w.daemon.signal(libc::SIGSTOP);
+    fs::write(&gate, b"").unwrap();
+    let done = || fs::read_to_string(&results).unwrap_or_default();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !done().contains("outside=") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let got = done();
+    w.daemon.signal(libc::SIGCONT);
+    assert!(
+        got.contains("loopback=0\n") && got.contains("outside=3\n"),
+        "with egressd stopped, the session's connects waited or were misjudged: {got:?}"
+    );
+    let out = session.wait_with_output().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    assert_eq!(
+        w.outside.counts(),
+        before,
+        "the outside host received traffic:\n{}",
+        text(&out)
+    );
+    // The kernel's verdict is recorded once egressd runs again.
+    let records = records_after_end(&w.daemon, &session_id(&out));
+    assert!(
+        records.iter().any(|r| r["type"] == "decision"
+            && r["verdict"] == "denied"
+            && r["dest"] == w.outside.v4.as_str()),
+        "no denied decision for the outside host: {records:?}"
+    );
+}
