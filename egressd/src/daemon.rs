@@ -391,8 +391,8 @@ impl State {
     }
 
     /// Supervises an adopted session's connects again, with the listener its egressctl keeps.
-    /// Until then its connects waited (the listener was still open in egressctl), so none went
-    /// unjudged. Without it (egressctl gone), every connect of the session fails.
+    /// Until then egressctl let them go on to the kernel's programs alone (unix ones refused by
+    /// the backstop). Without it (egressctl gone), every connect of the session fails (ENOSYS).
     async fn resupervise(&self, session: &Session) {
         let Some((pid, fd)) = session.listener else {
             return;
