@@ -112,47 +112,35 @@ pub fn connect_filter() -> Vec<sock_filter> {
 
 /// Installs `filter` and returns its notification listener (close-on-exec).
 pub fn install_with_listener(filter: &[sock_filter]) -> std::io::Result<OwnedFd> {
-    let prog = sock_fprog {
-        len: filter.len() as u16,
-        filter: filter.as_ptr() as *mut sock_filter,
-    };
-    // SAFETY: `prog` points at `filter`, which outlives the call; the kernel copies it. The
-    // returned descriptor is new and owned below.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_seccomp,
-            libc::SECCOMP_SET_MODE_FILTER,
-            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
-            &prog as *const sock_fprog,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: as above.
+    let fd = set_filter(filter, libc::SECCOMP_FILTER_FLAG_NEW_LISTENER)?;
+    // SAFETY: with NEW_LISTENER the kernel returns a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Installs `filter` on the calling thread (and what it execs). no_new_privs must be set.
 pub fn install(filter: &[sock_filter]) -> std::io::Result<()> {
+    set_filter(filter, 0).map(drop)
+}
+
+/// seccomp(SECCOMP_SET_MODE_FILTER, flags, filter): its return value.
+fn set_filter(filter: &[sock_filter], flags: libc::c_ulong) -> std::io::Result<libc::c_long> {
     let prog = sock_fprog {
         len: filter.len() as u16,
         filter: filter.as_ptr() as *mut sock_filter,
     };
     // SAFETY: `prog` points at `filter`, which outlives the call; the kernel copies it.
     let rc = unsafe {
-        libc::prctl(
-            libc::PR_SET_SECCOMP,
-            libc::SECCOMP_MODE_FILTER as libc::c_ulong,
-            &prog as *const sock_fprog as libc::c_ulong,
-            0,
-            0,
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            flags,
+            &prog as *const sock_fprog,
         )
     };
-    if rc != 0 {
+    if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(())
+    Ok(rc)
 }
 
 #[cfg(test)]

@@ -249,15 +249,8 @@ impl Enforcer {
                 _ => unreachable!("egressd-ebpf has only cgroup programs"),
             };
             let prog_id = program.info().map_err(prog_err)?.id();
-            let pin_path = pins.links().join(name);
-            replace_pinned_link(link, &pin_path)?;
             hooks.push((
-                HookStatus {
-                    name: name.to_string(),
-                    attach_type: attach_name.to_string(),
-                    prog_id,
-                    pinned: pin_path.display().to_string(),
-                },
+                pin_hook(link, name, attach_name.to_string(), prog_id, pins)?,
                 attach_type,
             ));
         }
@@ -548,14 +541,10 @@ fn attach_lsm(ebpf: &mut Ebpf, pins: &PinDir) -> Result<Vec<HookStatus>, String>
         let id = p.attach().map_err(|e| format!("attaching {name}: {e}"))?;
         let link: FdLink = p.take_link(id).map_err(|e| format!("{name}: {e}"))?.into();
         let prog_id = p.info().map_err(|e| format!("{name}: {e}"))?.id();
-        let pin_path = pins.links().join(name);
-        replace_pinned_link(link, &pin_path).map_err(|e| e.to_string())?;
-        out.push(HookStatus {
-            name: name.to_string(),
-            attach_type: format!("lsm/{hook}"),
-            prog_id,
-            pinned: pin_path.display().to_string(),
-        });
+        out.push(
+            pin_hook(link, name, format!("lsm/{hook}"), prog_id, pins)
+                .map_err(|e| e.to_string())?,
+        );
     }
     Ok(out)
 }
@@ -577,19 +566,30 @@ fn attach_unix(
         let link = attach_sock_addr(name, p, cgroup)
             .map_err(|e| format!("{e} (cgroup unix hooks need Linux 6.7 or later)"))?;
         let prog_id = p.info().map_err(|e| format!("{name}: {e}"))?.id();
-        let pin_path = pins.links().join(name);
-        replace_pinned_link(link, &pin_path).map_err(|e| e.to_string())?;
-        out.push((
-            HookStatus {
-                name: name.to_string(),
-                attach_type: attach_name.to_string(),
-                prog_id,
-                pinned: pin_path.display().to_string(),
-            },
-            attach_type,
-        ));
+        let hook = pin_hook(link, name, attach_name.to_string(), prog_id, pins)
+            .map_err(|e| e.to_string())?;
+        out.push((hook, attach_type));
     }
     Ok(out)
+}
+
+/// Pins `link` under the links directory by the program's name (replacing a previous daemon's)
+/// and describes the hook for `status`.
+fn pin_hook(
+    link: FdLink,
+    name: &str,
+    attach_type: String,
+    prog_id: u32,
+    pins: &PinDir,
+) -> Result<HookStatus> {
+    let pin_path = pins.links().join(name);
+    replace_pinned_link(link, &pin_path)?;
+    Ok(HookStatus {
+        name: name.to_string(),
+        attach_type,
+        prog_id,
+        pinned: pin_path.display().to_string(),
+    })
 }
 
 // `Single` means "no flags": the kernel refuses flags on cgroup bpf_link_create and always attaches

@@ -523,6 +523,19 @@ pub fn root_keeps_capabilities(_: &Outside) -> Option<String> {
     Some("[profiles.airgap]\nroot = \"keep-capabilities\"\n".into())
 }
 
+/// `args` run as nobody, outside any sandbox (the controls, and services outside).
+pub fn as_nobody(args: &[&str]) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        &format!("--reuid={NOBODY}"),
+        &format!("--regid={NOBODY}"),
+        "--clear-groups",
+        "--",
+    ]);
+    c.args(args);
+    c
+}
+
 pub fn attempt(w: &World, uid: u32, kind: &str, target: &str) -> std::process::Output {
     let probe = probe();
     w.daemon

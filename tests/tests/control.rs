@@ -387,15 +387,7 @@ fn a_restarted_daemon_supervises_a_running_sessions_unix_sockets_again() {
     let inside_sock = dir.join("inside.sock").display().to_string();
     // A same-uid command runner outside any session, and its control: from outside it runs a
     // connect to the outside host.
-    let mut runner = Command::new("setpriv")
-        .args([
-            &format!("--reuid={NOBODY}"),
-            &format!("--regid={NOBODY}"),
-            "--clear-groups",
-            &probe,
-            "runner",
-            &outside_sock,
-        ])
+    let mut runner = as_nobody(&[&probe, "runner", &outside_sock])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())
         .spawn()
@@ -461,16 +453,7 @@ fn a_restarted_daemon_supervises_a_running_sessions_unix_sockets_again() {
         "the runner outside connected for the session"
     );
     // Control: the same runner, asked from outside any session, reaches the outside host.
-    let control = Command::new("setpriv")
-        .args([
-            &format!("--reuid={NOBODY}"),
-            &format!("--regid={NOBODY}"),
-            "--clear-groups",
-            &probe,
-            "unix-run",
-            &outside_sock,
-            &attempt,
-        ])
+    let control = as_nobody(&[&probe, "unix-run", &outside_sock, &attempt])
         .output()
         .unwrap();
     assert_eq!(probe_code(&control), 0, "{}", text(&control));

@@ -33,22 +33,7 @@ const CONNECT_HOOK: &[&str] = &["connect_unix"];
 const SENDTO_HOOKS: &[&str] = &["connect_unix", "sendmsg_unix"];
 
 fn nobody_cmd(program: &str) -> Command {
-    let mut c = Command::new("setpriv");
-    c.args([
-        &format!("--reuid={NOBODY}"),
-        &format!("--regid={NOBODY}"),
-        "--clear-groups",
-        "--",
-        program,
-    ]);
-    c
-}
-
-/// `args` as nobody, outside any sandbox.
-fn as_nobody(args: &[&str]) -> Command {
-    let mut c = nobody_cmd(args[0]);
-    c.args(&args[1..]);
-    c
+    as_nobody(&[program])
 }
 
 fn probe_path() -> String {

@@ -317,17 +317,6 @@ fn outside_processes_memory_signals_and_abstract_sockets_are_out_of_reach() {
         daemon_layers(&w.daemon).contains(&"landlock".to_string()),
         "this kernel has no Landlock ABI 6 (egressctl doctor)"
     );
-    let as_nobody = |args: &[&str]| {
-        let mut c = Command::new("setpriv");
-        c.args([
-            &format!("--reuid={NOBODY}"),
-            &format!("--regid={NOBODY}"),
-            "--clear-groups",
-            "--",
-        ]);
-        c.args(args);
-        c
-    };
     let probe = probe();
     let p = probe.to_str().unwrap();
     let name = format!("egressd-test-{}", std::process::id());

@@ -10,12 +10,14 @@ use std::{
     sync::Arc,
 };
 
+use egressd_common::audit::Record;
+
 use super::{
     caller::{self, Creds},
     diag,
     fds::{peer_in, peer_pid, socket_int, take_socket},
     notify::Answer,
-    record::{record, send},
+    record::record,
     Allowed, Watch,
 };
 
@@ -51,45 +53,48 @@ impl Server {
     }
 }
 
+/// A `sun_path` as the kernel reads it (a path up to its NUL, or a NUL and an abstract name of
+/// the address's length), as people read it (`@name` for an abstract one), and which it is.
+fn unix_name(path: &[u8]) -> (Vec<u8>, String, bool) {
+    if path.first() == Some(&0) {
+        let shown = format!("@{}", String::from_utf8_lossy(&path[1..]));
+        return (path.to_vec(), shown, true);
+    }
+    let end = path.iter().position(|b| *b == 0).unwrap_or(path.len());
+    let name = path[..end].to_vec();
+    let shown = String::from_utf8_lossy(&name).into_owned();
+    (name, shown, false)
+}
+
+/// The answer to a unix connect, and its audit record (None when nothing was decided), which the
+/// caller sends only after answering: a stalled audit disk never holds a connect.
 pub(super) fn decide(
     watch: &Watch,
     allowed: &Allowed,
     n: &libc::seccomp_notif,
     addr: &[u8],
-) -> Answer {
+) -> (Answer, Option<Record>) {
     let pid = n.pid;
     let sock_fd = n.data.args[0] as i32;
     let path = &addr[2..];
-    let abstract_name = path.first() == Some(&0);
-    let shown = if abstract_name {
-        format!("@{}", String::from_utf8_lossy(&path[1..]))
-    } else {
-        let end = path.iter().position(|b| *b == 0).unwrap_or(path.len());
-        String::from_utf8_lossy(&path[..end]).into_owned()
-    };
+    let (name, shown, abstract_name) = unix_name(path);
     if path.is_empty() {
         // An unnamed address: the kernel refuses it (or the backstop does).
-        return Answer::Continue;
+        return (Answer::Continue, None);
     }
     let creds = match Creds::of(pid) {
         Ok(c) => c,
-        Err(_) => return Answer::Errno(libc::ESRCH),
+        Err(_) => return (Answer::Errno(libc::ESRCH), None),
     };
     let sock = match take_socket(pid, sock_fd) {
         Ok(s) => s,
-        Err(e) => return Answer::Errno(e.raw_os_error().unwrap_or(libc::EBADF)),
+        Err(e) => return (Answer::Errno(e.raw_os_error().unwrap_or(libc::EBADF)), None),
     };
     if socket_int(&sock, libc::SO_DOMAIN) != Some(libc::AF_UNIX) {
         // A unix address on another kind of socket: the kernel gives the error it always gives.
-        return Answer::Continue;
+        return (Answer::Continue, None);
     }
     let kind = socket_int(&sock, libc::SO_TYPE).unwrap_or(0);
-    let name = if abstract_name {
-        path.to_vec()
-    } else {
-        let end = path.iter().position(|b| *b == 0).unwrap_or(path.len());
-        path[..end].to_vec()
-    };
     let sock = Arc::new(sock);
     let (answer, server, verdict) =
         match connect_for(watch, allowed, pid, &creds, sock, name, abstract_name, kind) {
@@ -99,11 +104,11 @@ pub(super) fn decide(
                 (Answer::Errno(libc::EACCES), Server::None, "denied")
             }
         };
-    if let Some(record) = record(watch, n, &creds, &shown, kind, &server, verdict) {
+    let record = record(watch, n, &creds, &shown, kind, &server, verdict);
+    if record.is_some() {
         watch.counts.add(watch.cgroup_id, verdict == "allowed");
-        send(watch, record);
     }
-    answer
+    (answer, record)
 }
 
 pub(super) type Outcome = (Answer, Server, &'static str);
@@ -302,18 +307,8 @@ pub(super) fn classify(watch: &Watch, ino: u32) -> Server {
 /// (the server's pid, and "outside", a session's cgroup, or "none"), looked up after the fact in
 /// the view of `pid` (the sender, when it still runs) and the daemon's network namespace.
 pub fn name_and_server(path: &[u8], pid: u32) -> (String, (Option<u32>, String)) {
-    let abstract_name = path.first() == Some(&0);
-    let end = if abstract_name {
-        path.len()
-    } else {
-        path.iter().position(|b| *b == 0).unwrap_or(path.len())
-    };
-    let name = &path[..end];
-    let shown = if abstract_name {
-        format!("@{}", String::from_utf8_lossy(&name[1..]))
-    } else {
-        String::from_utf8_lossy(name).into_owned()
-    };
+    let (name, shown, abstract_name) = unix_name(path);
+    let name = name.as_slice();
     let Ok(bound) = diag::bound_sockets() else {
         return (shown, (None, "unknown".into()));
     };

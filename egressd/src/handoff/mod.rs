@@ -195,8 +195,11 @@ fn serve(listener: OwnedFd, watch: Arc<Watch>, allowed: Arc<Allowed>) {
                 let spawned = std::thread::Builder::new()
                     .name("egressd-unix-connect".into())
                     .spawn(move || {
-                        let answer = decide(&watch, &allowed, &n, &addr);
+                        let (answer, record) = decide(&watch, &allowed, &n, &addr);
                         respond(listener.as_raw_fd(), n.id, answer);
+                        if let Some(record) = record {
+                            record::send(&watch, record);
+                        }
                     });
                 if spawned.is_err() {
                     respond(fd, n.id, Answer::Errno(libc::EAGAIN));
