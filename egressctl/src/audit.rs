@@ -151,6 +151,16 @@ pub fn audit(socket: &Path, args: AuditArgs) -> anyhow::Result<ExitCode> {
                     .filter(|r| m.matches(r))
                     .collect(),
             );
+            if let Ok(Reply::Status(s)) =
+                Client::connect(socket).and_then(|mut c| c.call(Op::Status))
+            {
+                if let Some(h) = &s.audit {
+                    println!();
+                    for line in crate::health::lines(h, &s.audit_path) {
+                        println!("log now: {line}");
+                    }
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -193,19 +203,20 @@ pub fn read_all(log: &Path) -> anyhow::Result<Vec<Record>> {
         if !f.exists() {
             continue;
         }
-        for (i, line) in BufReader::new(open(&f)?).lines().enumerate() {
+        for (i, line) in BufReader::new(open(&f)?).split(b'\n').enumerate() {
             let line = line?;
             if line.is_empty() {
                 continue;
             }
-            let r: Record = serde_json::from_str(&line).with_context(|| {
-                format!(
-                    "{} line {}: not an audit record (try `egressctl audit verify`)",
+            match serde_json::from_slice::<Record>(&line) {
+                Ok(r) => out.push(r),
+                // A crash's torn line (which the next daemon records) must not hide the rest.
+                Err(e) => eprintln!(
+                    "egressctl: {} line {}: not an audit record ({e}); skipped (`egressctl audit verify` says whether egressd recorded it as a crash)",
                     f.display(),
                     i + 1
-                )
-            })?;
-            out.push(r);
+                ),
+            }
         }
     }
     Ok(out)
@@ -222,8 +233,9 @@ fn verify_cmd(log: &Path, files: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
         readers.push((f.display().to_string(), BufReader::new(open(f)?)));
     }
     match verify(readers) {
-        Ok((n, head)) => {
-            let last = head.map(|h| h.seq).unwrap_or(0);
+        Ok(v) => {
+            let n = v.checked;
+            let last = v.head.map(|h| h.seq).unwrap_or(0);
             let first = (last + 1).saturating_sub(n);
             println!(
                 "ok: {n} records in {} file(s), hash chain intact (seq {first}..{last})",
@@ -231,6 +243,15 @@ fn verify_cmd(log: &Path, files: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
             );
             if first > 1 {
                 println!("note: the chain starts at seq {first}: older files were rotated away (retention) or removed");
+            }
+            for note in &v.notes {
+                println!("note: {note}");
+            }
+            if v.lost > 0 {
+                println!(
+                    "note: {} records were counted as lost (the `lost` records say when and why: `egressctl audit tail --type lost`)",
+                    v.lost
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -385,10 +406,15 @@ fn print_record(out: &mut impl Write, r: &Record, json: bool) -> io::Result<()> 
         ),
         "lost" => writeln!(
             out,
-            "{:<23} {:<8} LOST {} events (ring buffer full; counted, not itemised)",
+            "{:<23} {:<8} LOST {} records ({}; counted, not itemised){}",
             short_time(&r.time),
             session,
-            r.count.unwrap_or(0)
+            r.count.unwrap_or(0),
+            r.reason.as_deref().unwrap_or("ring buffer full"),
+            match (&r.since, &r.until) {
+                (Some(a), Some(b)) => format!(" from {} to {}", short_time(a), short_time(b)),
+                _ => String::new(),
+            }
         ),
         _ => writeln!(
             out,
@@ -597,6 +623,8 @@ struct Tally {
 fn summary(records: Vec<Record>) {
     let mut sessions: BTreeMap<String, (Tally, Option<String>)> = BTreeMap::new();
     let mut dests: BTreeMap<String, Tally> = BTreeMap::new();
+    let mut lost_by: BTreeMap<String, u64> = BTreeMap::new();
+    let (mut crashes, mut continued) = (0, 0);
     for r in &records {
         let session = r.session.clone().unwrap_or_default();
         match r.kind.as_str() {
@@ -612,7 +640,18 @@ fn summary(records: Vec<Record>) {
                     d.allowed += n;
                 }
             }
-            "lost" => sessions.entry(session).or_default().0.lost += r.count.unwrap_or(0),
+            "lost" => {
+                sessions.entry(session).or_default().0.lost += r.count.unwrap_or(0);
+                *lost_by
+                    .entry(
+                        r.reason
+                            .clone()
+                            .unwrap_or_else(|| "ring buffer full".into()),
+                    )
+                    .or_default() += r.count.unwrap_or(0);
+            }
+            "crash" => crashes += 1,
+            "log_continued" => continued += 1,
             "session_start" => sessions.entry(session).or_default().1 = r.profile.clone(),
             _ => {}
         }
@@ -635,6 +674,19 @@ fn summary(records: Vec<Record>) {
     println!("{:<40} {:>9} {:>9}", "DESTINATION", "ALLOWED", "DENIED");
     for (d, t) in &dests {
         println!("{:<40} {:>9} {:>9}", d, t.allowed, t.denied);
+    }
+    println!();
+    if lost_by.is_empty() {
+        println!("lost:     none");
+    }
+    for (why, n) in &lost_by {
+        println!("lost:     {n} records ({why})");
+    }
+    if crashes > 0 {
+        println!("crashes:  {crashes} (egressd ended without closing the log; each recorded by the next start)");
+    }
+    if continued > 0 {
+        println!("replaced: the log file was replaced or removed under egressd {continued} time(s); the chain continued");
     }
 }
 

@@ -171,6 +171,14 @@ pub fn doctor(socket: &Path) -> ExitCode {
                     )
                 },
             );
+            if let Some(h) = &s.audit {
+                let bad = h.failing_since.is_some() || crate::health::low(h);
+                r.line(
+                    if bad { Level::Warn } else { Level::Ok },
+                    "audit log",
+                    crate::health::lines(h, &s.audit_path).join("; "),
+                );
+            }
             let lsm = s.layers.iter().any(|l| l == "lsm");
             r.line(
                 if lsm { Level::Ok } else { Level::Info },

@@ -5,6 +5,7 @@ mod audit;
 mod capabilities;
 mod client;
 mod doctor;
+mod health;
 mod landlock_scope;
 mod policy;
 mod run;

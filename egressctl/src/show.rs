@@ -49,6 +49,11 @@ pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
         println!("  {:<20} prog {:<6} {}", h.attach_type, h.prog_id, h.pinned);
     }
     println!("sessions: {}", s.sessions);
+    if let Some(h) = &s.audit {
+        for (i, line) in crate::health::lines(h, &s.audit_path).iter().enumerate() {
+            println!("{}{line}", if i == 0 { "audit:    " } else { "          " });
+        }
+    }
     Ok(())
 }
 

@@ -26,7 +26,8 @@ pub struct Record {
     /// RFC 3339, UTC, nanoseconds.
     pub time: String,
     pub seq: u64,
-    /// `decision`, `dns`, `session_start`, `session_end`, `lost`, `daemon`.
+    /// `decision`, `dns`, `session_start`, `session_end`, `lost`, `daemon`, `crash` (the previous
+    /// egressd ended without closing the log), `log_continued` (the file was replaced under egressd).
     #[serde(rename = "type")]
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -97,6 +98,23 @@ pub struct Record {
     /// Session records: the enforcement layers in force for the session ("cgroup", "lsm").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layers: Option<Vec<String>>,
+    /// `lost` records: the time of the first and the last record lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    /// `lost` records: how many of `count` were the kernel's decisions (the rest: DNS and unix
+    /// supervisor records), which is what reconciles the log with the kernel's counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decisions: Option<u64>,
+    /// `crash` records: the byte offset, length and SHA-256 of the torn line a crash left, in this
+    /// file; `log_continued` records: the size the replaced file had (`bytes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub torn: Option<String>,
     pub prev: String,
 }
 
@@ -128,57 +146,147 @@ pub struct Broken {
     pub reason: String,
 }
 
+/// What a passing check found besides an intact chain: faults egressd recorded (a crash's torn
+/// line, a file replaced under it, records it could not write), each said in words.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Verified {
+    pub checked: u64,
+    pub head: Option<ChainHead>,
+    pub notes: Vec<String>,
+    /// Records counted as lost (the sum of `count` over `lost` records).
+    pub lost: u64,
+}
+
+/// A line that did not parse, held until the next line says whether egressd recorded it as a
+/// crash's torn line.
+struct Torn {
+    line: usize,
+    offset: u64,
+    bytes: u64,
+    hash: String,
+    error: String,
+}
+
 /// Checks the chain over `files` (oldest first). When the first file does not start at the genesis
-/// (older files were rotated away), its first line is taken as the anchor. Returns the number of
-/// lines checked and the head, or the first line that breaks the chain.
+/// (older files were rotated away), its first line is taken as the anchor. A line that is not a
+/// record passes only when the very next line is egressd's `crash` record naming its offset,
+/// length and hash, chained to the line before it: the torn line a crash left, recorded by the
+/// next daemon. Returns what was checked, or the first line that breaks the chain.
 pub fn verify<R: BufRead>(
     files: impl IntoIterator<Item = (String, R)>,
-) -> Result<(u64, Option<ChainHead>), Broken> {
+) -> Result<Verified, Broken> {
+    let mut out = Verified::default();
     let mut head: Option<ChainHead> = None;
-    let mut checked = 0;
     for (name, reader) in files {
+        let mut offset = 0u64;
+        let mut torn: Option<Torn> = None;
         for (i, line) in reader.split(b'\n').enumerate() {
-            let broken = |reason: String| Broken {
+            let broken = |line: usize, reason: String| Broken {
                 file: name.clone(),
-                line: i + 1,
+                line,
                 reason,
             };
-            let line = line.map_err(|e| broken(format!("unreadable: {e}")))?;
+            let line = line.map_err(|e| broken(i + 1, format!("unreadable: {e}")))?;
+            let at = offset;
+            offset += line.len() as u64 + 1;
             if line.is_empty() {
                 continue;
             }
-            let rec: Record = serde_json::from_slice(&line).map_err(|e| {
-                broken(format!(
-                    "not an audit record ({e}): the line was edited or is not from egressd"
-                ))
-            })?;
+            let rec: Record = match serde_json::from_slice(&line) {
+                Ok(r) => r,
+                Err(e) => {
+                    if let Some(t) = torn {
+                        return Err(broken(t.line, t.error));
+                    }
+                    torn = Some(Torn {
+                        line: i + 1,
+                        offset: at,
+                        bytes: line.len() as u64,
+                        hash: line_hash(&line),
+                        error: format!(
+                            "not an audit record ({e}): the line was edited or is not from egressd"
+                        ),
+                    });
+                    continue;
+                }
+            };
+            if let Some(t) = torn.take() {
+                let recorded = rec.kind == "crash"
+                    && rec.offset == Some(t.offset)
+                    && rec.bytes == Some(t.bytes)
+                    && rec.torn.as_deref() == Some(t.hash.as_str());
+                if !recorded {
+                    return Err(broken(t.line, t.error));
+                }
+                out.notes.push(format!(
+                    "{name} line {}: a torn line ({} bytes at byte {}) left by a crash, recorded by the next egressd at seq {}",
+                    t.line, t.bytes, t.offset, rec.seq
+                ));
+            }
             if let Some(h) = &head {
                 if rec.prev != h.hash {
-                    return Err(broken(format!(
+                    return Err(broken(i + 1, format!(
                         "chain broken: `prev` does not match the line before (seq {}); that line was edited, or lines between were deleted or reordered",
                         h.seq
                     )));
                 }
                 if rec.seq != h.seq + 1 {
-                    return Err(broken(format!(
-                        "sequence jumps from {} to {}: lines were deleted or reordered",
-                        h.seq, rec.seq
-                    )));
+                    return Err(broken(
+                        i + 1,
+                        format!(
+                            "sequence jumps from {} to {}: lines were deleted or reordered",
+                            h.seq, rec.seq
+                        ),
+                    ));
                 }
             } else if rec.prev == GENESIS && rec.seq != 1 {
-                return Err(broken(format!(
-                    "the first record has seq {} instead of 1",
-                    rec.seq
-                )));
+                return Err(broken(
+                    i + 1,
+                    format!("the first record has seq {} instead of 1", rec.seq),
+                ));
+            } else if rec.kind == "log_continued" {
+                out.notes.push(format!(
+                    "{name} starts where a replaced or removed file ended (seq {}); that file was not among those checked",
+                    rec.seq.saturating_sub(1)
+                ));
+            }
+            match rec.kind.as_str() {
+                "crash" if rec.torn.is_none() => out.notes.push(format!(
+                    "seq {}: {}",
+                    rec.seq,
+                    rec.message
+                        .as_deref()
+                        .unwrap_or("the previous egressd ended without closing the log")
+                )),
+                "log_continued" if head.is_some() => out.notes.push(format!(
+                    "seq {}: {}",
+                    rec.seq,
+                    rec.message
+                        .as_deref()
+                        .unwrap_or("the log continued after the file was replaced")
+                )),
+                "lost" => out.lost += rec.count.unwrap_or(0),
+                _ => {}
             }
             head = Some(ChainHead {
                 seq: rec.seq,
                 hash: line_hash(&line),
             });
-            checked += 1;
+            out.checked += 1;
+        }
+        if let Some(t) = torn {
+            return Err(Broken {
+                file: name.clone(),
+                line: t.line,
+                reason: format!(
+                    "the last line is incomplete ({} bytes at byte {}): egressd stopped mid-write (a crash, kill -9 or power loss) and has not started since to record it, or the file was cut",
+                    t.bytes, t.offset
+                ),
+            });
         }
     }
-    Ok((checked, head))
+    out.head = head;
+    Ok(out)
 }
 
 /// The head of an existing log: the last line of the last file.

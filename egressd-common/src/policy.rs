@@ -89,6 +89,96 @@ pub struct AuditConfig {
     pub group: Option<String>,
     /// Also send every record to syslog (RFC 5424) at this socket, e.g. "/dev/log".
     pub syslog: Option<PathBuf>,
+    /// Warn (daemon log, status, doctor, a record) when the log's file system has less free space
+    /// than this: bytes, "64MiB", "2GB" or "5%" (default 64MiB).
+    pub space_left: Option<SpaceLeft>,
+    /// When the log cannot be written because its file system is full: "count" keeps enforcing and
+    /// counts what it could not write (default); "refuse" also refuses new sessions until it can.
+    pub disk_full_action: Option<DiskAction>,
+    /// The same for every other write failure (read-only file system, I/O error, removed directory).
+    pub disk_error_action: Option<DiskAction>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskAction {
+    #[default]
+    Count,
+    Refuse,
+}
+
+/// A free-space threshold: bytes, or a share of the file system.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(into = "String")]
+pub enum SpaceLeft {
+    Bytes(u64),
+    Percent(f64),
+}
+
+impl SpaceLeft {
+    pub fn bytes(self, total: u64) -> u64 {
+        match self {
+            SpaceLeft::Bytes(b) => b,
+            SpaceLeft::Percent(p) => (total as f64 * p / 100.0) as u64,
+        }
+    }
+}
+
+impl From<SpaceLeft> for String {
+    fn from(s: SpaceLeft) -> String {
+        match s {
+            SpaceLeft::Bytes(b) => b.to_string(),
+            SpaceLeft::Percent(p) => format!("{p}%"),
+        }
+    }
+}
+
+impl FromStr for SpaceLeft {
+    type Err = String;
+    fn from_str(t: &str) -> Result<Self, String> {
+        let t = t.trim();
+        let bad = || {
+            format!(
+                "space_left {t:?}: expected bytes, a size (\"64MiB\", \"2GB\") or a share (\"5%\")"
+            )
+        };
+        if let Some(p) = t.strip_suffix('%') {
+            let p: f64 = p.trim().parse().map_err(|_| bad())?;
+            if !(0.0..=100.0).contains(&p) {
+                return Err(bad());
+            }
+            return Ok(SpaceLeft::Percent(p));
+        }
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (n, unit) = t.split_at(split);
+        let n: u64 = n.parse().map_err(|_| bad())?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "K" | "KiB" => 1 << 10,
+            "M" | "MiB" => 1 << 20,
+            "G" | "GiB" => 1 << 30,
+            "KB" => 1000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            _ => return Err(bad()),
+        };
+        n.checked_mul(mult).map(SpaceLeft::Bytes).ok_or_else(bad)
+    }
+}
+
+impl<'de> Deserialize<'de> for SpaceLeft {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(SpaceLeft::Bytes(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 pub const DEFAULT_AUDIT_PATH: &str = "/var/log/egressd/audit.jsonl";
@@ -110,6 +200,9 @@ impl AuditConfig {
     }
     pub fn fold_window(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.fold_window_ms.unwrap_or(1000))
+    }
+    pub fn space_left(&self) -> SpaceLeft {
+        self.space_left.unwrap_or(SpaceLeft::Bytes(64 << 20))
     }
 }
 

@@ -164,6 +164,39 @@ pub struct DaemonStatus {
     /// Why the unix layer is not in force (absent: it is).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unix_missing: Option<String>,
+    /// Whether the audit log is being written, and what it lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditHealth>,
+}
+
+/// The audit log's health as the daemon sees it.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct AuditHealth {
+    /// Failing since (RFC 3339), absent while records are written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_since: Option<String>,
+    /// Why: "disk full", "read-only file system", "I/O error", "log directory removed", ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The last error, as the kernel said it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Records lost since egressd started: written as `lost` records, or waiting to be.
+    pub lost: u64,
+    /// Of `lost`, those counted while the log cannot be written (their `lost` record is pending).
+    pub lost_pending: u64,
+    /// Bytes appended since egressd started.
+    pub bytes_written: u64,
+    /// Free space on the log's file system, and the `space_left` threshold, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_bytes: Option<u64>,
+    pub space_left: u64,
+    /// New sessions are refused (`disk_full_action`/`disk_error_action` = "refuse").
+    pub refusing_sessions: bool,
+    /// Why the syslog copy fails, and how many copies were not sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syslog_error: Option<String>,
+    pub syslog_dropped: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

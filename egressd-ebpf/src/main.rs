@@ -344,6 +344,8 @@ fn judge_sock_addr(ctx: &SockAddrContext, dest: Dest, hook: u8) -> i32 {
     let (session, info) = current_session();
     let generation = policy_generation();
     if redirect_dns(ctx, &dest, session) {
+        // Counted like every decision, so the kernel's counters equal the records taken.
+        count(session, |c| c.allowed += 1);
         report(
             session,
             &dest,
@@ -521,6 +523,7 @@ fn judge_bind(ctx: &SockAddrContext, v6: bool) -> i32 {
     }
     let hook = if v6 { HOOK_BIND6 } else { HOOK_BIND4 };
     if verdict::audit_only(&profile) {
+        count(session, |c| c.denied += 1);
         report(
             session,
             &dest,

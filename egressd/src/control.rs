@@ -1,7 +1,7 @@
 //! The control socket: newline-delimited JSON, one request per line, the caller identified by
 //! SO_PEERCRED only. A bad message gets an error reply and never harms the daemon or other clients.
 
-use egressd_common::policy::{describe, RootSessions};
+use egressd_common::policy::{describe, DiskAction, RootSessions};
 use std::{
     os::fd::{AsRawFd, FromRawFd as _, OwnedFd},
     sync::Arc,
@@ -360,7 +360,28 @@ async fn status(state: &State) -> Reply {
         audit_path: state.audit_path.display().to_string(),
         layers: state.layers.clone(),
         unix_missing: state.unix_missing.clone(),
+        audit: state.audit_health.lock().ok().map(|h| h.clone()),
     })
+}
+
+/// Where the audit log's `disk_full_action`/`disk_error_action` is "refuse", a session starts only
+/// while the log can take its records: the audit task answers after trying the file.
+async fn admit(state: &State) -> Result<(), String> {
+    let refuse = {
+        let policy = state.policy.read().await;
+        let a = &policy.config.audit;
+        a.disk_full_action == Some(DiskAction::Refuse)
+            || a.disk_error_action == Some(DiskAction::Refuse)
+    };
+    if !refuse {
+        return Ok(());
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    state.audit(crate::audit::Message::Admit(tx)).await;
+    match tokio::time::timeout(std::time::Duration::from_secs(10), rx).await {
+        Ok(Ok(answer)) => answer,
+        _ => Err("the audit task did not say within 10 s whether the audit log can be written, and [audit] refuses sessions it cannot record: see `egressctl status` and egressd's log".into()),
+    }
 }
 
 async fn start_session(
@@ -447,6 +468,7 @@ async fn start_session(
         )
     };
 
+    admit(state).await?;
     let id = sessions::new_id();
     let dir = state.layout.session_dir(&id);
     let cgroup_id = match &state.systemd {

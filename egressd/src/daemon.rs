@@ -99,6 +99,8 @@ pub struct State {
     pub audit: tokio::sync::mpsc::Sender<audit::Message>,
     pub audit_path: PathBuf,
     pub names: audit::SessionNames,
+    /// The audit log's health, published by the audit task.
+    pub audit_health: audit::SharedHealth,
     /// Enforcement layers in force ("cgroup", "lsm"), fixed at start.
     pub layers: Vec<String>,
     /// The connection to systemd, with the systemd backend (made once at start and kept).
@@ -127,6 +129,7 @@ pub struct Wiring {
     pub systemd: Option<Systemd>,
     pub unix_missing: Option<String>,
     pub socket_path: PathBuf,
+    pub audit_health: audit::SharedHealth,
 }
 
 impl State {
@@ -156,6 +159,7 @@ impl State {
             layers: wiring.layers,
             systemd: wiring.systemd,
             unix_missing: wiring.unix_missing,
+            audit_health: wiring.audit_health,
             socket_path: wiring.socket_path,
             handoff: Default::default(),
             supervised: Default::default(),
@@ -451,12 +455,13 @@ impl State {
             let Some(s) = self.registry.lock().await.remove(&id) else {
                 continue;
             };
-            let mut totals = self
+            let kernel = self
                 .enforcer
                 .remove_session(s.cgroup_id)
                 .await
                 .unwrap_or_default();
             let (unix_allowed, unix_refused) = self.handoff.take(s.cgroup_id);
+            let mut totals = kernel;
             totals.allowed += unix_allowed;
             totals.denied += unix_refused;
             self.supervised.lock().await.remove(&id);
@@ -469,8 +474,12 @@ impl State {
                 }
             }
             self.state_dir.forget(&id);
-            self.audit(audit::Message::SessionEnd(s.clone(), totals))
-                .await;
+            self.audit(audit::Message::SessionEnd(
+                s.clone(),
+                kernel,
+                (unix_allowed, unix_refused),
+            ))
+            .await;
             tracing::info!(
                 session = %id, profile = %s.profile, uid = s.uid,
                 allowed = totals.allowed, denied = totals.denied,

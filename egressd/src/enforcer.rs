@@ -5,7 +5,10 @@ use egressd_common::policy::{allow_key, CompiledProfile};
 use std::{
     collections::BTreeSet,
     fs,
-    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
+    os::{
+        fd::{AsFd as _, BorrowedFd},
+        unix::fs::MetadataExt as _,
+    },
     path::{Path, PathBuf},
 };
 
@@ -242,15 +245,40 @@ impl Enforcer {
                 name,
                 source: aya::programs::ProgramError::NotLoaded,
             })?;
-            let link: FdLink = match program {
-                aya::programs::Program::CgroupSockAddr(p) => attach_sock_addr(name, p, &cgroup)?,
-                aya::programs::Program::CgroupSock(p) => attach_sock(name, p, &cgroup)?,
-                aya::programs::Program::CgroupSkb(p) => attach_skb(name, p, &cgroup)?,
+            let pin = pins.links().join(name);
+            let swapped = |fd: BorrowedFd<'_>| {
+                crate::link_swap::swap_into_pinned(&pin, fd, parent_id, attach_type).is_ok()
+            };
+            let link: Option<FdLink> = match program {
+                aya::programs::Program::CgroupSockAddr(p) => {
+                    p.load().map_err(prog_err)?;
+                    let fd = p.fd().map_err(prog_err)?.as_fd();
+                    (!swapped(fd))
+                        .then(|| attach_sock_addr(name, p, &cgroup))
+                        .transpose()?
+                }
+                aya::programs::Program::CgroupSock(p) => {
+                    p.load().map_err(prog_err)?;
+                    let fd = p.fd().map_err(prog_err)?.as_fd();
+                    (!swapped(fd))
+                        .then(|| attach_sock(name, p, &cgroup))
+                        .transpose()?
+                }
+                aya::programs::Program::CgroupSkb(p) => {
+                    p.load().map_err(prog_err)?;
+                    let fd = p.fd().map_err(prog_err)?.as_fd();
+                    (!swapped(fd))
+                        .then(|| attach_skb(name, p, &cgroup))
+                        .transpose()?
+                }
                 _ => unreachable!("egressd-ebpf has only cgroup programs"),
             };
             let prog_id = program.info().map_err(prog_err)?.id();
             hooks.push((
-                pin_hook(link, name, attach_name.to_string(), prog_id, pins)?,
+                match link {
+                    Some(link) => pin_hook(link, name, attach_name.to_string(), prog_id, pins)?,
+                    None => described(&pin, name, attach_name.to_string(), prog_id),
+                },
                 attach_type,
             ));
         }
@@ -258,7 +286,7 @@ impl Enforcer {
         if let Err(why) = &lsm {
             tracing::warn!("BPF LSM layer not in force: {why}; the cgroup layer enforces alone");
         }
-        let unix = attach_unix(&mut ebpf, &cgroup, pins);
+        let unix = attach_unix(&mut ebpf, &cgroup, parent_id, pins);
         if let Err(why) = &unix {
             tracing::warn!(
                 "unix layer not in force: {why}; sessions can reach unix sockets outside them"
@@ -554,6 +582,7 @@ fn attach_lsm(ebpf: &mut Ebpf, pins: &PinDir) -> Result<Vec<HookStatus>, String>
 fn attach_unix(
     ebpf: &mut Ebpf,
     cgroup: &fs::File,
+    cgroup_id: u64,
     pins: &PinDir,
 ) -> Result<Vec<(HookStatus, u32)>, String> {
     let mut out = Vec::new();
@@ -563,14 +592,33 @@ fn attach_unix(
             .ok_or_else(|| format!("program {name} missing"))?
             .try_into()
             .map_err(|e| format!("{name}: {e}"))?;
-        let link = attach_sock_addr(name, p, cgroup)
-            .map_err(|e| format!("{e} (cgroup unix hooks need Linux 6.7 or later)"))?;
+        let unsupported = |e: String| format!("{e} (cgroup unix hooks need Linux 6.7 or later)");
+        p.load()
+            .map_err(|e| unsupported(format!("loading {name}: {e}")))?;
+        let pin = pins.links().join(name);
+        let fd = p.fd().map_err(|e| format!("{name}: {e}"))?.as_fd();
+        let swapped = crate::link_swap::swap_into_pinned(&pin, fd, cgroup_id, attach_type).is_ok();
         let prog_id = p.info().map_err(|e| format!("{name}: {e}"))?.id();
-        let hook = pin_hook(link, name, attach_name.to_string(), prog_id, pins)
-            .map_err(|e| e.to_string())?;
+        let hook = if swapped {
+            described(&pin, name, attach_name.to_string(), prog_id)
+        } else {
+            let link = attach_sock_addr(name, p, cgroup).map_err(|e| unsupported(e.to_string()))?;
+            pin_hook(link, name, attach_name.to_string(), prog_id, pins)
+                .map_err(|e| e.to_string())?
+        };
         out.push((hook, attach_type));
     }
     Ok(out)
+}
+
+/// A hook whose pinned link now runs our program (swapped in place): described for `status`.
+fn described(pin: &Path, name: &str, attach_type: String, prog_id: u32) -> HookStatus {
+    HookStatus {
+        name: name.to_string(),
+        attach_type,
+        prog_id,
+        pinned: pin.display().to_string(),
+    }
 }
 
 /// Pins `link` under the links directory by the program's name (replacing a previous daemon's)
@@ -600,7 +648,6 @@ fn attach_sock_addr(
     cgroup: &fs::File,
 ) -> Result<FdLink> {
     let prog_err = |source| EnforcerError::Program { name, source };
-    p.load().map_err(prog_err)?;
     let id = p
         .attach(cgroup.as_fd(), CgroupAttachMode::Single)
         .map_err(prog_err)?;
@@ -611,7 +658,6 @@ fn attach_sock_addr(
 
 fn attach_sock(name: &'static str, p: &mut CgroupSock, cgroup: &fs::File) -> Result<FdLink> {
     let prog_err = |source| EnforcerError::Program { name, source };
-    p.load().map_err(prog_err)?;
     let id = p
         .attach(cgroup.as_fd(), CgroupAttachMode::Single)
         .map_err(prog_err)?;
@@ -622,7 +668,6 @@ fn attach_sock(name: &'static str, p: &mut CgroupSock, cgroup: &fs::File) -> Res
 
 fn attach_skb(name: &'static str, p: &mut CgroupSkb, cgroup: &fs::File) -> Result<FdLink> {
     let prog_err = |source| EnforcerError::Program { name, source };
-    p.load().map_err(prog_err)?;
     let id = p
         .attach(
             cgroup.as_fd(),

@@ -8,6 +8,7 @@ mod daemon;
 mod dns;
 mod enforcer;
 mod handoff;
+mod link_swap;
 mod sessions;
 mod systemd;
 
@@ -192,13 +193,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    // A log that cannot be written does not stop the daemon: enforcement matters more, and the
+    // first flush says what is wrong (health, `lost` records once it can write).
     let writer = audit::Writer::open(
         &audit_path,
         config.audit.max_bytes(),
         config.audit.keep(),
         audit_gid,
-    )
-    .with_context(|| format!("opening the audit log {}", audit_path.display()))?;
+    );
+    let health_view = audit::SharedHealth::default();
 
     let pins = PinDir(cli.bpffs.clone());
     let hashes = audit::PolicyHashes::default();
@@ -257,6 +260,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         hashes,
         names: names.clone(),
         syslog,
+        health: audit::Health::new(&config.audit, health_view.clone()),
     };
     let state = Arc::new(State::new(
         layout,
@@ -271,6 +275,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             systemd,
             unix_missing,
             socket_path: cli.socket.clone(),
+            audit_health: health_view,
         },
         config.clone(),
         source.clone(),
@@ -325,9 +330,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // Links and maps stay pinned: stopping the daemon never opens a sandbox.
     let _ = std::fs::remove_file(&cli.socket);
     state
-        .audit(audit::Message::Note(
-            "egressd stopping; enforcement stays pinned".into(),
-        ))
+        .audit(audit::Message::Note(audit::STOP_MESSAGE.into()))
         .await;
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     state.audit(audit::Message::Flush(done_tx)).await;

@@ -36,6 +36,34 @@ fn main() {
             let _ = fs::write(format!("{file}.done"), b"done");
             exit(code)
         }
+        // Floods in phases the test paces: for each phase k, waits for DIR/goK, sends N datagrams
+        // to TARGET (PAUSE_US between sends), and writes DIR/goK.done with how many were refused.
+        ["flood-phases", dir, target, n, phases, pause_us] => {
+            let a: SocketAddr = target.parse().unwrap();
+            let (n, phases): (u64, u32) = (n.parse().unwrap(), phases.parse().unwrap());
+            let pause = Duration::from_micros(pause_us.parse().unwrap());
+            let s = udp_for(&a).unwrap();
+            let mut total = 0;
+            for k in 1..=phases {
+                let go = format!("{dir}/go{k}");
+                let deadline = Instant::now() + Duration::from_secs(300);
+                while !fs::exists(&go).unwrap_or(false) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let mut refused = 0;
+                for _ in 0..n {
+                    if s.send_to(PAYLOAD, a).is_err() {
+                        refused += 1;
+                    }
+                    if !pause.is_zero() {
+                        std::thread::sleep(pause);
+                    }
+                }
+                total += refused;
+                fs::write(format!("{go}.done"), refused.to_string()).unwrap();
+            }
+            println!("refused={total} of {}", n * u64::from(phases));
+        }
         ["fds"] => {
             let mut fds: Vec<String> = fs::read_dir("/proc/self/fd")
                 .unwrap()

@@ -1,0 +1,60 @@
+//! How `status`, `doctor` and `audit summary` say the audit log's health.
+
+use egressd_common::protocol::AuditHealth;
+
+pub fn human(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+/// Whether free space is below `space_left`.
+pub fn low(h: &AuditHealth) -> bool {
+    h.free_bytes.is_some_and(|f| f < h.space_left)
+}
+
+/// One line for the log itself, and one for the syslog copy when it fails.
+pub fn lines(h: &AuditHealth, path: &str) -> Vec<String> {
+    let space = match h.free_bytes {
+        Some(free) if low(h) => format!(
+            "LOW ON SPACE: {} free, below space_left ({})",
+            human(free),
+            human(h.space_left)
+        ),
+        Some(free) => format!("{} free, space_left {}", human(free), human(h.space_left)),
+        None => "free space unknown".into(),
+    };
+    let mut out = vec![match &h.failing_since {
+        None => format!(
+            "writing {path} ({space}); {} records lost since egressd started{}",
+            h.lost,
+            if h.lost > 0 {
+                " (each in a `lost` record)"
+            } else {
+                ""
+            }
+        ),
+        Some(since) => format!(
+            "FAILING since {since}: {} ({}); {} records lost so far, {} of them counted but not yet in a `lost` record (written once the log can be written){}; {space}",
+            h.reason.as_deref().unwrap_or("error"),
+            h.error.as_deref().unwrap_or("?"),
+            h.lost,
+            h.lost_pending,
+            if h.refusing_sessions {
+                "; NEW SESSIONS ARE REFUSED until then"
+            } else {
+                "; enforcement goes on"
+            }
+        ),
+    }];
+    if let Some(e) = &h.syslog_error {
+        out.push(format!(
+            "syslog copy failing ({e}): {} copies dropped (the audit file is unaffected)",
+            h.syslog_dropped
+        ));
+    }
+    out
+}

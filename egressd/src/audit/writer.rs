@@ -1,0 +1,663 @@
+//! Appends records to the log with the hash chain, whole lines only, rotating by size.
+//!
+//! Records wait in memory until the next flush, where they are numbered, chained and written in
+//! one go. The chain head moves only past lines that reached the file whole: a short or failed
+//! write is cut back to the last complete line, and what did not fit is counted per session and
+//! written later as one `lost` record, in the place where the loss began. Records a reader cannot
+//! do without (session start and end, `lost`, daemon notes) are never counted as lost: they wait
+//! and are written once the file takes them.
+//!
+//! The file is opened by path at every flush, so a log removed, renamed or truncated under the
+//! daemon is noticed at once; the chain continues in the new file after a `log_continued` record.
+//! A torn last line (a crash mid-write) found at start is left as it is, and a `crash` record
+//! after it names its offset, length and hash, which `egressctl audit verify` checks.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    fs,
+    io::{self, Write as _},
+    os::unix::fs::{FileExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+};
+
+use egressd_common::audit::{line_hash, ChainHead, Record};
+
+/// The message of the record a clean stop writes last; any other last record means the previous
+/// daemon ended without closing the log.
+pub const STOP_MESSAGE: &str = "egressd stopping; enforcement stays pinned";
+
+/// Records kept in memory while the log cannot be written, beyond which even session records are
+/// counted as lost rather than exhaust memory.
+const MAX_WAITING: usize = 100_000;
+
+/// Why a write failed, as a person would say it (and as `lost` records and status name it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    DiskFull,
+    ReadOnly,
+    Io,
+    Missing,
+    Permission,
+    Other,
+}
+
+impl Reason {
+    pub fn of(e: &io::Error) -> Reason {
+        match e.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => Reason::DiskFull,
+            Some(libc::EROFS) => Reason::ReadOnly,
+            Some(libc::EIO) => Reason::Io,
+            Some(libc::ENOENT) | Some(libc::ENOTDIR) => Reason::Missing,
+            Some(libc::EACCES) | Some(libc::EPERM) => Reason::Permission,
+            _ => Reason::Other,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::DiskFull => "disk full",
+            Reason::ReadOnly => "read-only file system",
+            Reason::Io => "I/O error",
+            Reason::Missing => "log directory missing",
+            Reason::Permission => "permission denied",
+            Reason::Other => "write error",
+        }
+    }
+}
+
+/// How a record is accounted for.
+#[derive(Clone, Copy, Default)]
+pub struct Meta {
+    /// A decision taken from the kernel's ring (what reconciles with the kernel's counters).
+    pub kernel: bool,
+    /// `session_end`: its `lost` is this plus what the log lost of the session, filled in when
+    /// the record is written.
+    pub base_lost: Option<u64>,
+}
+
+enum Entry {
+    Record(Box<Record>, Meta),
+    /// Where a session's `lost` record goes (None: records of no session).
+    Lost(Option<String>),
+}
+
+/// What the log could not take of one session, while it could not.
+#[derive(Clone)]
+struct LostSpan {
+    count: u64,
+    decisions: u64,
+    since: String,
+    until: String,
+    reasons: Vec<Reason>,
+}
+
+/// The file as this writer left it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    size: u64,
+}
+
+enum Expect {
+    /// The file we wrote last, as we left it.
+    Same(FileId),
+    /// A new file: after our rotation, or at first start.
+    Fresh,
+}
+
+/// The file opened for a flush, its size, and what a `log_continued` record must say (and the
+/// size the file we left had) when it is not the file we left.
+type Reopened = (fs::File, u64, Option<(String, u64)>);
+
+/// A line as written, for the syslog copy.
+pub struct Written {
+    pub kind: String,
+    pub denied: bool,
+    pub line: Vec<u8>,
+}
+
+#[derive(Default)]
+pub struct Flushed {
+    pub written: Vec<Written>,
+    pub bytes: u64,
+    /// The write failed: why, and the error. What did not fit is counted or waits.
+    pub error: Option<(Reason, io::Error)>,
+    /// Records newly counted as lost in this flush.
+    pub lost: u64,
+}
+
+pub struct Writer {
+    path: PathBuf,
+    gid: Option<u32>,
+    max_bytes: u64,
+    keep: u32,
+    head: ChainHead,
+    expect: Expect,
+    /// The last flush left bytes after the last whole line it could not cut (ftruncate failed).
+    dirty: bool,
+    pending: VecDeque<Entry>,
+    lost: HashMap<Option<String>, LostSpan>,
+    /// Records lost per session so far (for `session_end`), and in all.
+    lost_by_session: HashMap<String, u64>,
+    pub lost_total: u64,
+}
+
+fn rotated(path: &Path, n: u32) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(format!(".{n}"));
+    PathBuf::from(p)
+}
+
+/// The log's files, oldest first (rotated ones, then the current one).
+pub fn files(path: &Path, keep: u32) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = (1..=keep.max(1))
+        .rev()
+        .map(|n| rotated(path, n))
+        .filter(|p| p.exists())
+        .collect();
+    files.push(path.to_owned());
+    files
+}
+
+/// A torn end of the current file: where it starts, and its bytes.
+struct TornTail {
+    offset: u64,
+    bytes: Vec<u8>,
+}
+
+/// The last complete record of `text` (its head and the record), and a torn tail after it.
+fn scan_tail(text: &[u8]) -> (Option<(ChainHead, Record)>, Option<TornTail>) {
+    let mut torn = None;
+    let mut body = text;
+    if !text.is_empty() && !text.ends_with(b"\n") {
+        let start = text.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1);
+        torn = Some(TornTail {
+            offset: start as u64,
+            bytes: text[start..].to_vec(),
+        });
+        body = &text[..start];
+    }
+    let mut end = body.len();
+    while end > 0 {
+        let line_end = end - 1; // the newline
+        let start = body[..line_end]
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(0, |p| p + 1);
+        let line = &body[start..line_end];
+        end = start;
+        if line.is_empty() {
+            continue;
+        }
+        match serde_json::from_slice::<Record>(line) {
+            Ok(rec) => {
+                let head = ChainHead {
+                    seq: rec.seq,
+                    hash: line_hash(line),
+                };
+                // A torn line from an unterminated tail that happens to parse is whole after all.
+                return (Some((head, rec)), torn);
+            }
+            Err(_) if torn.is_none() => {
+                // A complete line that is not a record, last in the file: what power loss can
+                // leave (a block of zeros), treated like a torn line.
+                torn = Some(TornTail {
+                    offset: start as u64,
+                    bytes: line.to_vec(),
+                });
+            }
+            Err(_) => return (None, torn),
+        }
+    }
+    (None, torn)
+}
+
+fn open_existing(path: &Path, gid: Option<u32>, create: bool) -> io::Result<fs::File> {
+    // Read too: the last byte tells whether the file ends mid-line.
+    let f = fs::OpenOptions::new()
+        .create(create)
+        .read(true)
+        .append(true)
+        .mode(0o640)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)?;
+    if create {
+        f.set_permissions(fs::Permissions::from_mode(0o640))?;
+        if let Some(gid) = gid {
+            std::os::unix::fs::fchown(&f, Some(0), Some(gid))?;
+        }
+    }
+    Ok(f)
+}
+
+impl Writer {
+    /// Finds where the log's chain ends (in the current file, or the newest rotated one), so a
+    /// restarted daemon continues it, and what the previous daemon left unsaid: a torn last line,
+    /// or no stop record. Reading never stops the daemon: a log that cannot be read or written is
+    /// reported by the first flush, and enforcement goes on.
+    pub fn open(path: &Path, max_bytes: u64, keep: u32, gid: Option<u32>) -> Writer {
+        let mut w = Writer {
+            path: path.to_owned(),
+            gid,
+            max_bytes,
+            keep: keep.max(1),
+            head: ChainHead::genesis(),
+            expect: Expect::Fresh,
+            dirty: false,
+            pending: VecDeque::new(),
+            lost: HashMap::new(),
+            lost_by_session: HashMap::new(),
+            lost_total: 0,
+        };
+        let current = fs::read(path).ok();
+        if let (Some(text), Ok(meta)) = (&current, fs::metadata(path)) {
+            w.expect = Expect::Same(FileId {
+                dev: meta.dev(),
+                ino: meta.ino(),
+                size: text.len() as u64,
+            });
+        }
+        let (mut last, torn) = current.as_deref().map(scan_tail).unwrap_or((None, None));
+        if last.is_none() {
+            if let Ok(text) = fs::read(rotated(path, 1)) {
+                last = scan_tail(&text).0;
+            }
+        }
+        if let Some((head, _)) = &last {
+            w.head = head.clone();
+        }
+        let unclean = last
+            .as_ref()
+            .is_some_and(|(_, rec)| rec.message.as_deref() != Some(STOP_MESSAGE));
+        if let Some(t) = torn {
+            tracing::warn!(
+                "{}: the previous egressd ended mid-write: a torn line of {} bytes at byte {}; it is recorded and the chain continues after it",
+                path.display(),
+                t.bytes.len(),
+                t.offset
+            );
+            w.queue(
+                Record {
+                    time: super::now_rfc3339(),
+                    kind: "crash".into(),
+                    offset: Some(t.offset),
+                    bytes: Some(t.bytes.len() as u64),
+                    torn: Some(line_hash(&t.bytes)),
+                    message: Some(format!(
+                        "the previous egressd ended without closing the log (a crash, kill -9 or power loss) while writing the line at byte {} ({} bytes, kept as it is); the chain continues from seq {}; decisions it had not written are counted as lost when their sessions end",
+                        t.offset,
+                        t.bytes.len(),
+                        w.head.seq
+                    )),
+                    ..Default::default()
+                },
+                Meta::default(),
+            );
+        } else if unclean {
+            w.queue(
+                Record {
+                    time: super::now_rfc3339(),
+                    kind: "crash".into(),
+                    message: Some(format!(
+                        "the previous egressd ended without closing the log after seq {} (a crash, kill -9 or power loss); decisions it had not written are counted as lost when their sessions end",
+                        w.head.seq
+                    )),
+                    ..Default::default()
+                },
+                Meta::default(),
+            );
+        }
+        w
+    }
+
+    pub fn files(&self) -> Vec<PathBuf> {
+        files(&self.path, self.keep)
+    }
+
+    /// Records lost so far of `session`.
+    pub fn lost_of(&self, session: &str) -> u64 {
+        self.lost_by_session.get(session).copied().unwrap_or(0)
+    }
+
+    /// Counted as lost while the log cannot be written, not yet in a `lost` record.
+    pub fn lost_pending(&self) -> u64 {
+        self.lost.values().map(|l| l.count).sum()
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Queues a record for the next flush.
+    pub fn queue(&mut self, rec: Record, meta: Meta) {
+        if self.pending.len() >= MAX_WAITING {
+            if self.count_lost(&rec, meta, Reason::Other) {
+                self.pending.push_back(Entry::Lost(rec.session.clone()));
+            }
+            return;
+        }
+        self.pending.push_back(Entry::Record(Box::new(rec), meta));
+    }
+
+    fn count_lost(&mut self, rec: &Record, meta: Meta, reason: Reason) -> bool {
+        let n = rec.count.unwrap_or(1).max(1);
+        let key = rec.session.clone();
+        if let Some(s) = &key {
+            *self.lost_by_session.entry(s.clone()).or_default() += n;
+        }
+        self.lost_total += n;
+        let fresh = !self.lost.contains_key(&key);
+        let span = self.lost.entry(key).or_insert_with(|| LostSpan {
+            count: 0,
+            decisions: 0,
+            since: rec.time.clone(),
+            until: rec.time.clone(),
+            reasons: Vec::new(),
+        });
+        span.count += n;
+        if meta.kernel {
+            span.decisions += n;
+        }
+        if rec.time < span.since {
+            span.since = rec.time.clone();
+        }
+        if rec.time > span.until {
+            span.until = rec.time.clone();
+        }
+        if !span.reasons.contains(&reason) {
+            span.reasons.push(reason);
+        }
+        fresh
+    }
+
+    fn lost_record(&self, session: &Option<String>) -> Option<Record> {
+        let span = self.lost.get(session)?;
+        let reasons: Vec<&str> = span.reasons.iter().map(|r| r.name()).collect();
+        Some(Record {
+            time: super::now_rfc3339(),
+            kind: "lost".into(),
+            session: session.clone(),
+            count: Some(span.count),
+            decisions: Some(span.decisions),
+            reason: Some(reasons.join(", ")),
+            since: Some(span.since.clone()),
+            until: Some(span.until.clone()),
+            message: Some(format!(
+                "the audit log could not be written ({}): these records were taken and counted, but not written one by one",
+                reasons.join(", ")
+            )),
+            ..Default::default()
+        })
+    }
+
+    /// Opens the file by path and says how it differs from the file we left: None when it is the
+    /// same, or the words for a `log_continued` record.
+    fn reopen(&mut self) -> io::Result<Reopened> {
+        if let Some(dir) = self.path.parent() {
+            if !dir.exists() {
+                fs::create_dir_all(dir)?;
+            }
+        }
+        let existed = open_existing(&self.path, self.gid, false);
+        let (file, created) = match existed {
+            Ok(f) => (f, false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                (open_existing(&self.path, self.gid, true)?, true)
+            }
+            Err(e) => return Err(e),
+        };
+        let meta = file.metadata()?;
+        let now = FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.len(),
+        };
+        let change = match &self.expect {
+            Expect::Fresh => None,
+            Expect::Same(id) if id.dev == now.dev && id.ino == now.ino => {
+                if now.size < id.size {
+                    Some((
+                        format!(
+                            "the log file {} was truncated under egressd from {} to {} bytes (logrotate's copytruncate, or by hand)",
+                            self.path.display(),
+                            id.size,
+                            now.size
+                        ),
+                        id.size,
+                    ))
+                } else {
+                    if now.size > id.size && self.dirty {
+                        file.set_len(id.size)?;
+                        self.dirty = false;
+                        return Ok((file, id.size, None));
+                    }
+                    if now.size > id.size {
+                        tracing::warn!(
+                            "audit: {} grew by {} bytes egressd did not write; `egressctl audit verify` will point at them",
+                            self.path.display(),
+                            now.size - id.size
+                        );
+                    }
+                    None
+                }
+            }
+            Expect::Same(id) => Some((
+                format!(
+                    "the log file {} was {} under egressd (logrotate, or by hand): the previous file ended at seq {} ({} bytes) and this one continues the chain",
+                    self.path.display(),
+                    if created {
+                        "removed or renamed away"
+                    } else {
+                        "replaced by another file"
+                    },
+                    self.head.seq,
+                    id.size
+                ),
+                id.size,
+            )),
+        };
+        Ok((file, now.size, change))
+    }
+
+    /// Writes what is queued, whole lines only, and syncs. Never loses a record silently: what
+    /// does not reach the file is counted (or waits, for records that must not be lost).
+    pub fn flush(&mut self) -> Flushed {
+        let mut out = Flushed::default();
+        if self.pending.is_empty() {
+            return out;
+        }
+        let (mut file, size0, change) = match self.reopen() {
+            Ok(v) => v,
+            Err(e) => {
+                out.lost = self.fail(Reason::of(&e));
+                out.error = Some((Reason::of(&e), e));
+                return out;
+            }
+        };
+        if let Some((what, _)) = &change {
+            tracing::warn!("audit: {what}");
+        }
+        // Lines in order, each with the head after it and where it came from.
+        let mut buf = Vec::with_capacity(self.pending.len() * 320);
+        // Never glue a record onto a torn line (a crash's, or bytes someone else appended).
+        if size0 > 0 && !ends_with_newline(&file, size0) {
+            buf.push(b'\n');
+        }
+        let mut items: Vec<(usize, ChainHead, Option<usize>, Written)> = Vec::new();
+        let mut head = self.head.clone();
+        let mut push = |buf: &mut Vec<u8>, mut rec: Record, from: Option<usize>| {
+            rec.seq = head.seq + 1;
+            rec.prev = std::mem::take(&mut head.hash);
+            let line = serde_json::to_vec(&rec).unwrap_or_default();
+            head = ChainHead {
+                seq: rec.seq,
+                hash: line_hash(&line),
+            };
+            buf.extend_from_slice(&line);
+            buf.push(b'\n');
+            let denied = rec.verdict.as_deref() == Some("denied") || rec.kind == "lost";
+            items.push((
+                buf.len(),
+                head.clone(),
+                from,
+                Written {
+                    kind: rec.kind,
+                    denied,
+                    line,
+                },
+            ));
+        };
+        let continued = change.is_some();
+        if let Some((message, bytes)) = change {
+            push(
+                &mut buf,
+                Record {
+                    time: super::now_rfc3339(),
+                    kind: "log_continued".into(),
+                    bytes: Some(bytes),
+                    message: Some(message),
+                    ..Default::default()
+                },
+                None,
+            );
+        }
+        for (i, entry) in self.pending.iter().enumerate() {
+            match entry {
+                Entry::Lost(session) => {
+                    if let Some(rec) = self.lost_record(session) {
+                        push(&mut buf, rec, Some(i));
+                    }
+                }
+                Entry::Record(rec, meta) => {
+                    let mut rec = (**rec).clone();
+                    if let (Some(base), Some(s)) = (meta.base_lost, &rec.session) {
+                        rec.lost = Some(base + self.lost_of(s));
+                    }
+                    push(&mut buf, rec, Some(i));
+                }
+            }
+        }
+        let (done, err) = write_some(&mut file, &buf);
+        // The whole lines that reached the file; a partial one after them is cut back.
+        let whole = items.iter().take_while(|(end, ..)| *end <= done).count();
+        let boundary = if whole == 0 { 0 } else { items[whole - 1].0 };
+        if done > boundary && file.set_len(size0 + boundary as u64).is_err() {
+            self.dirty = true;
+        }
+        let mut consumed = 0;
+        for (_, h, from, written) in items.drain(..whole) {
+            self.head = h;
+            if let Some(i) = from {
+                consumed = i + 1;
+            }
+            out.written.push(written);
+        }
+        // Entries whose lines were written leave the queue; a written `lost` record closes its span.
+        for entry in self.pending.drain(..consumed) {
+            if let Entry::Lost(session) = entry {
+                self.lost.remove(&session);
+            }
+        }
+        out.bytes = boundary as u64;
+        // A file found replaced counts as ours once the record saying so is in it.
+        if !continued || whole > 0 {
+            if let Ok(m) = file.metadata() {
+                self.expect = Expect::Same(FileId {
+                    dev: m.dev(),
+                    ino: m.ino(),
+                    size: size0 + boundary as u64,
+                });
+            }
+        }
+        if let Some(e) = err {
+            out.lost = self.fail(Reason::of(&e));
+            out.error = Some((Reason::of(&e), e));
+            return out;
+        }
+        if let Err(e) = file.sync_data() {
+            out.error = Some((Reason::of(&e), e));
+            return out;
+        }
+        if size0 + boundary as u64 >= self.max_bytes {
+            if let Err(e) = self.rotate() {
+                out.error = Some((Reason::of(&e), e));
+            }
+        }
+        out
+    }
+
+    /// The queue could not be written: records that must not be lost stay
+    /// queued, the others are counted into their session's `lost` record, which takes the place
+    /// of the first of them. Returns how many were newly counted.
+    fn fail(&mut self, reason: Reason) -> u64 {
+        let rest: Vec<Entry> = self.pending.drain(..).collect();
+        let mut marked: HashSet<Option<String>> = HashSet::new();
+        let mut newly = 0;
+        for entry in rest {
+            match entry {
+                Entry::Record(rec, meta) if !must_keep(&rec.kind) => {
+                    newly += rec.count.unwrap_or(1).max(1);
+                    self.count_lost(&rec, meta, reason);
+                    if marked.insert(rec.session.clone()) {
+                        self.pending.push_back(Entry::Lost(rec.session.clone()));
+                    }
+                }
+                Entry::Lost(session) => {
+                    if marked.insert(session.clone()) {
+                        self.pending.push_back(Entry::Lost(session));
+                    }
+                }
+                keep => self.pending.push_back(keep),
+            }
+        }
+        newly
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        for n in (1..self.keep).rev() {
+            let from = rotated(&self.path, n);
+            if from.exists() {
+                fs::rename(&from, rotated(&self.path, n + 1))?;
+            }
+        }
+        fs::rename(&self.path, rotated(&self.path, 1))?;
+        self.expect = Expect::Fresh;
+        Ok(())
+    }
+}
+
+fn must_keep(kind: &str) -> bool {
+    matches!(
+        kind,
+        "session_start" | "session_end" | "lost" | "daemon" | "crash" | "log_continued"
+    )
+}
+
+fn ends_with_newline(file: &fs::File, size: u64) -> bool {
+    let mut b = [0u8; 1];
+    // Unreadable: assume whole, rather than add an empty line.
+    file.read_at(&mut b, size - 1)
+        .map_or(true, |n| n == 1 && b[0] == b'\n')
+}
+
+/// Writes as much of `buf` as the file takes: the bytes written, and the error that stopped it.
+fn write_some(file: &mut fs::File, buf: &[u8]) -> (usize, Option<io::Error>) {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.write(&buf[done..]) {
+            Ok(0) => return (done, Some(io::ErrorKind::WriteZero.into())),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return (done, Some(e)),
+        }
+    }
+    (done, None)
+}
+
+impl Writer {
+    /// Whether the log could take a record now, without writing one.
+    pub fn probe(&mut self) -> Result<(), (Reason, io::Error)> {
+        self.reopen().map(|_| ()).map_err(|e| (Reason::of(&e), e))
+    }
+}
