@@ -82,6 +82,9 @@ struct Filter {
     /// Destination network, e.g. 10.0.0.0/8.
     #[arg(long)]
     dest: Option<IpNet>,
+    /// Record type: decision, dns, session_start, session_end, lost, daemon, crash, log_continued.
+    #[arg(long = "type", value_name = "TYPE")]
+    kind: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -282,6 +285,7 @@ struct Matcher {
     session: Option<String>,
     verdict: Option<String>,
     dest: Option<IpNet>,
+    kind: Option<String>,
 }
 
 impl Matcher {
@@ -292,6 +296,7 @@ impl Matcher {
             session: f.session.clone(),
             verdict: f.verdict.clone(),
             dest: f.dest,
+            kind: f.kind.clone(),
         })
     }
 
@@ -312,6 +317,9 @@ impl Matcher {
             return false;
         }
         if self.verdict.is_some() && r.verdict != self.verdict {
+            return false;
+        }
+        if self.kind.as_ref().is_some_and(|k| *k != r.kind) {
             return false;
         }
         if let Some(net) = self.dest {

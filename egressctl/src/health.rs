@@ -16,7 +16,7 @@ pub fn low(h: &AuditHealth) -> bool {
     h.free_bytes.is_some_and(|f| f < h.space_left)
 }
 
-/// One line for the log itself, and one for the syslog copy when it fails.
+/// Lines for the log itself, and one for the syslog copy when it fails.
 pub fn lines(h: &AuditHealth, path: &str) -> Vec<String> {
     let space = match h.free_bytes {
         Some(free) if low(h) => format!(
@@ -27,29 +27,39 @@ pub fn lines(h: &AuditHealth, path: &str) -> Vec<String> {
         Some(free) => format!("{} free, space_left {}", human(free), human(h.space_left)),
         None => "free space unknown".into(),
     };
-    let mut out = vec![match &h.failing_since {
-        None => format!(
-            "writing {path} ({space}); {} records lost since egressd started{}",
-            h.lost,
-            if h.lost > 0 {
-                " (each in a `lost` record)"
-            } else {
-                ""
-            }
-        ),
-        Some(since) => format!(
-            "FAILING since {since}: {} ({}); {} records lost so far, {} of them counted but not yet in a `lost` record (written once the log can be written){}; {space}",
-            h.reason.as_deref().unwrap_or("error"),
-            h.error.as_deref().unwrap_or("?"),
-            h.lost,
-            h.lost_pending,
-            if h.refusing_sessions {
-                "; NEW SESSIONS ARE REFUSED until then"
-            } else {
-                "; enforcement goes on"
-            }
-        ),
-    }];
+    let mut out = match &h.failing_since {
+        None => vec![
+            format!("writing {path}"),
+            format!(
+                "{space}; {} records lost since egressd started{}",
+                h.lost,
+                if h.lost > 0 {
+                    " (each in a `lost` record)"
+                } else {
+                    ""
+                }
+            ),
+        ],
+        Some(since) => vec![
+            format!(
+                "FAILING since {since}: {} ({})",
+                h.reason.as_deref().unwrap_or("error"),
+                h.error.as_deref().unwrap_or("?")
+            ),
+            format!(
+                "{} records lost so far, counted ({} wait for their `lost` records, written once the log can be written)",
+                h.lost, h.lost_pending
+            ),
+            format!(
+                "{}; {space}",
+                if h.refusing_sessions {
+                    "NEW SESSIONS ARE REFUSED until then; running sessions stay enforced"
+                } else {
+                    "enforcement goes on"
+                }
+            ),
+        ],
+    };
     if let Some(e) = &h.syslog_error {
         out.push(format!(
             "syslog copy failing ({e}): {} copies dropped (the audit file is unaffected)",

@@ -1079,4 +1079,37 @@ mod tests {
             assert_eq!(got, expected, "{}", rule.net);
         }
     }
+
+    #[test]
+    fn audit_fault_settings_parse_and_a_bad_space_left_names_its_line() {
+        let text = "[audit]\nspace_left = \"5%\"\ndisk_full_action = \"refuse\"\n";
+        let c = Config::parse(Path::new("t.toml"), text).unwrap();
+        assert_eq!(c.audit.space_left(), SpaceLeft::Percent(5.0));
+        assert_eq!(c.audit.space_left().bytes(1000), 50);
+        assert_eq!(c.audit.disk_full_action, Some(DiskAction::Refuse));
+        assert_eq!(c.audit.disk_error_action, None);
+        for (t, want) in [
+            ("1048576", 1u64 << 20),
+            ("\"64MiB\"", 64 << 20),
+            ("\"2GB\"", 2_000_000_000),
+        ] {
+            let c = Config::parse(Path::new("t.toml"), &format!("[audit]\nspace_left = {t}\n"))
+                .unwrap();
+            assert_eq!(c.audit.space_left(), SpaceLeft::Bytes(want), "{t}");
+        }
+        let err = Config::parse(Path::new("t.toml"), "[audit]\n\nspace_left = \"lots\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 3") && err.contains("space_left"),
+            "{err}"
+        );
+        let err = Config::parse(
+            Path::new("t.toml"),
+            "[audit]\ndisk_full_action = \"halt\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("line 2"), "{err}");
+    }
 }

@@ -73,6 +73,9 @@ pub struct Tuning {
     pub fold_window: Duration,
 }
 
+/// Events taken from the ring per drain.
+const DRAIN_BOUND: usize = 16_384;
+
 #[derive(Hash, PartialEq, Eq, Clone)]
 struct FoldKey {
     session: u64,
@@ -187,7 +190,11 @@ pub async fn run(
                 // DNS and supervisor records come one per query: they are written with the next
                 // tick's batch, so a query never waits for the disk.
                 let sync_now = !matches!(msg, Message::Record(_));
-                p.drain(ring.get_mut());
+                if matches!(msg, Message::SessionEnd(..) | Message::Flush(_)) {
+                    p.drain_all(ring.get_mut());
+                } else {
+                    p.drain(ring.get_mut());
+                }
                 p.handle(msg).await;
                 if sync_now {
                     p.flush();
@@ -195,7 +202,7 @@ pub async fn run(
             }
         }
     }
-    p.drain(ring.get_mut());
+    p.drain_all(ring.get_mut());
     p.flush_folds(true, None);
     p.flush();
 }
@@ -290,9 +297,15 @@ impl Pipeline {
         );
     }
 
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+    /// Takes what the ring holds, up to a bound: under a flood faster than the disk, messages
+    /// (session starts and ends, status) still get their turn, and the rest waits in the ring,
+    /// where what does not fit is counted by the kernel.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> usize {
         self.boot_offset_ns = boot_offset_ns();
-        while let Some(item) = ring.next() {
+        let mut taken = 0;
+        while taken < DRAIN_BOUND {
+            let Some(item) = ring.next() else { break };
+            taken += 1;
             if item.len() < std::mem::size_of::<Event>() {
                 continue;
             }
@@ -310,6 +323,19 @@ impl Pipeline {
         }
         if self.folds.len() > 10_000 {
             self.flush_folds(true, None);
+        }
+        taken
+    }
+
+    /// Everything the ring holds: before a session's end is reconciled with the kernel's counters,
+    /// and at shutdown. An ended session adds nothing more, and what the ring held when this began
+    /// is at most its size in events (a million for a 64 MiB ring): bounded, though other sessions
+    /// keep adding.
+    fn drain_all(&mut self, ring: &mut RingBuf<MapData>) {
+        for _ in 0..64 {
+            if self.drain(ring) < DRAIN_BOUND {
+                break;
+            }
         }
     }
 
