@@ -40,7 +40,25 @@ pub fn doctor(socket: &Path) -> ExitCode {
     r.line(Level::Info, "kernel", release.trim());
 
     match egressd_common::host::cgroup2_mount() {
-        Some(m) => r.line(Level::Ok, "cgroup v2", format!("mounted at {}", m.display())),
+        Some(m) => {
+            r.line(Level::Ok, "cgroup v2", format!("mounted at {}", m.display()));
+            match egressd_common::host::favordynmods(&m) {
+                Some(true) => r.line(
+                    Level::Ok,
+                    "session start",
+                    "cgroup2 favordynmods is on: moving a session's first process into its cgroup takes microseconds",
+                ),
+                Some(false) => r.line(
+                    Level::Info,
+                    "session start",
+                    format!(
+                        "cgroup2 favordynmods is off: each session start waits for an RCU grace period (10-20 ms) while its first process is moved into the session's cgroup; `mount -o remount,favordynmods {}` (Linux 6.0+; forks and exits get slightly dearer) makes it microseconds, see the README's Performance section",
+                        m.display()
+                    ),
+                ),
+                None => {}
+            }
+        }
         None => r.line(
             Level::Fail,
             "cgroup v2",

@@ -215,9 +215,13 @@ fn profile_for(info: Option<SessionInfo>, generation: u32) -> Option<(u32, Profi
     PROFILES.get(slot).map(|p| (slot, *p))
 }
 
-/// Reports a decision to user space. Submitted without a wakeup: waking the reader on every event
-/// costs microseconds per hook call. The reader is woken once the ring is a quarter full, and drains
-/// on a short timer otherwise. A full ring is counted per session, never silent.
+/// Bytes one `Event` takes in the ring (an 8-byte header, the record rounded up to 8).
+const ONE_EVENT: u64 = (core::mem::size_of::<Event>() as u64 + 8 + 7) & !7;
+
+/// Reports a decision to user space. Submitted without a wakeup unless the ring was empty or is a
+/// quarter full: waking the reader on every event costs microseconds per hook call, and the reader
+/// keeps draining every few milliseconds while events come. A full ring is counted per session,
+/// never silent.
 #[inline(always)]
 fn report(
     session: u64,
@@ -268,7 +272,10 @@ fn report(
     });
     let avail = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
     let size = EVENTS.query(BPF_RB_RING_SIZE as u64);
-    let flags = if avail > size / 4 {
+    // The first event into an empty ring wakes the reader (so a lone decision reaches the disk in
+    // milliseconds, and an idle daemon sleeps), and so does a ring a quarter full; the events in
+    // between ride along with the reader's next drain, without a wakeup each.
+    let flags = if avail <= ONE_EVENT || avail > size / 4 {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

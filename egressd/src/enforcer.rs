@@ -3,7 +3,7 @@
 
 use egressd_common::policy::{allow_key, CompiledProfile};
 use std::{
-    collections::BTreeSet,
+    collections::BTreeMap,
     fs,
     os::{
         fd::{AsFd as _, BorrowedFd},
@@ -158,10 +158,13 @@ pub struct Enforcer {
     unix: Result<Vec<(HookStatus, u32)>, String>,
     /// Policy hash per generation, read by the audit task to label decisions.
     hashes: PolicyHashes,
-    /// The allow-table entries each half of the double buffer holds, as (prefix, key) pairs,
+    /// The allow-table entries each half of the double buffer holds, (prefix, key) and value,
     /// once this daemon has written that half: a reload then deletes only the entries the new
-    /// policy drops instead of walking the whole trie. `None` after start or adoption.
-    installed: [Option<BTreeSet<(u32, AllowKey)>>; 2],
+    /// policy drops and writes only those it adds or changes, instead of walking the whole trie.
+    /// `None` after start or adoption.
+    installed: [Option<BTreeMap<(u32, AllowKey), AllowValue>>; 2],
+    /// The profile table of each half as written, so a reload writes only the slots that change.
+    profiles_installed: [Option<Vec<Profile>>; 2],
 }
 
 /// Pin layout under bpffs: `<dir>/maps/<MAP>` and `<dir>/links/<program>`.
@@ -299,6 +302,7 @@ impl Enforcer {
             unix,
             hashes,
             installed: [None, None],
+            profiles_installed: [None, None],
         })
     }
 
@@ -403,46 +407,62 @@ impl Enforcer {
             h.insert(next, hash);
         }
         let slots = policy_slot(next, 0)..policy_slot(next, 0) + MAX_PROFILES;
-        {
-            let mut table: Array<&mut MapData, Profile> =
-                Array::try_from(self.map(maps::PROFILES)?)
-                    .map_err(Self::map_err(maps::PROFILES))?;
-            for slot in slots.clone() {
-                let value = profiles
+        let half = (next & 1) as usize;
+        // This half is not in force, so nothing reads it meanwhile: only what differs from what
+        // it holds (the policy of two reloads ago) is written. The LPM trie has no batch update.
+        let table_wanted: Vec<Profile> = slots
+            .clone()
+            .map(|slot| {
+                profiles
                     .iter()
                     .find(|(idx, _)| policy_slot(next, *idx) == slot)
                     .map(|(_, p)| p.profile)
-                    .unwrap_or_default();
+                    .unwrap_or_default()
+            })
+            .collect();
+        {
+            let known = self.profiles_installed[half].take();
+            let mut table: Array<&mut MapData, Profile> =
+                Array::try_from(self.map(maps::PROFILES)?)
+                    .map_err(Self::map_err(maps::PROFILES))?;
+            for (i, (slot, value)) in slots.clone().zip(&table_wanted).enumerate() {
+                if known.as_ref().is_some_and(|k| k[i] == *value) {
+                    continue;
+                }
                 table
-                    .set(slot, value, 0)
+                    .set(slot, *value, 0)
                     .map_err(Self::map_err(maps::PROFILES))?;
             }
         }
-        let wanted: BTreeSet<(u32, AllowKey)> = profiles
+        self.profiles_installed[half] = Some(table_wanted);
+        let wanted: BTreeMap<(u32, AllowKey), AllowValue> = profiles
             .iter()
             .flat_map(|(idx, compiled)| {
                 let slot = policy_slot(next, *idx);
                 compiled
                     .allow
                     .iter()
-                    .map(move |(prefix, addr, _)| (*prefix, allow_key(slot, *addr)))
+                    .map(move |(prefix, addr, value)| ((*prefix, allow_key(slot, *addr)), *value))
             })
             .collect();
-        let half = (next & 1) as usize;
         let known = self.installed[half].take();
         {
             let mut allow: LpmTrie<&mut MapData, AllowKey, AllowValue> =
                 LpmTrie::try_from(self.map(maps::ALLOW)?).map_err(Self::map_err(maps::ALLOW))?;
             // Entries of this half that the new policy does not have. Updates overwrite the rest
             // in place (this half is not in force, so nothing reads it meanwhile).
-            let stale: Vec<(u32, AllowKey)> = match known {
-                Some(known) => known.difference(&wanted).copied().collect(),
+            let stale: Vec<(u32, AllowKey)> = match &known {
+                Some(known) => known
+                    .keys()
+                    .filter(|k| !wanted.contains_key(k))
+                    .copied()
+                    .collect(),
                 None => allow
                     .keys()
                     .filter_map(|k| k.ok())
                     .filter(|k| slots.contains(&u32::from_be_bytes(k.data().slot)))
                     .map(|k| (k.prefix_len(), k.data()))
-                    .filter(|k| !wanted.contains(k))
+                    .filter(|k| !wanted.contains_key(k))
                     .collect(),
             };
             for (prefix, key) in stale {
@@ -450,14 +470,16 @@ impl Enforcer {
                     .remove(&Key::new(prefix, key))
                     .map_err(Self::map_err(maps::ALLOW))?;
             }
-            for (idx, compiled) in profiles {
-                let slot = policy_slot(next, *idx);
-                for (prefix, addr, value) in &compiled.allow {
-                    let key = Key::new(*prefix, allow_key(slot, *addr));
-                    allow
-                        .insert(&key, value, 0)
-                        .map_err(Self::map_err(maps::ALLOW))?;
+            for ((prefix, key), value) in &wanted {
+                if known
+                    .as_ref()
+                    .is_some_and(|k| k.get(&(*prefix, *key)) == Some(value))
+                {
+                    continue;
                 }
+                allow
+                    .insert(&Key::new(*prefix, *key), value, 0)
+                    .map_err(Self::map_err(maps::ALLOW))?;
             }
         }
         self.installed[half] = Some(wanted);

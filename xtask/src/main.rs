@@ -68,6 +68,10 @@ enum Task {
         /// figures are not for comparison.
         #[arg(long)]
         quick: bool,
+        /// Only these parts (letters of the table's PART column, e.g. `cg`); the report then
+        /// covers only them.
+        #[arg(long, value_name = "PARTS")]
+        only: Option<String>,
     },
 }
 
@@ -96,12 +100,12 @@ fn main() -> anyhow::Result<()> {
             bootstrap::run()?;
             test(&args)
         }
-        Task::Bench { quick } => {
+        Task::Bench { quick, only } => {
             if !is_root() {
                 bail!("the bench loads eBPF programs, creates cgroups, network namespaces and nftables rules: run `sudo cargo xtask bench`");
             }
             bootstrap::run()?;
-            bench::run(quick)
+            bench::run(quick, only.as_deref())
         }
     }
 }

@@ -76,6 +76,12 @@ pub struct Tuning {
 /// Events taken from the ring per drain.
 const DRAIN_BOUND: usize = 16_384;
 
+/// While events come, how soon the next drain follows one that found some.
+const DRAIN_AGAIN: Duration = Duration::from_millis(3);
+
+/// Lines written between ticks reach the file at once and the disk (fdatasync) with the tick.
+const SYNC_EVERY: Duration = Duration::from_millis(200);
+
 #[derive(Hash, PartialEq, Eq, Clone)]
 struct FoldKey {
     session: u64,
@@ -118,6 +124,7 @@ struct Pipeline {
     exe_cache: HashMap<u32, Option<String>>,
     /// CLOCK_REALTIME - CLOCK_BOOTTIME, to turn kernel timestamps into wall time.
     boot_offset_ns: i128,
+    last_sync: Instant,
 }
 
 pub struct Shared {
@@ -166,17 +173,41 @@ pub async fn run(
         folds: HashMap::new(),
         exe_cache: HashMap::new(),
         boot_offset_ns: boot_offset_ns(),
+        last_sync: Instant::now(),
     };
     p.flush();
-    // The kernel does not wake us per event; this tick bounds how long an event waits.
+    // The kernel wakes us for the first event into an empty ring (and at a quarter full), not for
+    // each: while events come, we drain again every few milliseconds (`soon`), which takes the rest
+    // with no wakeup each; once a drain finds nothing, only the kernel's next wakeup or the tick
+    // (folds, ring losses, a backstop) brings us back. Idle costs one wakeup per tick.
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut soon: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     loop {
+        let woke = async {
+            match &mut soon {
+                Some(s) => s.as_mut().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             guard = ring.readable_mut() => {
                 if let Ok(mut guard) = guard {
-                    p.drain(guard.get_inner_mut());
+                    let taken = p.drain(guard.get_inner_mut());
                     guard.clear_ready();
+                    if taken > 0 {
+                        p.write_out();
+                        soon.get_or_insert_with(|| Box::pin(tokio::time::sleep(DRAIN_AGAIN)));
+                    }
+                }
+            }
+            _ = woke => {
+                let taken = p.drain(ring.get_mut());
+                if taken > 0 {
+                    p.write_out();
+                    soon = Some(Box::pin(tokio::time::sleep(DRAIN_AGAIN)));
+                } else {
+                    soon = None;
                 }
             }
             _ = tick.tick() => {
@@ -263,12 +294,26 @@ impl Pipeline {
         });
     }
 
+    /// Writes what a drain between ticks queued, unsynced unless the last sync is a tick old.
+    fn write_out(&mut self) {
+        if self.last_sync.elapsed() >= SYNC_EVERY {
+            self.flush();
+        } else {
+            self.flush_with(false);
+        }
+    }
+
     fn flush(&mut self) {
+        self.last_sync = Instant::now();
+        self.flush_with(true);
+    }
+
+    fn flush_with(&mut self, sync: bool) {
         if let Some(note) = self.health.check_space() {
             self.note(note);
         }
         // fdatasync blocks: let the runtime move the resolver and control tasks off this worker.
-        let flushed = tokio::task::block_in_place(|| self.writer.flush());
+        let flushed = tokio::task::block_in_place(|| self.writer.flush(sync));
         if let Some(syslog) = &mut self.syslog {
             for w in &flushed.written {
                 syslog.send(&w.kind, w.denied, &w.line);
@@ -706,7 +751,7 @@ mod tests {
         for _ in 0..n {
             w.queue(rec("decision", "s1"), Meta::default());
         }
-        let f = w.flush();
+        let f = w.flush(true);
         assert!(f.error.is_none(), "{:?}", f.error);
     }
 
@@ -720,7 +765,7 @@ mod tests {
         let mut stop = rec("daemon", "s1");
         stop.message = Some(STOP_MESSAGE.into());
         w.queue(stop, Meta::default());
-        w.flush();
+        w.flush(true);
         let mut w = Writer::open(&path, 600, 3, None);
         write_n(&mut w, 3);
         assert!(
@@ -855,11 +900,11 @@ mod tests {
             },
         );
         w.queue(rec("decision", "s2"), Meta::default());
-        let f = w.flush();
+        let f = w.flush(true);
         assert!(f.error.is_some());
         assert_eq!((f.lost, w.lost_total, w.lost_pending()), (6, 6, 6));
         fs::remove_dir(&path).unwrap();
-        let f = w.flush();
+        let f = w.flush(true);
         assert!(f.error.is_none(), "{:?}", f.error);
         let lines: Vec<Record> = fs::read_to_string(&path)
             .unwrap()

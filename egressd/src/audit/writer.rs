@@ -136,6 +136,8 @@ pub struct Writer {
     expect: Expect,
     /// The last flush left bytes after the last whole line it could not cut (ftruncate failed).
     dirty: bool,
+    /// Lines were written since the last fdatasync.
+    unsynced: bool,
     pending: VecDeque<Entry>,
     lost: HashMap<Option<String>, LostSpan>,
     /// Records lost per session so far (for `session_end`), and in all.
@@ -245,6 +247,7 @@ impl Writer {
             head: ChainHead::genesis(),
             expect: Expect::Fresh,
             dirty: false,
+            unsynced: false,
             pending: VecDeque::new(),
             lost: HashMap::new(),
             lost_by_session: HashMap::new(),
@@ -460,11 +463,19 @@ impl Writer {
         Ok((file, now.size, change))
     }
 
-    /// Writes what is queued, whole lines only, and syncs. Never loses a record silently: what
-    /// does not reach the file is counted (or waits, for records that must not be lost).
-    pub fn flush(&mut self) -> Flushed {
+    /// Writes what is queued, whole lines only, and with `sync` makes it durable (fdatasync). Never
+    /// loses a record silently: what does not reach the file is counted (or waits, for records
+    /// that must not be lost).
+    pub fn flush(&mut self, sync: bool) -> Flushed {
         let mut out = Flushed::default();
         if self.pending.is_empty() {
+            if sync && self.unsynced {
+                // Lines written unsynced since the last sync reach the disk now.
+                match open_existing(&self.path, self.gid, false).and_then(|f| f.sync_data()) {
+                    Ok(()) => self.unsynced = false,
+                    Err(e) => out.error = Some((Reason::of(&e), e)),
+                }
+            }
             return out;
         }
         let (mut file, size0, change) = match self.reopen() {
@@ -575,9 +586,13 @@ impl Writer {
             out.error = Some((Reason::of(&e), e));
             return out;
         }
-        if let Err(e) = file.sync_data() {
-            out.error = Some((Reason::of(&e), e));
-            return out;
+        self.unsynced = true;
+        if sync {
+            if let Err(e) = file.sync_data() {
+                out.error = Some((Reason::of(&e), e));
+                return out;
+            }
+            self.unsynced = false;
         }
         if size0 + boundary as u64 >= self.max_bytes {
             if let Err(e) = self.rotate() {

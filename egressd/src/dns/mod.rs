@@ -58,6 +58,8 @@ pub struct Resolver {
     inflight: tokio::sync::Semaphore,
     /// /etc/hosts and its mtime, re-read only when it changes.
     hosts: Mutex<(Option<std::time::SystemTime>, String)>,
+    /// Upstream sockets, kept between queries.
+    pool: upstream::Pool,
 }
 
 const MAX_INFLIGHT: usize = 256;
@@ -93,6 +95,7 @@ impl Resolver {
             settings,
             inflight: tokio::sync::Semaphore::new(MAX_INFLIGHT),
             hosts: Mutex::new((None, String::new())),
+            pool: upstream::Pool::default(),
         }
     }
 
@@ -243,7 +246,13 @@ impl Resolver {
                 ResponseCode::ServFail,
             );
         };
-        let answer = match upstream::ask(&self.settings.upstreams, raw, self.settings.timeout).await
+        let answer = match upstream::ask(
+            &self.pool,
+            &self.settings.upstreams,
+            raw,
+            self.settings.timeout,
+        )
+        .await
         {
             Ok(a) => a,
             Err(e) => {

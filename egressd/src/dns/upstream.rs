@@ -1,15 +1,25 @@
 //! Asking the upstream servers, for names a profile allows. The query goes out as the client sent
-//! it, under a fresh random id from a fresh socket (so a spoofed answer must guess both).
+//! it, under a random id that no other query in flight on that socket has. Each server has a few
+//! long-lived connected UDP sockets (so a query costs no socket, bind or connect), each read by one
+//! task that hands every answer to the query waiting for its id; the kernel drops datagrams from
+//! any other source. A socket is replaced after a few hundred queries, so a spoofer must guess the
+//! id and a source port that keeps moving. Truncated answers are asked again over TCP.
 
 use std::{
+    collections::HashMap,
     hash::{BuildHasher as _, Hasher as _},
     net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpStream, UdpSocket},
+    sync::oneshot,
     time::timeout,
 };
 
@@ -28,6 +38,139 @@ pub enum UpstreamError {
     },
 }
 
+/// Sockets per server: queries in flight spread over them.
+const SOCKETS: usize = 4;
+/// Queries a socket carries before it is replaced by one on a new port.
+const QUERIES_PER_SOCKET: usize = 512;
+
+type Waiting = Arc<Mutex<HashMap<u16, oneshot::Sender<Vec<u8>>>>>;
+
+/// One connected socket to a server and the queries waiting on it.
+struct Channel {
+    sock: Arc<UdpSocket>,
+    waiting: Waiting,
+    used: AtomicUsize,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Channel {
+    async fn open(server: SocketAddr) -> std::io::Result<Arc<Channel>> {
+        let bind: SocketAddr = if server.is_ipv4() {
+            "0.0.0.0:0".parse().expect("literal")
+        } else {
+            "[::]:0".parse().expect("literal")
+        };
+        let sock = Arc::new(UdpSocket::bind(bind).await?);
+        sock.connect(server).await?;
+        let waiting: Waiting = Arc::default();
+        let reader = tokio::spawn(read_answers(sock.clone(), waiting.clone()));
+        Ok(Arc::new(Channel {
+            sock,
+            waiting,
+            used: AtomicUsize::new(0),
+            reader,
+        }))
+    }
+}
+
+/// Hands each answer to the query waiting for its id; an answer nobody waits for (late, or
+/// forged) is dropped.
+async fn read_answers(sock: Arc<UdpSocket>, waiting: Waiting) {
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let Ok(n) = sock.recv(&mut buf).await else {
+            // ECONNREFUSED from an ICMP error: the queries waiting time out.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let Some(id) = wire::id_of(&buf[..n]) else {
+            continue;
+        };
+        let tx = waiting.lock().ok().and_then(|mut w| w.remove(&id));
+        if let Some(tx) = tx {
+            let _ = tx.send(buf[..n].to_vec());
+        }
+    }
+}
+
+/// The upstream sockets, made as queries need them.
+#[derive(Default)]
+pub struct Pool {
+    channels: Mutex<HashMap<(SocketAddr, usize), Arc<Channel>>>,
+    next: AtomicUsize,
+}
+
+/// Takes its id back from the socket's table when the query ends, answered or not.
+struct Registration {
+    waiting: Waiting,
+    id: u16,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.waiting.lock() {
+            w.remove(&self.id);
+        }
+    }
+}
+
+impl Pool {
+    async fn channel(&self, server: SocketAddr) -> std::io::Result<Arc<Channel>> {
+        let slot = self.next.fetch_add(1, Ordering::Relaxed) % SOCKETS;
+        let key = (server, slot);
+        let current = self.channels.lock().ok().and_then(|c| c.get(&key).cloned());
+        if let Some(c) = current {
+            if c.used.fetch_add(1, Ordering::Relaxed) < QUERIES_PER_SOCKET {
+                return Ok(c);
+            }
+        }
+        let fresh = Channel::open(server).await?;
+        fresh.used.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut c) = self.channels.lock() {
+            // Queries still waiting on the old socket keep it (and its reader) alive.
+            c.insert(key, fresh.clone());
+        }
+        Ok(fresh)
+    }
+
+    async fn udp(&self, server: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
+        let channel = self.channel(server).await?;
+        let (tx, rx) = oneshot::channel();
+        let id = {
+            let mut w = channel
+                .waiting
+                .lock()
+                .map_err(|_| std::io::Error::other("poisoned"))?;
+            let id = (0..64)
+                .map(|_| random_id())
+                .find(|id| !w.contains_key(id))
+                .ok_or_else(|| std::io::Error::other("no free query id"))?;
+            w.insert(id, tx);
+            id
+        };
+        let _registered = Registration {
+            waiting: channel.waiting.clone(),
+            id,
+        };
+        let mut q = query.to_vec();
+        wire::set_id(&mut q, id);
+        channel.sock.send(&q).await?;
+        let mut answer = rx
+            .await
+            .map_err(|_| std::io::Error::other("the socket's reader stopped"))?;
+        if answer.len() > 2 && answer[2] & 0x02 != 0 {
+            answer = tcp(server, &q, id).await?;
+        }
+        Ok(answer)
+    }
+}
+
 fn random_id() -> u16 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(0);
@@ -37,6 +180,7 @@ fn random_id() -> u16 {
 /// The first answer of the servers, tried in order; over TCP again when the UDP answer is truncated.
 /// The answer carries the client's id.
 pub async fn ask(
+    pool: &Pool,
     servers: &[SocketAddr],
     query: &[u8],
     wait: Duration,
@@ -44,17 +188,7 @@ pub async fn ask(
     let client_id = wire::id_of(query).unwrap_or(0);
     let mut last = UpstreamError::NoneConfigured;
     for server in servers {
-        let id = random_id();
-        let mut q = query.to_vec();
-        wire::set_id(&mut q, id);
-        let attempt = async {
-            let mut answer = udp(*server, &q, id).await?;
-            if answer.len() > 2 && answer[2] & 0x02 != 0 {
-                answer = tcp(*server, &q, id).await?;
-            }
-            Ok::<_, std::io::Error>(answer)
-        };
-        match timeout(wait, attempt).await {
+        match timeout(wait, pool.udp(*server, query)).await {
             Ok(Ok(mut answer)) => {
                 wire::set_id(&mut answer, client_id);
                 return Ok(answer);
@@ -76,26 +210,6 @@ pub async fn ask(
     Err(last)
 }
 
-async fn udp(server: SocketAddr, q: &[u8], id: u16) -> std::io::Result<Vec<u8>> {
-    let bind: SocketAddr = if server.is_ipv4() {
-        "0.0.0.0:0".parse().expect("literal")
-    } else {
-        "[::]:0".parse().expect("literal")
-    };
-    let sock = UdpSocket::bind(bind).await?;
-    sock.connect(server).await?;
-    sock.send(q).await?;
-    let mut buf = vec![0u8; 65535];
-    loop {
-        let n = sock.recv(&mut buf).await?;
-        // Anything else on this socket is stale or forged: keep waiting for ours.
-        if wire::id_of(&buf[..n]) == Some(id) {
-            buf.truncate(n);
-            return Ok(buf);
-        }
-    }
-}
-
 async fn tcp(server: SocketAddr, q: &[u8], id: u16) -> std::io::Result<Vec<u8>> {
     let mut s = TcpStream::connect(server).await?;
     let len = u16::try_from(q.len()).map_err(|_| std::io::ErrorKind::InvalidInput)?;
@@ -111,4 +225,62 @@ async fn tcp(server: SocketAddr, q: &[u8], id: u16) -> std::io::Result<Vec<u8>> 
         ));
     }
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A loopback server that holds each batch of queries and answers them in reverse order,
+    /// each answer naming its query in its last byte.
+    async fn reversing_server(batch: usize) -> SocketAddr {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = sock.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            loop {
+                let mut held = Vec::new();
+                while held.len() < batch {
+                    let (n, peer) = sock.recv_from(&mut buf).await.unwrap();
+                    held.push((buf[..n].to_vec(), peer));
+                }
+                for (q, peer) in held.into_iter().rev() {
+                    let mut a = q.clone();
+                    a[2] |= 0x80;
+                    sock.send_to(&a, peer).await.unwrap();
+                }
+            }
+        });
+        addr
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn answers_reach_their_own_queries_when_many_are_in_flight() {
+        let server = reversing_server(64).await;
+        let pool = Arc::new(Pool::default());
+        let mut tasks = Vec::new();
+        for i in 0..64u16 {
+            let pool = pool.clone();
+            tasks.push(tokio::spawn(async move {
+                // Header: the client's id, flags, one question; a payload byte names the query.
+                let mut q = vec![0u8; 12];
+                q[..2].copy_from_slice(&(1000 + i).to_be_bytes());
+                q.push(i as u8);
+                let a = ask(&pool, &[server], &q, Duration::from_secs(5))
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    wire::id_of(&a),
+                    Some(1000 + i),
+                    "the client's id comes back"
+                );
+                assert_eq!(*a.last().unwrap(), i as u8, "the answer to this query");
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let open = pool.channels.lock().unwrap().len();
+        assert!(open <= SOCKETS, "{open} sockets for 64 queries");
+    }
 }

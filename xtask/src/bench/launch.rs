@@ -36,12 +36,20 @@ pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
             .unwrap_or(false)
     });
     let per_round = if plan.quick { 5 } else { 20 };
+    // The same launch with cgroup2's favordynmods on (a system setting; restored after each use):
+    // what a session start costs without the RCU grace period a move into a cgroup waits for.
+    let mount = super::fixture::cgroup2_mount()?;
+    let dynmods_before = egressd_common::host::favordynmods(&mount);
+    let dynmods = |on: bool| egressd_common::host::set_favordynmods(&mount, on).is_ok();
+    let dynmods_ok =
+        dynmods_before.is_some() && dynmods(true) && dynmods(dynmods_before == Some(true));
+    let (mut t_dyn, mut add_dyn) = (Vec::new(), Vec::new());
     let (mut t_true, mut t_ctl, mut t_bwrap, mut teardown) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut add_ctl, mut add_bwrap) = (Vec::new(), Vec::new());
     for round in 0..plan.rounds {
         eprintln!("bench: (g) launch, round {}/{}", round + 1, plan.rounds);
-        let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut a, mut b, mut c, mut e) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..per_round {
             a.push(wall_ms(&mut Command::new(&truth))?);
             b.push(wall_ms(&mut d.run_cmd(None, &[&truth]))?);
@@ -50,6 +58,16 @@ pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
                 thread::sleep(Duration::from_micros(100));
             }
             teardown.push(t.elapsed().as_secs_f64() * 1e3);
+            if dynmods_ok {
+                dynmods(true);
+                let ms = wall_ms(&mut d.run_cmd(None, &[&truth]));
+                dynmods(dynmods_before == Some(true));
+                e.push(ms?);
+                let t = Instant::now();
+                while d.session_count() > 0 && t.elapsed() < Duration::from_secs(5) {
+                    thread::sleep(Duration::from_micros(100));
+                }
+            }
             if bwrap_ok {
                 c.push(wall_ms(Command::new(bwrap.as_ref().unwrap()).args([
                     "--unshare-net",
@@ -71,6 +89,10 @@ pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
             t_bwrap.push(mc.median);
             add_bwrap.push(mc.median - ma);
         }
+        if let Some(me) = Spread::of(&e) {
+            t_dyn.push(me.median);
+            add_dyn.push(me.median - ma);
+        }
     }
     report.row('g', "launch: `true` alone", "ms", Spread::of(&t_true));
     report.row(
@@ -85,6 +107,26 @@ pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
         "ms",
         Spread::of(&add_ctl),
     );
+    if dynmods_ok {
+        report.row(
+            'g',
+            "launch: `egressctl run -- true`, cgroup2 favordynmods",
+            "ms",
+            Spread::of(&t_dyn),
+        );
+        report.row(
+            'g',
+            "launch: added by egressctl run, favordynmods",
+            "ms",
+            Spread::of(&add_dyn),
+        );
+    } else {
+        report.not_measured(
+            'g',
+            "launch: favordynmods",
+            "cgroup2 here takes no favordynmods (Linux 6.0+)",
+        );
+    }
     if bwrap_ok {
         report.row(
             'g',
@@ -111,21 +153,20 @@ pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
         Spread::of(&teardown),
         format!("{} sessions", teardown.len()),
     );
-    let ctl = Spread::of(&add_ctl).map(|s| s.median);
     let bw = Spread::of(&add_bwrap).map(|s| s.median);
-    match (ctl, bw) {
-        (Some(c), Some(b)) => report.target_bool(
-            "launch adds less than bwrap does",
-            &format!("< bwrap's {} ms", super::report::num(b)),
-            Some(c < b),
-            format!("{} ms", super::report::num(c)),
-        ),
-        _ => report.target_bool(
-            "launch adds less than bwrap does",
-            "< bwrap",
-            None,
-            "not measured".into(),
-        ),
+    for (what, added) in [
+        ("launch adds less than bwrap does", &add_ctl),
+        ("launch adds less than bwrap does, favordynmods", &add_dyn),
+    ] {
+        match (Spread::of(added).map(|s| s.median), bw) {
+            (Some(c), Some(b)) => report.target_bool(
+                what,
+                &format!("< bwrap's {} ms", super::report::num(b)),
+                Some(c < b),
+                format!("{} ms", super::report::num(c)),
+            ),
+            _ => report.target_bool(what, "< bwrap", None, "not measured".into()),
+        }
     }
     Ok(())
 }

@@ -40,7 +40,8 @@ impl Plan {
 
 const NET_POLICY: &str = "default_profile = \"enforce\"\n[profiles.enforce]\nmode = \"enforce\"\nloopback = true\n[profiles.watch]\nmode = \"audit\"\nloopback = true\n";
 
-pub fn run(quick: bool) -> anyhow::Result<()> {
+pub fn run(quick: bool, only: Option<&str>) -> anyhow::Result<()> {
+    let wants = |part: char| only.is_none_or(|o| o.contains(part));
     crate::check(
         crate::cargo().args([
             "build",
@@ -71,9 +72,11 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     let nft_ok = which_nft();
 
     // (e) idle, then (a) and (b) against one daemon.
-    {
+    if wants('a') || wants('b') || wants('e') {
         let d = Daemon::start(&bins, &scratch, "net", NET_POLICY, "", "")?;
-        idle(&d, &plan, &mut report);
+        if wants('e') {
+            idle(&d, &plan, &mut report);
+        }
         let sinks = Sinks::start()?;
         let n = net::Net {
             daemon: &d,
@@ -85,19 +88,21 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         if !nft_ok {
             anyhow::bail!("nft is not installed: `cargo xtask bootstrap` installs nftables");
         }
-        net::run(&n, &plan, &mut report)?;
+        if wants('a') || wants('b') {
+            net::run(&n, &plan, &mut report)?;
+        }
     }
     // A daemon of its own: after (a) and (b) the first one is still writing millions of records,
     // and a launch then measures that backlog, not what a user waits for.
-    {
+    if wants('g') {
         let d = Daemon::start(&bins, &scratch, "launch", NET_POLICY, "", "")?;
         launch::run(&d, &plan, &mut report)?;
     }
-    {
+    if wants('c') {
         let d = Daemon::start(&bins, &scratch, "audit", audit::POLICY, "", audit::AUDIT)?;
         audit::run(&d, &probe, &plan, &mut report)?;
     }
-    {
+    if wants('d') {
         let up = dns::Upstream::start(&probe)?;
         let d = Daemon::start(
             &bins,
@@ -116,7 +121,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             ),
         }
     }
-    {
+    if wants('f') {
         let d = Daemon::start(&bins, &scratch, "reload", reload::INITIAL, "", "")?;
         reload::run(&d, &probe, &plan, &mut report)?;
     }
@@ -133,11 +138,16 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         }
     );
     println!("{table}");
-    let out = crate::workspace_root().join("target/bench");
+    // A run of some parts only does not replace the last whole run's files.
+    let out = match only {
+        None => crate::workspace_root().join("target/bench"),
+        Some(parts) => crate::workspace_root().join(format!("target/bench/only-{parts}")),
+    };
     fs::create_dir_all(&out)?;
     let meta = json!({
         "machine": machine,
         "quick": quick,
+        "only": only,
         "rounds": plan.rounds,
         "date": chrono_like_now(),
         "seconds": started.elapsed().as_secs_f64(),
