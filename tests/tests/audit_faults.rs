@@ -491,7 +491,11 @@ fn kill_9_mid_flood_and_a_torn_line_are_recorded_and_every_decision_accounted_fo
     let log = w.daemon.audit.clone();
     let flood = Flood::start(&w.daemon, &w.scratch, &w.outside.tcp4(), 20_000, 2, 20);
     flood.go(1);
-    thread::sleep(Duration::from_millis(400));
+    // Killed mid-flood: once the flood's decisions are being written.
+    wait_until("the flood's first decisions in the log", 20, || {
+        fs::read_to_string(&log).is_ok_and(|t| t.contains("\"hook\":\"sendmsg4\""))
+    });
+    thread::sleep(Duration::from_millis(200));
     w.daemon.kill9();
     // What a power loss leaves: the last line cut in half.
     let text = fs::read(&log).unwrap();
@@ -499,6 +503,10 @@ fn kill_9_mid_flood_and_a_torn_line_are_recorded_and_every_decision_accounted_fo
         .iter()
         .rposition(|b| *b == b'\n')
         .map_or(0, |p| p + 1);
+    assert!(
+        String::from_utf8_lossy(&text[start..]).contains("\"type\":\"decision\""),
+        "the line cut is one of the flood's decisions"
+    );
     let cut = start + (text.len() - 1 - start) / 2;
     fs::write(&log, &text[..cut]).unwrap();
     thread::sleep(Duration::from_millis(300));

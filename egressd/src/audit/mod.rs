@@ -79,7 +79,8 @@ const DRAIN_BOUND: usize = 16_384;
 /// While events come, how soon the next drain follows one that found some.
 const DRAIN_AGAIN: Duration = Duration::from_millis(3);
 
-/// Lines written between ticks reach the file at once and the disk (fdatasync) with the tick.
+/// Lines written between ticks reach the file at once, and the disk (fdatasync, on a thread of
+/// its own) with the tick.
 const SYNC_EVERY: Duration = Duration::from_millis(200);
 
 #[derive(Hash, PartialEq, Eq, Clone)]
@@ -235,7 +236,7 @@ pub async fn run(
     }
     p.drain_all(ring.get_mut());
     p.flush_folds(true, None);
-    p.flush();
+    p.flush_with(writer::Sync::Now);
 }
 
 fn boot_offset_ns() -> i128 {
@@ -299,20 +300,21 @@ impl Pipeline {
         if self.last_sync.elapsed() >= SYNC_EVERY {
             self.flush();
         } else {
-            self.flush_with(false);
+            self.flush_with(writer::Sync::No);
         }
     }
 
     fn flush(&mut self) {
         self.last_sync = Instant::now();
-        self.flush_with(true);
+        self.flush_with(writer::Sync::Background);
     }
 
-    fn flush_with(&mut self, sync: bool) {
+    fn flush_with(&mut self, sync: writer::Sync) {
         if let Some(note) = self.health.check_space() {
             self.note(note);
         }
-        // fdatasync blocks: let the runtime move the resolver and control tasks off this worker.
+        // Writing (and a synchronous fdatasync) blocks: let the runtime move the resolver and
+        // control tasks off this worker.
         let flushed = tokio::task::block_in_place(|| self.writer.flush(sync));
         if let Some(syslog) = &mut self.syslog {
             for w in &flushed.written {
@@ -706,7 +708,7 @@ impl Pipeline {
                         self.ring_lost(id, c.events_lost);
                     }
                 }
-                self.flush();
+                self.flush_with(writer::Sync::Now);
                 let _ = done.send(());
             }
             Message::Record(rec) => self.write(*rec),
@@ -751,7 +753,7 @@ mod tests {
         for _ in 0..n {
             w.queue(rec("decision", "s1"), Meta::default());
         }
-        let f = w.flush(true);
+        let f = w.flush(writer::Sync::Now);
         assert!(f.error.is_none(), "{:?}", f.error);
     }
 
@@ -765,7 +767,7 @@ mod tests {
         let mut stop = rec("daemon", "s1");
         stop.message = Some(STOP_MESSAGE.into());
         w.queue(stop, Meta::default());
-        w.flush(true);
+        w.flush(writer::Sync::Now);
         let mut w = Writer::open(&path, 600, 3, None);
         write_n(&mut w, 3);
         assert!(
@@ -900,11 +902,11 @@ mod tests {
             },
         );
         w.queue(rec("decision", "s2"), Meta::default());
-        let f = w.flush(true);
+        let f = w.flush(writer::Sync::Now);
         assert!(f.error.is_some());
         assert_eq!((f.lost, w.lost_total, w.lost_pending()), (6, 6, 6));
         fs::remove_dir(&path).unwrap();
-        let f = w.flush(true);
+        let f = w.flush(writer::Sync::Now);
         assert!(f.error.is_none(), "{:?}", f.error);
         let lines: Vec<Record> = fs::read_to_string(&path)
             .unwrap()

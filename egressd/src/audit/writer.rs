@@ -110,6 +110,49 @@ enum Expect {
 /// size the file we left had) when it is not the file we left.
 type Reopened = (fs::File, u64, Option<(String, u64)>);
 
+/// When a flush makes its lines durable.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Sync {
+    /// Not now (a later flush does).
+    No,
+    /// fdatasync on the writer's own thread, which keeps draining meanwhile: a slow disk delays
+    /// durability, never the next events. An error is reported by the next flush.
+    Background,
+    /// fdatasync before returning (shutdown).
+    Now,
+}
+
+/// The thread that runs background fdatasyncs, one file at a time.
+struct Syncer {
+    tx: std::sync::mpsc::Sender<fs::File>,
+    failed: std::sync::Arc<std::sync::Mutex<Option<io::Error>>>,
+}
+
+impl Syncer {
+    fn spawn() -> Option<Syncer> {
+        let (tx, rx) = std::sync::mpsc::channel::<fs::File>();
+        let failed: std::sync::Arc<std::sync::Mutex<Option<io::Error>>> = Default::default();
+        let report = failed.clone();
+        std::thread::Builder::new()
+            .name("egressd-audit-sync".into())
+            .spawn(move || {
+                while let Ok(mut file) = rx.recv() {
+                    // Syncs queued meanwhile are of the same file or an older one: one does.
+                    while let Ok(newer) = rx.try_recv() {
+                        file = newer;
+                    }
+                    if let Err(e) = file.sync_data() {
+                        if let Ok(mut f) = report.lock() {
+                            *f = Some(e);
+                        }
+                    }
+                }
+            })
+            .ok()?;
+        Some(Syncer { tx, failed })
+    }
+}
+
 /// A line as written, for the syslog copy.
 pub struct Written {
     pub kind: String,
@@ -138,6 +181,7 @@ pub struct Writer {
     dirty: bool,
     /// Lines were written since the last fdatasync.
     unsynced: bool,
+    syncer: Option<Syncer>,
     pending: VecDeque<Entry>,
     lost: HashMap<Option<String>, LostSpan>,
     /// Records lost per session so far (for `session_end`), and in all.
@@ -248,6 +292,7 @@ impl Writer {
             expect: Expect::Fresh,
             dirty: false,
             unsynced: false,
+            syncer: Syncer::spawn(),
             pending: VecDeque::new(),
             lost: HashMap::new(),
             lost_by_session: HashMap::new(),
@@ -466,13 +511,20 @@ impl Writer {
     /// Writes what is queued, whole lines only, and with `sync` makes it durable (fdatasync). Never
     /// loses a record silently: what does not reach the file is counted (or waits, for records
     /// that must not be lost).
-    pub fn flush(&mut self, sync: bool) -> Flushed {
+    pub fn flush(&mut self, sync: Sync) -> Flushed {
         let mut out = Flushed::default();
+        let failed = self
+            .syncer
+            .as_ref()
+            .and_then(|s| s.failed.lock().ok().and_then(|mut f| f.take()));
+        if let Some(e) = failed {
+            out.error = Some((Reason::of(&e), e));
+        }
         if self.pending.is_empty() {
-            if sync && self.unsynced {
+            if sync != Sync::No && self.unsynced {
                 // Lines written unsynced since the last sync reach the disk now.
-                match open_existing(&self.path, self.gid, false).and_then(|f| f.sync_data()) {
-                    Ok(()) => self.unsynced = false,
+                match open_existing(&self.path, self.gid, false) {
+                    Ok(f) => self.sync(f, sync, &mut out),
                     Err(e) => out.error = Some((Reason::of(&e), e)),
                 }
             }
@@ -587,19 +639,32 @@ impl Writer {
             return out;
         }
         self.unsynced = true;
-        if sync {
-            if let Err(e) = file.sync_data() {
-                out.error = Some((Reason::of(&e), e));
-                return out;
-            }
-            self.unsynced = false;
-        }
-        if size0 + boundary as u64 >= self.max_bytes {
+        self.sync(file, sync, &mut out);
+        if out.error.is_none() && size0 + boundary as u64 >= self.max_bytes {
             if let Err(e) = self.rotate() {
                 out.error = Some((Reason::of(&e), e));
             }
         }
         out
+    }
+
+    fn sync(&mut self, file: fs::File, sync: Sync, out: &mut Flushed) {
+        let file = match (&self.syncer, sync) {
+            (_, Sync::No) => return,
+            (Some(syncer), Sync::Background) => match syncer.tx.send(file) {
+                Ok(()) => {
+                    self.unsynced = false;
+                    return;
+                }
+                // The syncer is gone: sync here.
+                Err(std::sync::mpsc::SendError(file)) => file,
+            },
+            _ => file,
+        };
+        match file.sync_data() {
+            Ok(()) => self.unsynced = false,
+            Err(e) => out.error = Some((Reason::of(&e), e)),
+        }
     }
 
     /// The queue could not be written: records that must not be lost stay
