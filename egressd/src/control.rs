@@ -1,7 +1,7 @@
 //! The control socket: newline-delimited JSON, one request per line, the caller identified by
 //! SO_PEERCRED only. A bad message gets an error reply and never harms the daemon or other clients.
 
-use egressd_common::policy::{describe, DiskAction, RootSessions};
+use egressd_common::policy::{describe, RootSessions};
 use std::{
     os::fd::{AsRawFd, FromRawFd as _, OwnedFd},
     sync::Arc,
@@ -367,13 +367,8 @@ async fn status(state: &State) -> Reply {
 /// Where the audit log's `disk_full_action`/`disk_error_action` is "refuse", a session starts only
 /// while the log can take its records: the audit task answers after trying the file.
 async fn admit(state: &State) -> Result<(), String> {
-    let refuse = {
-        let policy = state.policy.read().await;
-        let a = &policy.config.audit;
-        a.disk_full_action == Some(DiskAction::Refuse)
-            || a.disk_error_action == Some(DiskAction::Refuse)
-    };
-    if !refuse {
+    // Read at start, like the rest of [audit]: the audit task judges with the settings it has.
+    if !state.audit_refuses {
         return Ok(());
     }
     let (tx, rx) = tokio::sync::oneshot::channel();

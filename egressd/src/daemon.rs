@@ -101,6 +101,8 @@ pub struct State {
     pub names: audit::SessionNames,
     /// The audit log's health, published by the audit task.
     pub audit_health: audit::SharedHealth,
+    /// `[audit] disk_full_action` or `disk_error_action` is "refuse" (as at start).
+    pub audit_refuses: bool,
     /// Enforcement layers in force ("cgroup", "lsm"), fixed at start.
     pub layers: Vec<String>,
     /// The connection to systemd, with the systemd backend (made once at start and kept).
@@ -130,6 +132,7 @@ pub struct Wiring {
     pub unix_missing: Option<String>,
     pub socket_path: PathBuf,
     pub audit_health: audit::SharedHealth,
+    pub audit_refuses: bool,
 }
 
 impl State {
@@ -160,6 +163,7 @@ impl State {
             systemd: wiring.systemd,
             unix_missing: wiring.unix_missing,
             audit_health: wiring.audit_health,
+            audit_refuses: wiring.audit_refuses,
             socket_path: wiring.socket_path,
             handoff: Default::default(),
             supervised: Default::default(),

@@ -276,6 +276,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             unix_missing,
             socket_path: cli.socket.clone(),
             audit_health: health_view,
+            audit_refuses: [
+                config.audit.disk_full_action,
+                config.audit.disk_error_action,
+            ]
+            .contains(&Some(egressd_common::policy::DiskAction::Refuse)),
         },
         config.clone(),
         source.clone(),

@@ -525,6 +525,8 @@ impl Writer {
                 // Lines written unsynced since the last sync reach the disk now.
                 match open_existing(&self.path, self.gid, false) {
                     Ok(f) => self.sync(f, sync, &mut out),
+                    // Removed meanwhile: the next write notices it and says so.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     Err(e) => out.error = Some((Reason::of(&e), e)),
                 }
             }
@@ -541,6 +543,10 @@ impl Writer {
         if let Some((what, _)) = &change {
             tracing::warn!("audit: {what}");
         }
+        // A marker always has its span; one without (never expected) must not hold the queue.
+        let spans = &self.lost;
+        self.pending
+            .retain(|e| !matches!(e, Entry::Lost(s) if !spans.contains_key(s)));
         // Lines in order, each with the head after it and where it came from.
         let mut buf = Vec::with_capacity(self.pending.len() * 320);
         // Never glue a record onto a torn line (a crash's, or bytes someone else appended).
