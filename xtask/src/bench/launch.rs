@@ -1,6 +1,9 @@
 //! Part (g): wall time of `egressctl run -- true` against `true` alone and against
-//! `bwrap --unshare-net --dev-bind / / true` (what a user would pick instead), interleaved; and the
-//! session's teardown: from egressctl's exit until the daemon has removed the session's cgroup.
+//! `bwrap --unshare-net --dev-bind / / true` (what a user would pick instead), interleaved, each
+//! started as an unprivileged user (uid 65534, through setpriv, the same for all three) the way a
+//! developer runs them; and the session's teardown: from egressctl's exit until the daemon has
+//! removed the session's cgroup. (Run as root, egressctl also builds a Landlock file domain that
+//! keeps root without capabilities off cgroup.procs and the pins: a heavier path users need not take.)
 
 use std::{
     process::{Command, Stdio},
@@ -9,6 +12,14 @@ use std::{
 };
 
 use super::{fixture::Daemon, report::Report, stats::Spread, Plan};
+
+/// `cmd` started as uid/gid 65534 with no groups.
+fn as_user(cmd: &Command) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]);
+    c.arg(cmd.get_program()).args(cmd.get_args());
+    c
+}
 
 fn wall_ms(cmd: &mut Command) -> anyhow::Result<f64> {
     let t = Instant::now();
@@ -27,9 +38,13 @@ fn wall_ms(cmd: &mut Command) -> anyhow::Result<f64> {
 pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
     let truth = which("true").unwrap_or_else(|| "/bin/true".into());
     let bwrap = which("bwrap");
+    let bwrap_cmd = |b: &str| {
+        let mut c = Command::new(b);
+        c.args(["--unshare-net", "--dev-bind", "/", "/", &truth]);
+        as_user(&c)
+    };
     let bwrap_ok = bwrap.as_ref().is_some_and(|b| {
-        Command::new(b)
-            .args(["--unshare-net", "--dev-bind", "/", "/", &truth])
+        bwrap_cmd(b)
             .stderr(Stdio::null())
             .status()
             .map(|s| s.success())
@@ -51,8 +66,8 @@ pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
         eprintln!("bench: (g) launch, round {}/{}", round + 1, plan.rounds);
         let (mut a, mut b, mut c, mut e) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..per_round {
-            a.push(wall_ms(&mut Command::new(&truth))?);
-            b.push(wall_ms(&mut d.run_cmd(None, &[&truth]))?);
+            a.push(wall_ms(&mut as_user(&Command::new(&truth)))?);
+            b.push(wall_ms(&mut as_user(&d.run_cmd(None, &[&truth])))?);
             let t = Instant::now();
             while d.session_count() > 0 && t.elapsed() < Duration::from_secs(5) {
                 thread::sleep(Duration::from_micros(100));
@@ -60,7 +75,7 @@ pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
             teardown.push(t.elapsed().as_secs_f64() * 1e3);
             if dynmods_ok {
                 dynmods(true);
-                let ms = wall_ms(&mut d.run_cmd(None, &[&truth]));
+                let ms = wall_ms(&mut as_user(&d.run_cmd(None, &[&truth])));
                 dynmods(dynmods_before == Some(true));
                 e.push(ms?);
                 let t = Instant::now();
@@ -69,13 +84,7 @@ pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
                 }
             }
             if bwrap_ok {
-                c.push(wall_ms(Command::new(bwrap.as_ref().unwrap()).args([
-                    "--unshare-net",
-                    "--dev-bind",
-                    "/",
-                    "/",
-                    &truth,
-                ]))?);
+                c.push(wall_ms(&mut bwrap_cmd(bwrap.as_ref().unwrap()))?);
             }
         }
         let (ma, mb) = (
@@ -142,7 +151,7 @@ pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
             if bwrap.is_none() {
                 "bwrap not installed (Debian: bubblewrap)"
             } else {
-                "bwrap --unshare-net does not run here"
+                "bwrap --unshare-net does not run here as an unprivileged user"
             },
         );
     }
