@@ -84,6 +84,15 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Commands that only print end quietly when their reader goes (`egressctl audit tail | head`),
+    // as other CLIs do; `run` keeps SIGPIPE ignored, as its relays must see EPIPE.
+    if !matches!(
+        cli.command,
+        Command::Run { .. } | Command::VerifyAttempt { .. }
+    ) {
+        // SAFETY: restoring the default disposition of one signal before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Command::Run {
             profile,

@@ -79,11 +79,19 @@ pub fn run(
         id: started.id.clone(),
     }) {
         Ok(Reply::Session(s)) => eprintln!(
-            "egressd: session {} {}: {} allowed, {} denied",
+            "egressd: session {} {}: {} allowed, {} denied{}",
             s.id,
             exit_words(status),
             s.counters.allowed,
-            s.counters.denied + s.counters.sockets_refused
+            s.counters.denied + s.counters.sockets_refused,
+            if s.audit_lost > 0 {
+                format!(
+                    "; {} of its records could not be written to the audit log (counted as lost; `egressctl status` says why)",
+                    s.audit_lost
+                )
+            } else {
+                String::new()
+            }
         ),
         Ok(_) | Err(_) => eprintln!(
             "egressd: session {} {}; summary unavailable: egressd stopped or restarted during the session (`egressctl audit` has its records)",

@@ -209,6 +209,10 @@ pub struct SessionView {
     pub started: u64,
     pub argv: Vec<String>,
     pub counters: Counters,
+    /// Records of this session the audit log could not take (full disk, ...), so far: each is
+    /// counted in a `lost` record.
+    #[serde(default)]
+    pub audit_lost: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

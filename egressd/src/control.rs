@@ -247,7 +247,21 @@ async fn handle(state: &State, caller: &Caller, op: Op) -> Reply {
             Reply::Sessions(views)
         }
         Op::Summary { id } => match owned_session(state, caller, &id).await {
-            Ok(s) => Reply::Session(view(state, &s).await),
+            Ok(s) => {
+                let mut v = view(state, &s).await;
+                let c = &v.counters;
+                if c.allowed + c.denied + c.sockets_refused + c.backstop_dropped > 0 {
+                    // The session's last decisions may still be on their way to the file: let the
+                    // audit task try them first, so what it says it lost is the whole of it.
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    state
+                        .audit(crate::audit::Message::Settle(s.cgroup_id, tx))
+                        .await;
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), rx).await;
+                    v = view(state, &s).await;
+                }
+                Reply::Session(v)
+            }
             Err(m) => error(m),
         },
         Op::PolicyShow { profile } => {
@@ -303,7 +317,14 @@ async fn view(state: &State, s: &Session) -> SessionView {
     let (unix_allowed, unix_refused) = state.handoff.get(s.cgroup_id);
     counters.allowed += unix_allowed;
     counters.denied += unix_refused;
-    s.view(counters)
+    let mut view = s.view(counters);
+    view.audit_lost = state
+        .audit_lost
+        .lock()
+        .ok()
+        .and_then(|l| l.get(&s.id).copied())
+        .unwrap_or(0);
+    view
 }
 
 /// Takes the session's seccomp listener from egressctl (the caller, inside the session since the

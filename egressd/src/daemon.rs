@@ -103,6 +103,8 @@ pub struct State {
     pub audit_health: audit::SharedHealth,
     /// `[audit] disk_full_action` or `disk_error_action` is "refuse" (as at start).
     pub audit_refuses: bool,
+    /// Records each running session lost to the audit log, published by the audit task.
+    pub audit_lost: audit::LostBySession,
     /// Enforcement layers in force ("cgroup", "lsm"), fixed at start.
     pub layers: Vec<String>,
     /// The connection to systemd, with the systemd backend (made once at start and kept).
@@ -133,6 +135,7 @@ pub struct Wiring {
     pub socket_path: PathBuf,
     pub audit_health: audit::SharedHealth,
     pub audit_refuses: bool,
+    pub audit_lost: audit::LostBySession,
 }
 
 impl State {
@@ -164,6 +167,7 @@ impl State {
             unix_missing: wiring.unix_missing,
             audit_health: wiring.audit_health,
             audit_refuses: wiring.audit_refuses,
+            audit_lost: wiring.audit_lost,
             socket_path: wiring.socket_path,
             handoff: Default::default(),
             supervised: Default::default(),

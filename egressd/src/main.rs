@@ -202,6 +202,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         audit_gid,
     );
     let health_view = audit::SharedHealth::default();
+    let audit_lost = audit::LostBySession::default();
 
     let pins = PinDir(cli.bpffs.clone());
     let hashes = audit::PolicyHashes::default();
@@ -261,6 +262,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         names: names.clone(),
         syslog,
         health: audit::Health::new(&config.audit, health_view.clone()),
+        lost: audit_lost.clone(),
     };
     let state = Arc::new(State::new(
         layout,
@@ -281,6 +283,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 config.audit.disk_error_action,
             ]
             .contains(&Some(egressd_common::policy::DiskAction::Refuse)),
+            audit_lost,
         },
         config.clone(),
         source.clone(),

@@ -42,6 +42,7 @@ impl Session {
             started: self.started,
             argv: self.argv.clone(),
             counters,
+            audit_lost: 0,
         }
     }
 }

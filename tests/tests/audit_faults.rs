@@ -148,7 +148,12 @@ impl Flood {
     }
 
     /// Waits for the session to end; returns its id.
-    fn finish(mut self) -> String {
+    fn finish(self) -> String {
+        self.finish_with_output().0
+    }
+
+    /// Waits for the session to end; returns its id and what egressctl printed.
+    fn finish_with_output(mut self) -> (String, String) {
         let out = self.child.take().unwrap().wait_with_output().unwrap();
         let total = self.n * u64::from(self.phases);
         assert!(
@@ -156,7 +161,7 @@ impl Flood {
             "{}",
             text(&out)
         );
-        session_id(&out)
+        (session_id(&out), text(&out))
     }
 }
 
@@ -349,10 +354,17 @@ fn a_full_disk_loses_no_record_silently_and_the_chain_stays_intact() {
     let writing = wait_status(&d, "space back", "audit:    writing");
     assert!(!writing.contains("FAILING"), "{writing}");
     flood.phase(3);
-    let session = flood.finish();
+    let (session, said) = flood.finish_with_output();
     let records = records_after_end(&d, &session);
     let lost = assert_exact(&records, &session, 15_000);
     assert!(lost > 0, "a full disk must have lost records (counted)");
+    // The person at the terminal is told too.
+    assert!(
+        said.contains(&format!(
+            "; {lost} of its records could not be written to the audit log"
+        )),
+        "{said}"
+    );
     assert_eq!(
         outside.counts().udp,
         reached.udp,

@@ -58,7 +58,13 @@ pub enum Message {
     Admit(oneshot::Sender<Result<(), String>>),
     /// Write everything pending and confirm (daemon shutdown).
     Flush(oneshot::Sender<()>),
+    /// Take what the ring holds, try writing it, and confirm (a session's summary).
+    Settle(u64, oneshot::Sender<()>),
 }
+
+/// Records each running session lost to the log so far, by session id (for `ps` and the line
+/// `egressctl run` prints at the end).
+pub type LostBySession = Arc<Mutex<HashMap<String, u64>>>;
 
 /// Short hashes of the policy of each generation (the kernel alternates two).
 pub type PolicyHashes = Arc<Mutex<HashMap<u32, String>>>;
@@ -117,6 +123,7 @@ struct Pipeline {
     enforcer: Handle,
     hashes: PolicyHashes,
     names: SessionNames,
+    lost_by_session: LostBySession,
     tuning: Tuning,
     sessions: HashMap<u64, Live>,
     /// What a previous daemon accounted for, per adopted session id (read from the log at start).
@@ -133,6 +140,7 @@ pub struct Shared {
     pub names: SessionNames,
     pub syslog: Option<Syslog>,
     pub health: Health,
+    pub lost: LostBySession,
 }
 
 /// Runs the pipeline until the channel closes.
@@ -168,6 +176,7 @@ pub async fn run(
         enforcer,
         hashes: shared.hashes,
         names: shared.names,
+        lost_by_session: shared.lost,
         tuning,
         sessions: HashMap::new(),
         before,
@@ -222,7 +231,7 @@ pub async fn run(
                 // DNS and supervisor records come one per query: they are written with the next
                 // tick's batch, so a query never waits for the disk.
                 let sync_now = !matches!(msg, Message::Record(_));
-                if matches!(msg, Message::SessionEnd(..) | Message::Flush(_)) {
+                if matches!(msg, Message::SessionEnd(..) | Message::Flush(_) | Message::Settle(..)) {
                     p.drain_all(ring.get_mut());
                 } else {
                     p.drain(ring.get_mut());
@@ -316,6 +325,16 @@ impl Pipeline {
         // Writing (and a synchronous fdatasync) blocks: let the runtime move the resolver and
         // control tasks off this worker.
         let flushed = tokio::task::block_in_place(|| self.writer.flush(sync));
+        if flushed.lost > 0 {
+            if let Ok(mut l) = self.lost_by_session.lock() {
+                for live in self.sessions.values() {
+                    let n = self.writer.lost_of(&live.id);
+                    if n > 0 {
+                        l.insert(live.id.clone(), n);
+                    }
+                }
+            }
+        }
         if let Some(syslog) = &mut self.syslog {
             for w in &flushed.written {
                 syslog.send(&w.kind, w.denied, &w.line);
@@ -672,6 +691,9 @@ impl Pipeline {
                 if let Ok(mut n) = self.names.lock() {
                     n.remove(&s.cgroup_id);
                 }
+                if let Ok(mut l) = self.lost_by_session.lock() {
+                    l.remove(&s.id);
+                }
                 self.writer.queue(
                     Record {
                         time: now_rfc3339(),
@@ -709,6 +731,11 @@ impl Pipeline {
                     }
                 }
                 self.flush_with(writer::Sync::Now);
+                let _ = done.send(());
+            }
+            Message::Settle(cgroup_id, done) => {
+                self.flush_folds(false, Some(cgroup_id));
+                self.write_out();
                 let _ = done.send(());
             }
             Message::Record(rec) => self.write(*rec),

@@ -709,6 +709,16 @@ impl Writer {
         }
         fs::rename(&self.path, rotated(&self.path, 1))?;
         self.expect = Expect::Fresh;
+        // The new file exists from now on (readers look for it), empty until the next flush.
+        if let Ok(f) = open_existing(&self.path, self.gid, true) {
+            if let Ok(m) = f.metadata() {
+                self.expect = Expect::Same(FileId {
+                    dev: m.dev(),
+                    ino: m.ino(),
+                    size: 0,
+                });
+            }
+        }
         Ok(())
     }
 }
