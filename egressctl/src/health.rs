@@ -1,15 +1,6 @@
 //! How `status`, `doctor` and `audit summary` say the audit log's health.
 
-use egressd_common::protocol::AuditHealth;
-
-pub fn human(bytes: u64) -> String {
-    match bytes {
-        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
-        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
-        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
-        b => format!("{b} B"),
-    }
-}
+use egressd_common::protocol::{human_bytes, AuditHealth};
 
 /// Whether free space is below `space_left`.
 pub fn low(h: &AuditHealth) -> bool {
@@ -21,10 +12,14 @@ pub fn lines(h: &AuditHealth, path: &str) -> Vec<String> {
     let space = match h.free_bytes {
         Some(free) if low(h) => format!(
             "LOW ON SPACE: {} free, below space_left ({})",
-            human(free),
-            human(h.space_left)
+            human_bytes(free),
+            human_bytes(h.space_left)
         ),
-        Some(free) => format!("{} free, space_left {}", human(free), human(h.space_left)),
+        Some(free) => format!(
+            "{} free, space_left {}",
+            human_bytes(free),
+            human_bytes(h.space_left)
+        ),
         None => "free space unknown".into(),
     };
     let mut out = match &h.failing_since {

@@ -2,7 +2,7 @@
 //! with a size limit. The caller's identity never travels in a message: the daemon takes it from
 //! `SO_PEERCRED`.
 
-use std::{string::String, vec::Vec};
+use std::{format, string::String, vec::Vec};
 
 use serde::{Deserialize, Serialize};
 
@@ -197,6 +197,16 @@ pub struct AuditHealth {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub syslog_error: Option<String>,
     pub syslog_dropped: u64,
+}
+
+/// A size as a person reads it: "63.8 MiB".
+pub fn human_bytes(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

@@ -580,14 +580,18 @@ pub fn audit_records(d: &Daemon) -> Vec<serde_json::Value> {
         .filter(|p| p.exists())
         .collect();
     files.push(d.audit.clone());
+    records_in(&files)
+}
+
+/// Every record of `files` (in order), as JSON values; a missing file has none, and a line that
+/// is not a record (a crash's torn line) is `verify`'s to judge.
+pub fn records_in(files: &[PathBuf]) -> Vec<serde_json::Value> {
     files
         .iter()
         .flat_map(|f| {
             fs::read_to_string(f)
                 .unwrap_or_default()
                 .lines()
-                .filter(|l| !l.is_empty())
-                // A crash's torn line is `verify`'s to judge.
                 .filter_map(|l| serde_json::from_str(l).ok())
                 .collect::<Vec<_>>()
         })

@@ -193,19 +193,6 @@ fn wait_status(d: &Daemon, what: &str, needle: &str) -> String {
     panic!("{what}: status never said {needle:?}:\n{last}");
 }
 
-fn records_of(files: &[PathBuf]) -> Vec<Value> {
-    files
-        .iter()
-        .flat_map(|f| {
-            fs::read_to_string(f)
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
 fn count(r: &Value) -> u64 {
     r["count"].as_u64().unwrap_or(1)
 }
@@ -465,12 +452,12 @@ fn a_log_deleted_and_renamed_while_written_continues_the_chain_and_says_so() {
     flood.phase(3);
     let session = flood.finish();
     wait_until("the session's end", 15, || {
-        records_of(std::slice::from_ref(&log))
+        records_in(std::slice::from_ref(&log))
             .iter()
             .any(|r| r["type"] == "session_end" && r["session"] == session.as_str())
     });
     let files = [saved.clone(), renamed.clone(), log.clone()];
-    let records = records_of(&files);
+    let records = records_in(&files);
     assert_eq!(
         assert_exact(&records, &session, 9000),
         0,

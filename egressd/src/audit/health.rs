@@ -11,7 +11,7 @@ use std::{
 
 use egressd_common::{
     policy::{AuditConfig, DiskAction, SpaceLeft},
-    protocol::AuditHealth,
+    protocol::{human_bytes, AuditHealth},
 };
 
 use super::writer::{Flushed, Reason};
@@ -48,18 +48,14 @@ fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-fn human(bytes: u64) -> String {
-    match bytes {
-        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
-        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
-        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
-        b => format!("{b} B"),
-    }
+/// The directory that holds the log.
+fn log_dir(path: &Path) -> &Path {
+    path.parent().unwrap_or(Path::new("/"))
 }
 
 /// Free and total bytes of the file system holding `path`'s directory.
 pub fn space(path: &Path) -> Option<(u64, u64)> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
+    let dir = log_dir(path);
     let s = nix::sys::statvfs::statvfs(dir).ok()?;
     let frsize = s.fragment_size() as u64;
     Some((
@@ -108,12 +104,7 @@ impl Health {
     }
 
     fn refusal(&self, reason: Reason, error: &str, since: SystemTime) -> String {
-        let dir = self
-            .path
-            .parent()
-            .unwrap_or(Path::new("/"))
-            .display()
-            .to_string();
+        let dir = log_dir(&self.path).display().to_string();
         let what = match reason {
             Reason::DiskFull => format!("free space on {dir}"),
             Reason::ReadOnly => format!("remount {dir} read-write"),
@@ -244,35 +235,30 @@ impl Health {
         let (free, total) = space(&self.path)?;
         self.free = Some(free);
         self.threshold = self.space_left.bytes(total);
-        let dir = self
-            .path
-            .parent()
-            .unwrap_or(Path::new("/"))
-            .display()
-            .to_string();
+        let dir = log_dir(&self.path).display().to_string();
         if free < self.threshold && !self.low {
             self.low = true;
             tracing::warn!(
                 "audit: free space on {dir} is {}, below space_left ({}): free space, or the log will stop being written (then: [audit] disk_full_action)",
-                human(free),
-                human(self.threshold)
+                human_bytes(free),
+                human_bytes(self.threshold)
             );
             return Some(format!(
                 "free space on the audit log's file system ({dir}) is {}, below space_left ({})",
-                human(free),
-                human(self.threshold)
+                human_bytes(free),
+                human_bytes(self.threshold)
             ));
         }
         if free >= self.threshold && self.low {
             self.low = false;
             tracing::info!(
                 "audit: free space on {dir} is {}, above space_left again",
-                human(free)
+                human_bytes(free)
             );
             return Some(format!(
                 "free space on the audit log's file system ({dir}) is {}, above space_left ({}) again",
-                human(free),
-                human(self.threshold)
+                human_bytes(free),
+                human_bytes(self.threshold)
             ));
         }
         None

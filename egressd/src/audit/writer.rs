@@ -184,6 +184,8 @@ pub struct Writer {
     syncer: Option<Syncer>,
     pending: VecDeque<Entry>,
     lost: HashMap<Option<String>, LostSpan>,
+    /// Why the last flush failed: what records counted while the queue is full are lost to.
+    last_reason: Option<Reason>,
     /// Records lost per session so far (for `session_end`), and in all.
     lost_by_session: HashMap<String, u64>,
     pub lost_total: u64,
@@ -293,6 +295,7 @@ impl Writer {
             dirty: false,
             unsynced: false,
             syncer: Syncer::spawn(),
+            last_reason: None,
             pending: VecDeque::new(),
             lost: HashMap::new(),
             lost_by_session: HashMap::new(),
@@ -380,7 +383,7 @@ impl Writer {
     /// Queues a record for the next flush.
     pub fn queue(&mut self, rec: Record, meta: Meta) {
         if self.pending.len() >= MAX_WAITING {
-            if self.count_lost(&rec, meta, Reason::Other) {
+            if self.count_lost(&rec, meta, self.last_reason.unwrap_or(Reason::Other)) {
                 self.pending.push_back(Entry::Lost(rec.session.clone()));
             }
             return;
@@ -677,6 +680,7 @@ impl Writer {
     /// queued, the others are counted into their session's `lost` record, which takes the place
     /// of the first of them. Returns how many were newly counted.
     fn fail(&mut self, reason: Reason) -> u64 {
+        self.last_reason = Some(reason);
         let rest: Vec<Entry> = self.pending.drain(..).collect();
         let mut marked: HashSet<Option<String>> = HashSet::new();
         let mut newly = 0;
