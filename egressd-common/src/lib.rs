@@ -47,9 +47,26 @@ pub mod maps {
     /// `LruHashMap<DnsAllowKey, u64 expiry>`: addresses a session may reach because an allowed name
     /// resolved to them, until CLOCK_BOOTTIME passes the expiry (ns).
     pub const DNS_ALLOW: &str = "DNS_ALLOW";
+    /// `PerCpuHashMap<FoldKey, FoldValue>`: decisions that repeat, counted in the kernel. The first
+    /// occurrence of a key goes through `EVENTS` at once; the repeats only add to this CPU's count,
+    /// and egressd writes them as one record per fold window with their exact count.
+    pub const FOLDS: &str = "FOLDS";
+    /// `HashMap<FoldKey, u64>`, written by egressd only: the repeats of each key already in the log
+    /// (or counted lost). Pinned with `FOLDS`, so a restarted egressd neither repeats nor skips them.
+    pub const FOLD_REPORTED: &str = "FOLD_REPORTED";
     /// All map names, for checks that walk them.
-    pub const ALL: [&str; 9] = [
-        SESSIONS, PROFILES, ALLOW, POLICY_GEN, COUNTERS, EVENTS, DNS_ORIG, DNS_PEERS, DNS_ALLOW,
+    pub const ALL: [&str; 11] = [
+        SESSIONS,
+        PROFILES,
+        ALLOW,
+        POLICY_GEN,
+        COUNTERS,
+        EVENTS,
+        DNS_ORIG,
+        DNS_PEERS,
+        DNS_ALLOW,
+        FOLDS,
+        FOLD_REPORTED,
     ];
 }
 
@@ -78,6 +95,9 @@ pub mod programs {
     /// Globals: device and inode of egressd's pid namespace, 0 in the initial one.
     pub const GLOBAL_PIDNS_DEV: &str = "PIDNS_DEV";
     pub const GLOBAL_PIDNS_INO: &str = "PIDNS_INO";
+    /// Global: 1 when repeated decisions are counted in the kernel (`FOLDS`), 0 when every decision
+    /// is an event of its own (`fold_window_ms = 0`).
+    pub const GLOBAL_FOLD: &str = "FOLD";
 }
 
 /// Sizes of the maps. Profiles are double-buffered: slot = generation * MAX_PROFILES + profile index.
@@ -89,6 +109,9 @@ pub const MAX_LOOPBACK_PORTS: usize = 16;
 pub const MAX_PORT_RANGES: usize = 8;
 pub const MAX_DNS_SOCKETS: u32 = 16384;
 pub const MAX_DNS_ALLOW: u32 = 65536;
+/// Keys of `FOLDS` (allocated as used). When it is full, a new key's decisions are each an event of
+/// their own again: slower, never inexact.
+pub const MAX_FOLDS: u32 = 65536;
 /// The port every DNS query is redirected from, whatever its destination address.
 pub const DNS_PORT: u16 = 53;
 
@@ -218,6 +241,8 @@ mod user {
     unsafe impl aya::Pod for DnsOrigin {}
     unsafe impl aya::Pod for DnsPeerKey {}
     unsafe impl aya::Pod for DnsAllowKey {}
+    unsafe impl aya::Pod for FoldKey {}
+    unsafe impl aya::Pod for FoldValue {}
 }
 
 /// Why a verdict was reached; carried in audit events and shown to users.
@@ -283,13 +308,74 @@ pub struct Event {
     pub proto: u8,
     /// 4 or 6.
     pub family: u8,
-    pub _pad: u8,
+    /// `EVENT_FOLDED` or 0.
+    pub flags: u8,
     /// Policy generation in force when the decision was taken.
     pub policy_gen: u32,
     pub comm: [u8; 16],
     pub _pad2: [u8; 4],
 }
 const _: () = assert!(core::mem::size_of::<Event>() == 80);
+
+/// `Event::flags`: this is the first occurrence of its `FoldKey`, which is now in `FOLDS`; the
+/// repeats are counted there, not sent as events.
+pub const EVENT_FOLDED: u8 = 1;
+
+/// A decision that repeats: the same session, process (tgid), hook, destination and verdict.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FoldKey {
+    pub session: u64,
+    /// 0 for the backstop (softirq, no task).
+    pub tgid: u32,
+    /// Host byte order (for a refused socket family: the family).
+    pub port: u16,
+    pub hook: u8,
+    pub verdict: u8,
+    /// IPv4 as IPv4-mapped IPv6, like `Event::addr`.
+    pub addr: [u8; 16],
+    pub reason: u8,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(core::mem::size_of::<FoldKey>() == 40);
+
+impl FoldKey {
+    /// The key of an event: what user space and the kernel fold on.
+    pub const fn of(ev: &Event) -> FoldKey {
+        FoldKey {
+            session: ev.session,
+            tgid: (ev.pid_tgid >> 32) as u32,
+            port: ev.port,
+            hook: ev.hook,
+            verdict: ev.verdict,
+            addr: ev.addr,
+            reason: ev.reason,
+            proto: ev.proto,
+            family: ev.family,
+            _pad: [0; 5],
+        }
+    }
+}
+
+/// One CPU's part of a `FOLDS` entry. The CPU that inserted the key also holds the first
+/// occurrence's task fields (the other CPUs' are zero), so a restarted egressd can still name the
+/// process of a repeat it never saw the first event of.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FoldValue {
+    /// Repeats counted on this CPU (the first occurrence, sent as an event, is not among them).
+    pub count: u64,
+    /// CLOCK_BOOTTIME (ns) of this CPU's latest repeat.
+    pub last_ns: u64,
+    pub pid_tgid: u64,
+    pub uid_gid: u64,
+    pub comm: [u8; 16],
+    pub policy_gen: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<FoldValue>() == 56);
 /// A decision of the unix backstop: the event, and the address the task gave (read from the
 /// kernel's copy of it), which the 16 address bytes of `Event` cannot hold.
 #[repr(C)]

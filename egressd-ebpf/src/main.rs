@@ -14,13 +14,16 @@
 //!   device (source routing, DNAT of 127.x) are dropped too.
 #![no_std]
 #![no_main]
+// Atomic adds on map values: the BPF target's core has no atomic types with fetch_add.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod verdict;
 
 use aya_ebpf::{
     bindings::{
-        bpf_pidns_info, bpf_sock, bpf_sock_addr, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP,
-        BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE,
+        bpf_pidns_info, bpf_sock, bpf_sock_addr, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA,
+        BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE,
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
@@ -34,14 +37,15 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use egressd_common::{
-    AllowKey, AllowValue, Counters, DnsAllowKey, DnsOrigin, DnsPeerKey, Event, Profile,
-    SessionInfo, UnixEvent, DEFAULT_RING_BYTES, DNS_PORT as DNS_QUERY_PORT, HOOK_BIND4, HOOK_BIND6,
-    HOOK_CONNECT4, HOOK_CONNECT6, HOOK_CONNECT_UNIX, HOOK_LSM_SOCKET_CREATE, HOOK_SENDMSG4,
-    HOOK_SENDMSG6, HOOK_SENDMSG_UNIX, HOOK_SKB_EGRESS, HOOK_SOCK_CREATE, MAX_ALLOW_ENTRIES,
-    MAX_DNS_ALLOW, MAX_DNS_SOCKETS, MAX_PROFILES, MAX_SESSIONS, PROFILE_BIND_ANY,
-    PROFILE_UNIX_OPEN, REASON_BIND, REASON_DEFAULT_DENY, REASON_DNS_REDIRECT, REASON_FAMILY,
-    REASON_FORBIDDEN_SOCKET, REASON_UNIX_UNVETTED, SOCK_ADDR_KERN_UADDR, SOCK_ADDR_KERN_UADDRLEN,
-    VERDICT_ALLOWED, VERDICT_AUDIT_DENIED, VERDICT_DENIED, VERDICT_REDIRECTED,
+    AllowKey, AllowValue, Counters, DnsAllowKey, DnsOrigin, DnsPeerKey, Event, FoldKey, FoldValue,
+    Profile, SessionInfo, UnixEvent, DEFAULT_RING_BYTES, DNS_PORT as DNS_QUERY_PORT, EVENT_FOLDED,
+    HOOK_BIND4, HOOK_BIND6, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_CONNECT_UNIX,
+    HOOK_LSM_SOCKET_CREATE, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SENDMSG_UNIX, HOOK_SKB_EGRESS,
+    HOOK_SOCK_CREATE, MAX_ALLOW_ENTRIES, MAX_DNS_ALLOW, MAX_DNS_SOCKETS, MAX_FOLDS, MAX_PROFILES,
+    MAX_SESSIONS, PROFILE_BIND_ANY, PROFILE_UNIX_OPEN, REASON_BIND, REASON_DEFAULT_DENY,
+    REASON_DNS_REDIRECT, REASON_FAMILY, REASON_FORBIDDEN_SOCKET, REASON_UNIX_UNVETTED,
+    SOCK_ADDR_KERN_UADDR, SOCK_ADDR_KERN_UADDRLEN, VERDICT_ALLOWED, VERDICT_AUDIT_DENIED,
+    VERDICT_DENIED, VERDICT_REDIRECTED,
 };
 
 use crate::verdict::{Dest, Tables};
@@ -75,6 +79,11 @@ static PIDNS_DEV: u64 = 0;
 #[no_mangle]
 static PIDNS_INO: u64 = 0;
 
+/// Set by user space at load time: 1 when repeated decisions are counted in `FOLDS` instead of
+/// each sent as an event (`fold_window_ms` > 0).
+#[no_mangle]
+static FOLD: u32 = 0;
+
 // Map statics are named like the constants in `egressd_common::maps` (checked by a test in egressd).
 // Pinned by name, so a restarted daemon reuses them and running sessions keep their state.
 #[map]
@@ -95,6 +104,14 @@ static DNS_ORIG: LruHashMap<u64, DnsOrigin> = LruHashMap::pinned(MAX_DNS_SOCKETS
 static DNS_PEERS: LruHashMap<DnsPeerKey, DnsOrigin> = LruHashMap::pinned(MAX_DNS_SOCKETS, 0);
 #[map]
 static DNS_ALLOW: LruHashMap<DnsAllowKey, u64> = LruHashMap::pinned(MAX_DNS_ALLOW, 0);
+/// Allocated as keys come (a preallocated per-CPU map of this size would hold megabytes on a large
+/// machine for nothing).
+#[map]
+static FOLDS: PerCpuHashMap<FoldKey, FoldValue> =
+    PerCpuHashMap::pinned(MAX_FOLDS, BPF_F_NO_PREALLOC);
+/// Written by user space only; declared here so that it is created and pinned with the rest.
+#[map]
+static FOLD_REPORTED: HashMap<FoldKey, u64> = HashMap::pinned(MAX_FOLDS, BPF_F_NO_PREALLOC);
 
 const ALLOW_VERDICT: i32 = 1;
 const DENY_VERDICT: i32 = 0;
@@ -218,10 +235,19 @@ fn profile_for(info: Option<SessionInfo>, generation: u32) -> Option<(u32, Profi
 /// Bytes one `Event` takes in the ring (an 8-byte header, the record rounded up to 8).
 const ONE_EVENT: u64 = (core::mem::size_of::<Event>() as u64 + 8 + 7) & !7;
 
-/// Reports a decision to user space. Submitted without a wakeup unless the ring was empty or is a
-/// quarter full: waking the reader on every event costs microseconds per hook call, and the reader
-/// keeps draining every few milliseconds while events come. A full ring is counted per session,
-/// never silent.
+const EEXIST: i32 = 17;
+
+#[inline(always)]
+fn folding() -> bool {
+    // SAFETY: a plain read of a global that user space set before load.
+    unsafe { core::ptr::read_volatile(&FOLD) != 0 }
+}
+
+/// Reports a decision to user space. A decision that repeats one already reported (same session,
+/// process, hook, destination, verdict) only adds one to this CPU's count in `FOLDS`: a lookup and
+/// an atomic add, no ring reservation. The first occurrence goes through the ring at once, and its
+/// key enters `FOLDS` only once its event is reserved, so every key user space finds there has had
+/// its first event sent. A full `FOLDS` (or folding off) sends every decision as an event.
 #[inline(always)]
 fn report(
     session: u64,
@@ -232,27 +258,61 @@ fn report(
     generation: u32,
     task: bool,
 ) {
+    let pid_tgid = if task { current_pid_tgid() } else { 0 };
+    let fold = folding();
+    let key = FoldKey {
+        session,
+        tgid: (pid_tgid >> 32) as u32,
+        port: dest.port,
+        hook,
+        verdict,
+        addr: dest.addr,
+        reason,
+        proto: dest.proto,
+        family: dest.family,
+        _pad: [0; 5],
+    };
+    if fold && count_repeat(&key) {
+        return;
+    }
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
-        count(session, |c| c.events_lost += 1);
+        count(session, |c| &mut c.events_lost);
         return;
     };
     // SAFETY: helpers without pointer arguments.
-    let (pid_tgid, uid_gid, boot_ns) = unsafe {
-        if task {
-            (
-                current_pid_tgid(),
-                bpf_get_current_uid_gid(),
-                bpf_ktime_get_boot_ns(),
-            )
-        } else {
-            (0, 0, bpf_ktime_get_boot_ns())
-        }
+    let (uid_gid, boot_ns) = unsafe {
+        (
+            if task { bpf_get_current_uid_gid() } else { 0 },
+            bpf_ktime_get_boot_ns(),
+        )
     };
     let comm = if task {
         bpf_get_current_comm().unwrap_or([0; 16])
     } else {
         [0; 16]
     };
+    let mut flags = 0;
+    if fold {
+        let first = FoldValue {
+            count: 0,
+            last_ns: boot_ns,
+            pid_tgid,
+            uid_gid,
+            comm,
+            policy_gen: generation,
+            _pad: 0,
+        };
+        match FOLDS.insert(&key, &first, BPF_NOEXIST as u64) {
+            Ok(()) => flags = EVENT_FOLDED,
+            // Another CPU's first occurrence won the insert (and sends the event): a repeat.
+            Err(e) if e == -EEXIST && count_repeat(&key) => {
+                entry.discard(0);
+                return;
+            }
+            // Full: this decision is an event of its own, like every one before folding.
+            Err(_) => {}
+        }
+    }
     entry.write(Event {
         boot_ns,
         session,
@@ -265,7 +325,7 @@ fn report(
         reason,
         proto: dest.proto,
         family: dest.family,
-        _pad: 0,
+        flags,
         policy_gen: generation,
         comm,
         _pad2: [0; 4],
@@ -283,11 +343,40 @@ fn report(
     entry.submit(flags as u64);
 }
 
+/// Adds a repeat of `key` to this CPU's count; false when the key is not folded yet.
 #[inline(always)]
-fn count(session: u64, f: impl FnOnce(&mut Counters)) {
+fn count_repeat(key: &FoldKey) -> bool {
+    let Some(v) = FOLDS.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: `v` is this CPU's value of a live element. The add is atomic because a program can
+    // be preempted by another task's run of it on the same CPU; user space only reads.
+    unsafe {
+        add_one(core::ptr::addr_of_mut!((*v).count));
+        (*v).last_ns = bpf_ktime_get_boot_ns();
+    }
+    true
+}
+
+/// One atomic add (BPF_ATOMIC | BPF_ADD; the result is not used, so no fetch).
+#[inline(always)]
+unsafe fn add_one(p: *mut u64) {
+    // SAFETY: the caller passes a pointer into a live map value.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            p, 1,
+        );
+    }
+}
+
+/// Adds one to a counter of the session on this CPU (atomically: see `count_repeat`).
+#[inline(always)]
+fn count(session: u64, field: impl FnOnce(&mut Counters) -> &mut u64) {
     if let Some(c) = COUNTERS.get_ptr_mut(&session) {
-        // SAFETY: per-CPU value of this CPU; programs do not migrate mid-run.
-        f(unsafe { &mut *c });
+        // SAFETY: per-CPU value of this CPU, live for the run.
+        unsafe {
+            add_one(field(&mut *c));
+        }
     }
 }
 
@@ -352,7 +441,7 @@ fn judge_sock_addr(ctx: &SockAddrContext, dest: Dest, hook: u8) -> i32 {
     let generation = policy_generation();
     if redirect_dns(ctx, &dest, session) {
         // Counted like every decision, so the kernel's counters equal the records taken.
-        count(session, |c| c.allowed += 1);
+        count(session, |c| &mut c.allowed);
         report(
             session,
             &dest,
@@ -378,10 +467,10 @@ fn judge_sock_addr(ctx: &SockAddrContext, dest: Dest, hook: u8) -> i32 {
     };
     let decision = verdict::decide(&tables(), session, slot, &profile, &dest, false);
     let (ret, verdict) = if decision.allowed {
-        count(session, |c| c.allowed += 1);
+        count(session, |c| &mut c.allowed);
         (ALLOW_VERDICT, VERDICT_ALLOWED)
     } else {
-        count(session, |c| c.denied += 1);
+        count(session, |c| &mut c.denied);
         if verdict::audit_only(&profile) {
             (ALLOW_VERDICT, VERDICT_AUDIT_DENIED)
         } else {
@@ -530,7 +619,7 @@ fn judge_bind(ctx: &SockAddrContext, v6: bool) -> i32 {
     }
     let hook = if v6 { HOOK_BIND6 } else { HOOK_BIND4 };
     if verdict::audit_only(&profile) {
-        count(session, |c| c.denied += 1);
+        count(session, |c| &mut c.denied);
         report(
             session,
             &dest,
@@ -555,7 +644,7 @@ fn judge_bind(ctx: &SockAddrContext, v6: bool) -> i32 {
         }
         return ALLOW_VERDICT;
     }
-    count(session, |c| c.denied += 1);
+    count(session, |c| &mut c.denied);
     report(
         session,
         &dest,
@@ -617,7 +706,7 @@ pub fn egressd_lsm_socket_create(ctx: LsmContext) -> i32 {
     if (0..64).contains(&family) && families & (1u64 << family) != 0 {
         return 0;
     }
-    count(session, |c| c.sockets_refused += 1);
+    count(session, |c| &mut c.sockets_refused);
     let audit = profile.is_some_and(|p| verdict::audit_only(&p));
     let dest = Dest {
         family: 0,
@@ -662,7 +751,7 @@ fn judge_unix(ctx: *mut bpf_sock_addr, hook: u8) -> i32 {
     if profile.is_some_and(|p| p.flags & PROFILE_UNIX_OPEN != 0) {
         return ALLOW_VERDICT;
     }
-    count(session, |c| c.denied += 1);
+    count(session, |c| &mut c.denied);
     let audit = profile.is_some_and(|p| verdict::audit_only(&p));
     let dest = Dest {
         family: AF_UNIX,
@@ -698,7 +787,7 @@ fn report_unix(
     generation: u32,
 ) {
     let Some(mut entry) = EVENTS.reserve::<UnixEvent>(0) else {
-        count(session, |c| c.events_lost += 1);
+        count(session, |c| &mut c.events_lost);
         return;
     };
     let base = ctx as *const u8;
@@ -732,7 +821,7 @@ fn report_unix(
             reason: REASON_UNIX_UNVETTED,
             proto: 0,
             family: dest.family,
-            _pad: 0,
+            flags: 0,
             policy_gen: generation,
             comm: bpf_get_current_comm().unwrap_or([0; 16]),
             _pad2: [0; 4],
@@ -776,7 +865,7 @@ pub fn egressd_sock_create(ctx: SockContext) -> i32 {
     }
     let (session, info) = current_session();
     let generation = policy_generation();
-    count(session, |c| c.sockets_refused += 1);
+    count(session, |c| &mut c.sockets_refused);
     let (ret, verdict) = match profile_for(info, generation) {
         Some((_, p)) if verdict::audit_only(&p) => (ALLOW_VERDICT, VERDICT_AUDIT_DENIED),
         _ => (DENY_VERDICT, VERDICT_DENIED),
@@ -826,7 +915,7 @@ pub fn egressd_skb_egress(ctx: SkBuffContext) -> i32 {
         }
         None => REASON_DEFAULT_DENY,
     };
-    count(session, |c| c.backstop_dropped += 1);
+    count(session, |c| &mut c.backstop_dropped);
     let (ret, verdict) = if verdict::audit_only(&profile) {
         (ALLOW_VERDICT, VERDICT_AUDIT_DENIED)
     } else {

@@ -26,8 +26,8 @@ use egressd_common::{
     prog_query::{self, REQUIRED_ATTACH_TYPES},
     programs,
     protocol::HookStatus,
-    AllowKey, AllowValue, Counters, DnsAllowKey, DnsOrigin, DnsPeerKey, Profile, SessionInfo,
-    MAX_PROFILES,
+    AllowKey, AllowValue, Counters, DnsAllowKey, DnsOrigin, DnsPeerKey, FoldKey, FoldValue,
+    Profile, SessionInfo, MAX_PROFILES,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -149,6 +149,13 @@ pub struct DnsMaps {
     pub allow: HashMap<MapData, DnsAllowKey, u64>,
 }
 
+/// The maps of repeated decisions, for the audit task: it alone reads the kernel's counts and
+/// records what it has written of them.
+pub struct FoldMaps {
+    pub folds: PerCpuHashMap<MapData, FoldKey, FoldValue>,
+    pub reported: HashMap<MapData, FoldKey, u64>,
+}
+
 pub struct Enforcer {
     ebpf: Ebpf,
     hooks: Vec<(HookStatus, u32)>,
@@ -214,6 +221,7 @@ impl Enforcer {
         parent: &Path,
         dns_port: u16,
         ring_bytes: u32,
+        fold: bool,
         pins: &PinDir,
         hashes: PolicyHashes,
     ) -> Result<Enforcer> {
@@ -234,6 +242,8 @@ impl Enforcer {
         let (pidns_dev, pidns_ino) = own_pid_namespace()?;
         loader.override_global(programs::GLOBAL_PIDNS_DEV, &pidns_dev, true);
         loader.override_global(programs::GLOBAL_PIDNS_INO, &pidns_ino, true);
+        let fold = u32::from(fold);
+        loader.override_global(programs::GLOBAL_FOLD, &fold, true);
         loader.map_max_entries(maps::EVENTS, ring_bytes);
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
@@ -354,6 +364,20 @@ impl Enforcer {
         let (n, allow) = take(maps::DNS_ALLOW)?;
         let allow = HashMap::try_from(allow).map_err(Self::map_err(n))?;
         Ok(DnsMaps { peers, allow })
+    }
+
+    /// The maps of repeated decisions, for the audit task.
+    pub fn take_fold_maps(&mut self) -> Result<FoldMaps> {
+        let mut take = |name: &'static str| {
+            self.ebpf
+                .take_map(name)
+                .ok_or(EnforcerError::MissingMap(name))
+        };
+        let folds =
+            PerCpuHashMap::try_from(take(maps::FOLDS)?).map_err(Self::map_err(maps::FOLDS))?;
+        let reported = HashMap::try_from(take(maps::FOLD_REPORTED)?)
+            .map_err(Self::map_err(maps::FOLD_REPORTED))?;
+        Ok(FoldMaps { folds, reported })
     }
 
     /// The aya-log ring buffer of the programs, for the task that bridges it into tracing.

@@ -226,6 +226,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         &layout.parent,
         dns.as_ref().map(|(port, _, _)| *port).unwrap_or(0),
         config.audit.ring_buffer_bytes(),
+        !config.audit.fold_window().is_zero(),
         &pins,
         hashes.clone(),
     )
@@ -241,6 +242,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let events = enforcer.take_events()?;
     let dns_maps = enforcer.take_dns_maps()?;
+    let fold_maps = enforcer.take_fold_maps()?;
     let handle = enforcer::spawn(enforcer);
     // Large enough that adopting every session of a crashed daemon never waits on the audit task,
     // which starts only after adoption.
@@ -303,7 +305,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // Sessions are named before the audit task drains the pinned ring buffer, which may hold
     // events taken while no daemon was running.
     state.adopt_sessions().await;
-    let audit_task = tokio::spawn(audit::run(events, writer, handle, shared, tuning, audit_rx));
+    let audit_task = tokio::spawn(audit::run(
+        events, fold_maps, writer, handle, shared, tuning, audit_rx,
+    ));
     state
         .apply_policy(config, source.clone())
         .await

@@ -212,7 +212,12 @@ fn export_filters_and_quotes_csv() {
 
 #[test]
 fn a_flood_through_a_tiny_ring_buffer_is_accounted_for_exactly() {
-    let w = world_audit("audit-flood", |_| None, "ring_buffer_bytes = 4096");
+    // Folding off: every decision is an event of its own, as for decisions that do not repeat.
+    let w = world_audit(
+        "audit-flood",
+        |_| None,
+        "ring_buffer_bytes = 4096\nfold_window_ms = 0",
+    );
     const N: u64 = 20_000;
     // The sandboxed probe (uid 65534) writes `go.done` next to `go`.
     let markers = w.scratch.0.join("markers");

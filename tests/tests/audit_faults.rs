@@ -530,6 +530,60 @@ fn kill_9_mid_flood_and_a_torn_line_are_recorded_and_every_decision_accounted_fo
     assert_an_edit_breaks(&w.scratch, std::slice::from_ref(&log));
 }
 
+/// The same identical sends as the tiny-ring test in audit.rs (which, with folding off, loses
+/// events: its control), with folding on: the kernel counts the repeats, so a stopped reader and
+/// a 4 KiB ring lose none, and a graceful restart and a kill -9 neither repeat nor skip a count.
+#[test]
+fn repeats_counted_in_the_kernel_are_exact_through_a_stopped_reader_and_restarts() {
+    let mut w = world_audit("fold-kernel", |_| None, "ring_buffer_bytes = 4096");
+    let flood = Flood::start(&w.daemon, &w.scratch, &w.outside.tcp4(), 20_000, 3, 0);
+    // Phase 1 with egressd stopped: nothing drains the ring, which holds 46 events.
+    w.daemon.signal(libc::SIGSTOP);
+    flood.go(1);
+    let waited = std::panic::catch_unwind(|| flood.wait(1));
+    w.daemon.signal(libc::SIGCONT);
+    waited.unwrap();
+    // Phase 2 after a graceful restart, phase 3 after kill -9 (with repeats not yet written).
+    w.daemon.stop();
+    w.daemon.spawn();
+    flood.phase(2);
+    thread::sleep(Duration::from_millis(1500));
+    flood.go(3);
+    thread::sleep(Duration::from_millis(20));
+    w.daemon.kill9();
+    w.daemon.spawn();
+    flood.wait(3);
+    let session = flood.finish();
+    let records = records_after_end(&w.daemon, &session);
+    let lost = assert_exact(&records, &session, 60_000);
+    let ring_lost = records
+        .iter()
+        .filter(|r| r["type"] == "lost" && r["session"] == session.as_str())
+        .filter(|r| r["reason"] != "egressd stopped before writing them")
+        .count();
+    assert_eq!(ring_lost, 0, "no event lost to the ring: {records:?}");
+    let decisions: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["type"] == "decision" && r["session"] == session.as_str())
+        .collect();
+    assert_eq!(
+        decisions[0]["count"], 1,
+        "the first occurrence: {}",
+        decisions[0]
+    );
+    assert!(
+        decisions.len() < 200,
+        "60,000 identical sends are a few records with counts, not {}",
+        decisions.len()
+    );
+    eprintln!(
+        "folded: {} records for 60000 sends, {lost} counted lost after kill -9",
+        decisions.len()
+    );
+    assert_eq!(w.outside.counts(), Counts::default());
+    assert_verifies(std::slice::from_ref(&w.daemon.audit));
+}
+
 #[test]
 fn no_syslog_listener_never_costs_a_record() {
     require_root();

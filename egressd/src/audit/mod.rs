@@ -6,6 +6,7 @@
 //! previous daemon took and never wrote (kill -9, a crash) are found at the session's end from
 //! the kernel's counters. Each goes into a `lost` record, so written + lost = decisions taken.
 
+mod folds;
 mod health;
 pub mod names;
 mod scan;
@@ -22,9 +23,9 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use egressd_common::{
-    audit::Record, Counters, Event, UnixEvent, HOOK_CONNECT_UNIX, HOOK_LSM_SOCKET_CREATE,
-    HOOK_SENDMSG_UNIX, HOOK_SOCK_CREATE, REASON_FAMILY, VERDICT_ALLOWED, VERDICT_AUDIT_DENIED,
-    VERDICT_REDIRECTED,
+    audit::Record, Counters, Event, FoldKey, UnixEvent, EVENT_FOLDED, HOOK_CONNECT_UNIX,
+    HOOK_LSM_SOCKET_CREATE, HOOK_SENDMSG_UNIX, HOOK_SOCK_CREATE, REASON_FAMILY, VERDICT_ALLOWED,
+    VERDICT_AUDIT_DENIED, VERDICT_REDIRECTED,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -32,7 +33,10 @@ pub use health::{Health, SharedHealth};
 pub use syslog::Syslog;
 pub use writer::{Writer, STOP_MESSAGE};
 
-use crate::{enforcer::Handle, sessions::Session};
+use crate::{
+    enforcer::{FoldMaps, Handle},
+    sessions::Session,
+};
 use names::{comm, hook_name, proto_name, reason_name};
 use writer::Meta;
 
@@ -89,18 +93,6 @@ const DRAIN_AGAIN: Duration = Duration::from_millis(3);
 /// its own) with the tick.
 const SYNC_EVERY: Duration = Duration::from_millis(200);
 
-#[derive(Hash, PartialEq, Eq, Clone)]
-struct FoldKey {
-    session: u64,
-    tgid: u32,
-    hook: u8,
-    verdict: u8,
-    reason: u8,
-    proto: u8,
-    addr: [u8; 16],
-    port: u16,
-}
-
 struct Pending {
     record: Record,
     first: Instant,
@@ -128,7 +120,12 @@ struct Pipeline {
     sessions: HashMap<u64, Live>,
     /// What a previous daemon accounted for, per adopted session id (read from the log at start).
     before: HashMap<String, scan::Accounted>,
+    /// Decisions folded here: those the kernel sent one by one (folding off in the kernel, or its
+    /// map full).
     folds: HashMap<FoldKey, Pending>,
+    /// Decisions folded in the kernel.
+    kernel_folds: folds::KernelFolds,
+    last_kernel_folds: Instant,
     exe_cache: HashMap<u32, Option<String>>,
     /// CLOCK_REALTIME - CLOCK_BOOTTIME, to turn kernel timestamps into wall time.
     boot_offset_ns: i128,
@@ -146,6 +143,7 @@ pub struct Shared {
 /// Runs the pipeline until the channel closes.
 pub async fn run(
     ring: RingBuf<MapData>,
+    fold_maps: FoldMaps,
     writer: Writer,
     enforcer: Handle,
     shared: Shared,
@@ -181,6 +179,8 @@ pub async fn run(
         sessions: HashMap::new(),
         before,
         folds: HashMap::new(),
+        kernel_folds: folds::KernelFolds::new(fold_maps),
+        last_kernel_folds: Instant::now(),
         exe_cache: HashMap::new(),
         boot_offset_ns: boot_offset_ns(),
         last_sync: Instant::now(),
@@ -223,6 +223,9 @@ pub async fn run(
             _ = tick.tick() => {
                 p.drain(ring.get_mut());
                 p.flush_folds(false, None);
+                if p.last_kernel_folds.elapsed() >= p.tuning.fold_window {
+                    p.kernel_repeats(None);
+                }
                 p.report_lost().await;
                 p.flush();
             }
@@ -245,6 +248,7 @@ pub async fn run(
     }
     p.drain_all(ring.get_mut());
     p.flush_folds(true, None);
+    p.kernel_repeats(None);
     p.flush_with(writer::Sync::Now);
 }
 
@@ -419,16 +423,14 @@ impl Pipeline {
     }
 
     fn fold(&mut self, ev: Event) {
-        let key = FoldKey {
-            session: ev.session,
-            tgid: (ev.pid_tgid >> 32) as u32,
-            hook: ev.hook,
-            verdict: ev.verdict,
-            reason: ev.reason,
-            proto: ev.proto,
-            addr: ev.addr,
-            port: ev.port,
-        };
+        let key = FoldKey::of(&ev);
+        if ev.flags & EVENT_FOLDED != 0 {
+            // The kernel counts this key's repeats: the first occurrence is written at once.
+            self.kernel_folds.first_taken(key);
+            let record = self.decision(&ev);
+            self.write_kernel(ev.session, record);
+            return;
+        }
         if !self.tuning.fold_window.is_zero() {
             if let Some(p) = self.folds.get_mut(&key) {
                 *p.record.count.get_or_insert(1) += 1;
@@ -456,13 +458,25 @@ impl Pipeline {
             .folds
             .iter()
             .filter(|(k, p)| all || session == Some(k.session) || p.first.elapsed() >= window)
-            .map(|(k, _)| k.clone())
+            .map(|(k, _)| *k)
             .collect();
         due.sort_by(|a, b| self.folds[a].record.time.cmp(&self.folds[b].record.time));
         for k in due {
             if let Some(p) = self.folds.remove(&k) {
                 self.write_kernel(k.session, p.record);
             }
+        }
+    }
+
+    /// Writes the repeats the kernel counted (of one session, or all) as one record per key.
+    fn kernel_repeats(&mut self, session: Option<u64>) {
+        if session.is_none() {
+            self.last_kernel_folds = Instant::now();
+        }
+        for r in self.kernel_folds.take(session) {
+            let mut record = self.decision(&r.event);
+            record.count = Some(r.count);
+            self.write_kernel(r.event.session, record);
         }
     }
 
@@ -681,6 +695,8 @@ impl Pipeline {
             }
             Message::SessionEnd(s, kernel, (unix_allowed, unix_refused)) => {
                 self.flush_folds(false, Some(s.cgroup_id));
+                self.kernel_repeats(Some(s.cgroup_id));
+                self.kernel_folds.end_session(s.cgroup_id);
                 self.ring_lost(s.cgroup_id, kernel.events_lost);
                 let taken = kernel.allowed
                     + kernel.denied
@@ -724,6 +740,7 @@ impl Pipeline {
             }
             Message::Flush(done) => {
                 self.flush_folds(true, None);
+                self.kernel_repeats(None);
                 let ids: Vec<u64> = self.sessions.keys().copied().collect();
                 for id in ids {
                     if let Ok(c) = self.enforcer.counters(id).await {
@@ -735,6 +752,7 @@ impl Pipeline {
             }
             Message::Settle(cgroup_id, done) => {
                 self.flush_folds(false, Some(cgroup_id));
+                self.kernel_repeats(Some(cgroup_id));
                 self.write_out();
                 let _ = done.send(());
             }
