@@ -22,11 +22,12 @@ pub fn main(args: &[&str]) -> ! {
         ["tcp-connect", addr, secs] => tcp_connect(addr, secs.parse().unwrap()),
         ["tcp-denied", addr, secs] => tcp_denied(addr, secs.parse().unwrap()),
         ["udp", addr, secs, mode] => udp(addr, secs.parse().unwrap(), mode == &"connected"),
-        ["flood", addr, secs, rate, threads] => flood(
+        ["flood", addr, secs, rate, threads, ports] => flood(
             addr,
             secs.parse().unwrap(),
             rate.parse().unwrap(),
             threads.parse().unwrap(),
+            ports.parse().unwrap(),
         ),
         ["verdicts", addr] => verdicts(addr),
         ["storm", allowed, denied, stop] => storm(allowed, denied, stop),
@@ -223,9 +224,12 @@ fn udp(addr: &str, secs: f64, connected: bool) -> ! {
 }
 
 /// Denied UDP sends from `threads` threads, `rate` per second in total (0: as fast as possible),
-/// for `secs`. Every send is a decision the audit pipeline must write or count as lost.
-fn flood(addr: &str, secs: f64, rate: f64, threads: usize) -> ! {
+/// for `secs`. Every send is a decision the audit pipeline must write or count as lost. `ports`
+/// destination ports in turn from the target's: 1 is one decision repeated (an agent retrying),
+/// thousands make each send within the flood a decision of its own.
+fn flood(addr: &str, secs: f64, rate: f64, threads: usize, ports: u16) -> ! {
     let a: SocketAddr = addr.parse().unwrap();
+    let ports = ports.max(1);
     let sent = Arc::new(AtomicU64::new(0));
     let passed = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -246,15 +250,21 @@ fn flood(addr: &str, secs: f64, rate: f64, threads: usize) -> ! {
                     if per > 0.0 {
                         let due = (now - start).as_secs_f64() * per;
                         if (n as f64) >= due {
-                            std::hint::spin_loop();
-                            if (n as f64) - due > 64.0 {
-                                thread::sleep(Duration::from_micros(50));
+                            // Sleep until the next batch is due: a sender spinning on one of two
+                            // cores would measure the scheduler, not egressd.
+                            let next = start + Duration::from_secs_f64(n as f64 / per);
+                            if next > now + Duration::from_micros(100) {
+                                thread::sleep(next - now);
+                            } else {
+                                std::hint::spin_loop();
                             }
                             continue;
                         }
                     }
-                    for _ in 0..16 {
-                        if s.send_to(b"egressd-bench", a).is_ok() {
+                    for i in 0..16 {
+                        let mut to = a;
+                        to.set_port(a.port().wrapping_add(((n + i) % u64::from(ports)) as u16));
+                        if s.send_to(b"egressd-bench", to).is_ok() {
                             ok += 1;
                         }
                     }
