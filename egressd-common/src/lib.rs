@@ -109,9 +109,26 @@ pub const MAX_LOOPBACK_PORTS: usize = 16;
 pub const MAX_PORT_RANGES: usize = 8;
 pub const MAX_DNS_SOCKETS: u32 = 16384;
 pub const MAX_DNS_ALLOW: u32 = 65536;
-/// Keys of `FOLDS` (allocated as used). When it is full, a new key's decisions are each an event of
-/// their own again: slower, never inexact.
-pub const MAX_FOLDS: u32 = 65536;
+/// Keys of `FOLDS` and `FOLD_REPORTED`. When it is full, a new key's decisions are each an event of
+/// their own again: slower, never inexact. `FOLDS` is preallocated with a value per CPU, so on large
+/// machines it holds fewer keys: see `fold_entries`.
+pub const MAX_FOLDS: u32 = 16384;
+
+/// Keys of `FOLDS` on a machine with `cpus` possible CPUs: at most `MAX_FOLDS`, and at most 256k
+/// per-CPU values in all (about 14 MiB of kernel memory), but never fewer than 1024 keys.
+pub const fn fold_entries(cpus: u32) -> u32 {
+    let by_memory = (256 * 1024) / if cpus == 0 { 1 } else { cpus };
+    let n = if by_memory < MAX_FOLDS {
+        by_memory
+    } else {
+        MAX_FOLDS
+    };
+    if n < 1024 {
+        1024
+    } else {
+        n
+    }
+}
 /// The port every DNS query is redirected from, whatever its destination address.
 pub const DNS_PORT: u16 = 53;
 

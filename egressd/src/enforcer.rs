@@ -245,6 +245,8 @@ impl Enforcer {
         let fold = u32::from(fold);
         loader.override_global(programs::GLOBAL_FOLD, &fold, true);
         loader.map_max_entries(maps::EVENTS, ring_bytes);
+        let cpus = aya::util::nr_cpus().map_or(1, |n| n as u32);
+        loader.map_max_entries(maps::FOLDS, egressd_common::fold_entries(cpus));
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }

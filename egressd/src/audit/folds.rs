@@ -7,9 +7,13 @@
 //! and the session's end finds the gap in the kernel's counters and writes it as `lost`. A
 //! restarted daemon reads it back and goes on from there.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    io,
+    os::fd::{AsFd as _, AsRawFd as _},
+};
 
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap};
+use aya::maps::{HashMap as BpfHashMap, IterableMap as _, MapData, PerCpuHashMap};
 use egressd_common::{Event, FoldKey, FoldValue};
 
 use crate::enforcer::FoldMaps;
@@ -24,6 +28,8 @@ pub struct Repeats {
 
 pub struct KernelFolds {
     folds: PerCpuHashMap<MapData, FoldKey, FoldValue>,
+    /// Possible CPUs: the number of values per key the kernel copies out.
+    cpus: usize,
     reported: BpfHashMap<MapData, FoldKey, u64>,
     /// `FOLD_REPORTED` as last written.
     written: HashMap<FoldKey, u64>,
@@ -40,6 +46,7 @@ impl KernelFolds {
         // ring, which this daemon drains before it reads repeats.
         let seen = maps.folds.keys().filter_map(Result::ok).collect();
         KernelFolds {
+            cpus: aya::util::nr_cpus().unwrap_or(1),
             folds: maps.folds,
             reported: maps.reported,
             written,
@@ -56,24 +63,23 @@ impl KernelFolds {
     /// Keys of processes that have exited, with nothing left to report, are removed: a new
     /// process of the session gets another tgid (pids wrap only after pid_max others).
     pub fn take(&mut self, session: Option<u64>) -> Vec<Repeats> {
-        let keys: Vec<FoldKey> = self
-            .folds
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| session.is_none_or(|s| k.session == s))
-            .collect();
+        let entries = match self.read_all() {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!("audit: cannot read FOLDS: {e}; repeats wait for the next turn");
+                return Vec::new();
+            }
+        };
         let mut out = Vec::new();
-        for key in keys {
-            if !self.seen.contains(&key) {
+        let mut gone_tgids: HashMap<u32, bool> = HashMap::new();
+        for (key, values) in entries {
+            if session.is_some_and(|s| key.session != s) || !self.seen.contains(&key) {
                 continue;
             }
-            let Ok(values) = self.folds.get(&key, 0) else {
-                continue;
-            };
             let mut total = 0u64;
             let mut last_ns = 0u64;
             let mut first = FoldValue::default();
-            for v in values.iter() {
+            for v in &values {
                 total += v.count;
                 last_ns = last_ns.max(v.last_ns);
                 if v.pid_tgid != 0 || v.comm[0] != 0 {
@@ -82,7 +88,9 @@ impl KernelFolds {
             }
             let before = self.written.get(&key).copied().unwrap_or(0);
             if total <= before {
-                if session.is_none() && gone(key.tgid) {
+                if session.is_none()
+                    && *gone_tgids.entry(key.tgid).or_insert_with(|| gone(key.tgid))
+                {
                     self.forget(&key);
                 }
                 continue;
@@ -119,6 +127,70 @@ impl KernelFolds {
         }
         out.sort_by_key(|r| r.event.boot_ns);
         out
+    }
+
+    /// Every key with its per-CPU values, a few thousand per system call (BPF_MAP_LOOKUP_BATCH):
+    /// read once per fold window, where a lookup per key would cost two system calls each.
+    fn read_all(&self) -> io::Result<Vec<(FoldKey, Vec<FoldValue>)>> {
+        const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+        #[repr(C)]
+        #[derive(Default)]
+        struct BatchAttr {
+            in_batch: u64,
+            out_batch: u64,
+            keys: u64,
+            values: u64,
+            count: u32,
+            map_fd: u32,
+            elem_flags: u64,
+            flags: u64,
+        }
+        const CHUNK: usize = 4096;
+        let fd = self.folds.map().fd().as_fd().as_raw_fd();
+        let mut keys = vec![FoldKey::default(); CHUNK];
+        let mut values = vec![FoldValue::default(); CHUNK * self.cpus];
+        // Hash maps take a bucket index as the batch token; room for more costs nothing.
+        let (mut token_in, mut token_out) = ([0u64; 2], [0u64; 2]);
+        let mut out = Vec::new();
+        let mut first = true;
+        loop {
+            let mut attr = BatchAttr {
+                in_batch: if first {
+                    0
+                } else {
+                    token_in.as_mut_ptr() as u64
+                },
+                out_batch: token_out.as_mut_ptr() as u64,
+                keys: keys.as_mut_ptr() as u64,
+                values: values.as_mut_ptr() as u64,
+                count: CHUNK as u32,
+                map_fd: fd as u32,
+                ..Default::default()
+            };
+            // SAFETY: the buffers hold `count` keys and `count * cpus` values of the map's sizes
+            // (checked at load: the map's key and value sizes are these types'), and live across
+            // the call.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_MAP_LOOKUP_BATCH,
+                    &mut attr as *mut BatchAttr,
+                    std::mem::size_of::<BatchAttr>(),
+                )
+            };
+            let err = (r < 0).then(io::Error::last_os_error);
+            let n = attr.count as usize;
+            for (i, key) in keys.iter().take(n).enumerate() {
+                out.push((*key, values[i * self.cpus..(i + 1) * self.cpus].to_vec()));
+            }
+            match err {
+                None => {}
+                Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+                Some(e) => return Err(e),
+            }
+            token_in = token_out;
+            first = false;
+        }
     }
 
     /// Removes an ended session's keys, once `take` has written their last repeats.

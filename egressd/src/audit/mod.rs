@@ -83,8 +83,14 @@ pub struct Tuning {
     pub fold_window: Duration,
 }
 
-/// Events taken from the ring per drain.
-const DRAIN_BOUND: usize = 16_384;
+/// Decisions folded here (not in the kernel) held for their window at most; beyond, all are written.
+/// A held record takes about a kilobyte: this bounds the memory a flood of distinct decisions
+/// costs when the kernel's map is full.
+const MAX_PENDING_FOLDS: usize = 2048;
+
+/// Events taken from the ring per drain. A drain's records are built, serialized and written in one
+/// batch of about 3 KiB each: the bound is also what a flood costs in memory.
+const DRAIN_BOUND: usize = 4096;
 
 /// While events come, how soon the next drain follows one that found some.
 const DRAIN_AGAIN: Duration = Duration::from_millis(3);
@@ -130,6 +136,8 @@ struct Pipeline {
     /// CLOCK_REALTIME - CLOCK_BOOTTIME, to turn kernel timestamps into wall time.
     boot_offset_ns: i128,
     last_sync: Instant,
+    /// Records written since the heap was last handed back (see `tick_trim`).
+    written_since_trim: usize,
 }
 
 pub struct Shared {
@@ -184,6 +192,7 @@ pub async fn run(
         exe_cache: HashMap::new(),
         boot_offset_ns: boot_offset_ns(),
         last_sync: Instant::now(),
+        written_since_trim: 0,
     };
     p.flush();
     // The kernel wakes us for the first event into an empty ring (and at a quarter full), not for
@@ -207,7 +216,7 @@ pub async fn run(
                     guard.clear_ready();
                     if taken > 0 {
                         p.write_out();
-                        soon.get_or_insert_with(|| Box::pin(tokio::time::sleep(DRAIN_AGAIN)));
+                        soon.get_or_insert_with(|| Box::pin(tokio::time::sleep(again(taken))));
                     }
                 }
             }
@@ -215,7 +224,7 @@ pub async fn run(
                 let taken = p.drain(ring.get_mut());
                 if taken > 0 {
                     p.write_out();
-                    soon = Some(Box::pin(tokio::time::sleep(DRAIN_AGAIN)));
+                    soon = Some(Box::pin(tokio::time::sleep(again(taken))));
                 } else {
                     soon = None;
                 }
@@ -228,6 +237,7 @@ pub async fn run(
                 }
                 p.report_lost().await;
                 p.flush();
+                p.trim();
             }
             msg = rx.recv() => {
                 let Some(msg) = msg else { break };
@@ -250,6 +260,16 @@ pub async fn run(
     p.flush_folds(true, None);
     p.kernel_repeats(None);
     p.flush_with(writer::Sync::Now);
+}
+
+/// When to drain again after a drain that took `taken` events: at once when it stopped at the
+/// bound (the ring holds more), else a little later, so the events in between need no wakeup.
+fn again(taken: usize) -> Duration {
+    if taken >= DRAIN_BOUND {
+        Duration::ZERO
+    } else {
+        DRAIN_AGAIN
+    }
 }
 
 fn boot_offset_ns() -> i128 {
@@ -329,6 +349,7 @@ impl Pipeline {
         // Writing (and a synchronous fdatasync) blocks: let the runtime move the resolver and
         // control tasks off this worker.
         let flushed = tokio::task::block_in_place(|| self.writer.flush(sync));
+        self.written_since_trim += flushed.written.len();
         if flushed.lost > 0 {
             if let Ok(mut l) = self.lost_by_session.lock() {
                 for live in self.sessions.values() {
@@ -357,6 +378,17 @@ impl Pipeline {
             self.note(note);
         }
         self.publish();
+    }
+
+    /// After a burst (a flood writes a few thousand records per drain, a few KiB each while being
+    /// built and serialized), hands the freed heap back: without it, the allocator's per-thread
+    /// arenas keep a flood's peak (100-200 MiB) resident for good.
+    fn trim(&mut self) {
+        if self.written_since_trim >= 20_000 {
+            self.written_since_trim = 0;
+            // SAFETY: malloc_trim only releases free memory.
+            unsafe { libc::malloc_trim(0) };
+        }
     }
 
     fn publish(&self) {
@@ -391,7 +423,7 @@ impl Pipeline {
             drop(item);
             self.fold(ev);
         }
-        if self.folds.len() > 10_000 {
+        if self.folds.len() > MAX_PENDING_FOLDS {
             self.flush_folds(true, None);
         }
         taken
@@ -402,7 +434,7 @@ impl Pipeline {
     /// is at most its size in events (a million for a 64 MiB ring): bounded, though other sessions
     /// keep adding.
     fn drain_all(&mut self, ring: &mut RingBuf<MapData>) {
-        for _ in 0..64 {
+        for _ in 0..256 {
             if self.drain(ring) < DRAIN_BOUND {
                 break;
             }
