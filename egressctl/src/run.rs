@@ -25,7 +25,7 @@ use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
-use crate::client::Client;
+use crate::client::{Client, NoAnswer};
 
 pub fn run(
     socket: &Path,
@@ -46,10 +46,16 @@ pub fn run(
     }) {
         Ok(Reply::Started(s)) => s,
         Ok(other) => bail!("unexpected reply from egressd: {other:?}; nothing was run"),
-        Err(e) => return Err(e.context("the sandbox could not be set up; nothing was run")),
+        Err(e) => {
+            return Err(not_run(
+                e,
+                "the sandbox could not be set up; nothing was run",
+            ))
+        }
     };
-    verify_enforced(&mut client, &started)
-        .context("the kernel does not enforce this sandbox; nothing was run (check `egressctl status` and `egressctl doctor`)")?;
+    verify_enforced(&mut client, &started).map_err(|e| {
+        not_run(e, "the kernel does not enforce this sandbox; nothing was run (check `egressctl status` and `egressctl doctor`)")
+    })?;
     // The connection stays open: it was made before the move, and a session task cannot make a
     // new unix connect without the supervisor (egressd keeps it for the session's life). The child
     // hands egressd its seccomp listener on it, and the summary comes back on it.
@@ -100,6 +106,16 @@ pub fn run(
         ),
     }
     Ok(ExitCode::from(status))
+}
+
+/// `e` with `context`, except when egressd did not answer: that message already says what to
+/// check, so it only gets "nothing was run".
+fn not_run(e: anyhow::Error, context: &'static str) -> anyhow::Error {
+    if e.is::<NoAnswer>() {
+        anyhow::anyhow!("{e}; nothing was run")
+    } else {
+        e.context(context)
+    }
 }
 
 /// From inside the new cgroup: we really are in the session's cgroup, and every hook egressd needs
