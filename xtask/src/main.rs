@@ -25,8 +25,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what building the eBPF programs and running the tests needs (idempotent).
-    Bootstrap,
+    /// Install what a command needs (idempotent): with no argument, everything (the eBPF build
+    /// chain, what egressd needs to run, and the tools of the tests and the bench).
+    Bootstrap {
+        #[arg(value_enum, value_name = "FOR")]
+        need: Option<bootstrap::Need>,
+    },
     /// Bootstrap, then build egressd and egressctl (release).
     Build,
     /// Bootstrap, build, start egressd with its default policy if none is running, and run CMD in a
@@ -77,34 +81,34 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Task::Bootstrap => bootstrap::run(),
+        Task::Bootstrap { need } => bootstrap::run(need.unwrap_or(bootstrap::Need::All)),
         Task::Build => {
-            bootstrap::run()?;
+            bootstrap::run(bootstrap::Need::Build)?;
             build_release()
         }
         Task::Run { profile, command } => {
-            bootstrap::run()?;
+            bootstrap::run(bootstrap::Need::Run)?;
             build_release()?;
             run(profile, command)
         }
         Task::Package { check } => {
-            bootstrap::run()?;
+            bootstrap::run(bootstrap::Need::Build)?;
             build_release()?;
             package::run(check)
         }
         Task::Fuzz { seconds } => {
-            bootstrap::run()?;
+            bootstrap::run(bootstrap::Need::Build)?;
             fuzz::run(seconds)
         }
         Task::Test { args } => {
-            bootstrap::run()?;
+            bootstrap::run(bootstrap::Need::Test)?;
             test(&args)
         }
         Task::Bench { quick, only } => {
             if !is_root() {
                 bail!("the bench loads eBPF programs, creates cgroups, network namespaces and nftables rules: run `sudo cargo xtask bench`");
             }
-            bootstrap::run()?;
+            bootstrap::run(bootstrap::Need::Bench)?;
             bench::run(quick, only.as_deref())
         }
     }
