@@ -5,7 +5,7 @@
 
 use std::{
     fs,
-    io::Write as _,
+    io::Write,
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::{FromRawFd as _, OwnedFd},
     os::unix::process::CommandExt as _,
@@ -436,15 +436,28 @@ pub fn verify(socket: &Path) -> anyhow::Result<ExitCode> {
     let _ = victim.kill();
     let _ = victim.wait();
     drop(host);
+    report(&mut std::io::stdout().lock(), &rows, failed)?;
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// The table, then one line about the test host (and one more when a way was not blocked).
+fn report(
+    out: &mut impl Write,
+    rows: &[(&str, &str, &str, String)],
+    failed: bool,
+) -> std::io::Result<()> {
     let w0 = rows.iter().map(|r| r.0.len()).max().unwrap_or(10);
     let w2 = rows.iter().map(|r| r.2.len()).max().unwrap_or(10);
-    let mut out = std::io::stdout().lock();
     writeln!(
         out,
         "{:<w0$}  {:<8}  {:<w2$}  DETAIL",
         "WAY", "RESULT", "LAYER"
     )?;
-    for (name, status, layer, detail) in &rows {
+    for (name, status, layer, detail) in rows {
         writeln!(out, "{name:<w0$}  {status:<8}  {layer:<w2$}  {detail}")?;
     }
     writeln!(
@@ -453,9 +466,8 @@ pub fn verify(socket: &Path) -> anyhow::Result<ExitCode> {
     )?;
     if failed {
         writeln!(out, "SOME WAYS WERE NOT BLOCKED: see the rows above")?;
-        return Ok(ExitCode::FAILURE);
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// blocked: refused (or answered locally) and nothing reached the test host.
@@ -474,5 +486,81 @@ fn judge(way: &Way, line: &str, received: u64) -> (&'static str, String) {
         ),
         (_, l) if l.starts_with("blocked ") => ("blocked", l["blocked ".len()..].to_string()),
         (_, l) => ("OPEN", l.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The README's `egressctl verify` sample, as printed (the 4-space indent removed).
+    fn readme_sample() -> String {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("    $ sudo egressctl verify\n")
+            .expect("README has the verify sample");
+        readme[start..]
+            .lines()
+            .skip(1)
+            .take_while(|l| l.is_empty() || l.starts_with("    "))
+            .map(|l| l.strip_prefix("    ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .trim_end()
+            .to_string()
+            + "\n"
+    }
+
+    #[test]
+    fn the_report_ends_with_one_test_host_line() {
+        let rows = [
+            (
+                "TCP connect, IPv4",
+                "blocked",
+                "cgroup/connect4",
+                "refused".to_string(),
+            ),
+            ("raw socket", "OPEN", "capabilities", "created".to_string()),
+        ];
+        for failed in [false, true] {
+            let mut out = Vec::new();
+            report(&mut out, &rows, failed).unwrap();
+            let text = String::from_utf8(out).unwrap();
+            assert_eq!(text.matches("test host ").count(), 1, "{text}");
+            let last = text.lines().last().unwrap();
+            if failed {
+                assert!(last.starts_with("SOME WAYS WERE NOT BLOCKED"), "{text}");
+                assert_eq!(text.matches("SOME WAYS").count(), 1, "{text}");
+            } else {
+                assert!(last.starts_with("test host "), "{text}");
+            }
+        }
+    }
+
+    /// The README's sample is what `report` prints for its rows: same columns, one last line.
+    #[test]
+    fn the_readme_sample_is_what_the_report_prints() {
+        let sample = readme_sample();
+        let lines: Vec<&str> = sample.lines().collect();
+        let rows: Vec<(&str, &str, &str, String)> = lines[1..]
+            .iter()
+            .take_while(|l| !l.is_empty())
+            .map(|l| {
+                let cols: Vec<&str> = l
+                    .split("  ")
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .collect();
+                assert_eq!(cols.len(), 4, "{l}");
+                (cols[0], cols[1], cols[2], cols[3].to_string())
+            })
+            .collect();
+        assert_eq!(rows.len(), ways().len());
+        for (row, way) in rows.iter().zip(ways()) {
+            assert_eq!((row.0, row.2), (way.name, way.layer));
+        }
+        let mut out = Vec::new();
+        report(&mut out, &rows, false).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), sample);
     }
 }
