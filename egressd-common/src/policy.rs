@@ -50,6 +50,7 @@ pub struct Config {
     pub audit: AuditConfig,
     #[serde(default)]
     pub dns: DnsConfig,
+    /// The file's profiles plus the built-in ones it does not redefine (see [`Config::parse`]).
     #[serde(default = "builtin_profiles")]
     pub profiles: BTreeMap<String, ProfileConfig>,
     /// Who may use which profile. Without this table every user may use every profile.
@@ -605,11 +606,17 @@ impl Config {
         }
     }
 
+    /// A policy file's text. The built-in profiles (`airgap`, `strict`) stay available next to the
+    /// file's own: a file that defines only `[profiles.lan]` keeps `default_profile = "airgap"`
+    /// working. A file's `[profiles.airgap]` replaces the built-in one.
     pub fn parse(path: &Path, text: &str) -> Result<Config, PolicyError> {
-        let config: Config = toml::from_str(text).map_err(|e| PolicyError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|e| PolicyError::Parse {
             path: path.to_owned(),
             message: e.to_string().trim_end().to_string(),
         })?;
+        for (name, builtin) in builtin_profiles() {
+            config.profiles.entry(name).or_insert(builtin);
+        }
         config.validate().map_err(|message| PolicyError::Invalid {
             path: path.to_owned(),
             message,
@@ -634,7 +641,7 @@ impl Config {
         }
         if self.profiles.len() > crate::MAX_PROFILES as usize {
             return Err(format!(
-                "{} profiles; at most {} are supported",
+                "{} profiles (the built-in ones included); at most {} are supported",
                 self.profiles.len(),
                 crate::MAX_PROFILES
             ));
@@ -935,6 +942,42 @@ mod tests {
         let p = compile_profile(&c.profiles["airgap"]).unwrap();
         assert_eq!(p.profile.flags, PROFILE_PRESENT | PROFILE_LOOPBACK_ALL);
         assert!(p.allow.is_empty());
+    }
+
+    #[test]
+    fn a_file_with_its_own_profiles_keeps_the_built_in_ones() {
+        let c = Config::parse(
+            Path::new("x.toml"),
+            "[profiles.lan]\nallow = [\"10.20.0.5/32:8000/tcp\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.default_profile, BUILTIN_PROFILE);
+        assert_eq!(
+            c.profiles.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["airgap", "lan", "strict"]
+        );
+        assert_eq!(c.profiles["airgap"], Config::default().profiles["airgap"]);
+        assert_eq!(c.profiles["lan"].allow.len(), 1);
+
+        let c = Config::parse(
+            Path::new("x.toml"),
+            "default_profile = \"strict\"\n[profiles.lan]\n",
+        )
+        .unwrap();
+        assert_eq!(c.profiles["strict"], Config::default().profiles["strict"]);
+    }
+
+    #[test]
+    fn a_file_that_redefines_a_built_in_profile_uses_its_own() {
+        let text =
+            "[profiles.airgap]\ndescription = \"mine\"\nmode = \"audit\"\nloopback = [8080]\n";
+        let c = Config::parse(Path::new("x.toml"), text).unwrap();
+        let airgap = &c.profiles["airgap"];
+        assert_eq!(airgap.description.as_deref(), Some("mine"));
+        assert_eq!(airgap.mode, Mode::Audit);
+        assert_eq!(airgap.loopback, Loopback::Ports(std::vec![8080]));
+        assert_eq!(c.profiles["strict"], Config::default().profiles["strict"]);
+        assert_eq!(c.profiles.len(), 2);
     }
 
     #[test]
