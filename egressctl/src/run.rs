@@ -154,6 +154,11 @@ fn verify_enforced(client: &mut Client, started: &SessionStarted) -> anyhow::Res
         if !missing.is_empty() {
             bail!("not effective here: {}", missing.join(", "));
         }
+    } else if let Some(missing) = &started.missing {
+        // egressd ran the query on this cgroup after moving us in, which we have just confirmed.
+        if !missing.is_empty() {
+            bail!("not effective here: {}", missing.join(", "));
+        }
     } else {
         match client.call(Op::CheckEnforced {
             id: started.id.clone(),

@@ -132,6 +132,11 @@ pub struct SessionStarted {
     /// The session's filtered session bus (`DBUS_SESSION_BUS_ADDRESS` for CMD), when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bus: Option<String>,
+    /// The hooks whose egressd program is not effective on the session's cgroup, as egressd found
+    /// them after moving the caller in (what `CheckEnforced` answers, without the round trip);
+    /// None from an egressd that does not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing: Option<Vec<String>>,
 }
 
 fn yes() -> bool {

@@ -893,11 +893,11 @@ pub fn egressd_skb_egress(ctx: SkBuffContext) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: helper reads the skb's socket cgroup; the context is valid for the whole run.
     let ancestor = |level| unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb.cast(), level) };
-    let session = session_level(ancestor).map_or(0, ancestor);
     if ifindex == LOOPBACK_IFINDEX {
-        note_dns_client(&ctx, session);
+        note_dns_client(&ctx, ancestor);
         return ALLOW_VERDICT;
     }
+    let session = session_level(ancestor).map_or(0, ancestor);
     // SAFETY: the value is plain old data copied out immediately.
     let info = unsafe { SESSIONS.get(&session) }.copied();
     let generation = policy_generation();
@@ -943,7 +943,7 @@ pub fn egressd_skb_egress(ctx: SkBuffContext) -> i32 {
 /// loopback, the session of the socket that sent it (read here, from the packet's socket, so a
 /// sandbox cannot claim another session's rights), with the origin its redirect recorded.
 #[inline(always)]
-fn note_dns_client(ctx: &SkBuffContext, session: u64) {
+fn note_dns_client(ctx: &SkBuffContext, ancestor: impl Fn(i32) -> u64) {
     let port = dns_port();
     if port == 0 {
         return;
@@ -954,6 +954,7 @@ fn note_dns_client(ctx: &SkBuffContext, session: u64) {
     if dst_port != port {
         return;
     }
+    let session = session_level(&ancestor).map_or(0, &ancestor);
     // SAFETY: the context is a valid skb for the whole run.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     // SAFETY: the value is plain old data copied out immediately.

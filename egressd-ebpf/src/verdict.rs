@@ -239,31 +239,40 @@ fn l4_port(ctx: &SkBuffContext, proto: u8, offset: usize) -> u16 {
 }
 
 /// For a TCP or UDP packet to 127.0.0.1 or ::1: the client's key as the resolver sees it (source
-/// port, protocol, wire family) and the destination port.
+/// port, protocol, wire family) and the destination port. One load of the headers (every loopback
+/// packet of a session passes here, so a helper call per field was most of the backstop's cost).
 #[inline(always)]
 pub fn loopback_ports(ctx: &SkBuffContext) -> Option<(DnsPeerKey, u16)> {
     let first: u8 = ctx.load(0).ok()?;
-    let (family, proto, offset) = match first >> 4 {
+    let (family, proto, ports) = match first >> 4 {
         4 => {
-            let dst: [u8; 4] = ctx.load(16).ok()?;
-            if dst != [127, 0, 0, 1] {
+            // The 20-byte header without options and the ports; with options, read them apart.
+            let h: [u8; 24] = ctx.load(0).ok()?;
+            if h[16..20] != [127, 0, 0, 1] {
                 return None;
             }
-            (4u8, ctx.load::<u8>(9).ok()?, ((first & 0x0f) as usize) * 4)
+            let ihl = ((first & 0x0f) as usize) * 4;
+            let ports: [u8; 4] = if ihl == 20 {
+                [h[20], h[21], h[22], h[23]]
+            } else if ihl <= 60 {
+                ctx.load(ihl).ok()?
+            } else {
+                return None;
+            };
+            (4u8, h[9], ports)
         }
         6 => {
-            let dst: [u8; 16] = ctx.load(24).ok()?;
-            if dst != [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1] {
+            let h: [u8; 44] = ctx.load(0).ok()?;
+            if h[24..40] != [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1] {
                 return None;
             }
-            (6u8, ctx.load::<u8>(6).ok()?, 40)
+            (6u8, h[6], [h[40], h[41], h[42], h[43]])
         }
         _ => return None,
     };
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP || offset > 60 {
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return None;
     }
-    let ports: [u8; 4] = ctx.load(offset).ok()?;
     Some((
         DnsPeerKey {
             port: u16::from_be_bytes([ports[0], ports[1]]),

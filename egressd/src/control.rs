@@ -585,8 +585,12 @@ async fn start_session(
         None
     };
     let cgroup = session.cgroup.clone();
+    // The enforcement check egressctl would otherwise ask for in a second round trip (a failed
+    // query is not an answer: egressctl then asks itself).
+    let missing = state.enforcer.missing_on(session.dir.clone()).await.ok();
     state.registry.lock().await.insert(session);
     Ok(SessionStarted {
+        missing,
         id,
         profile,
         cgroup,

@@ -232,8 +232,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     )
     .context("attaching the kernel programs")?;
     // Loading parsed the object and the kernel's BTF: hand the freed heap back (idle RSS).
-    // SAFETY: malloc_trim only releases free memory.
-    unsafe { libc::malloc_trim(0) };
+    // A fixed mmap threshold: glibc otherwise raises it to the largest block freed so far, and a
+    // flood's batch buffers (a megabyte or more) would then come from the heap and stay resident.
+    // SAFETY: malloc_trim only releases free memory; mallopt changes a tunable.
+    unsafe {
+        libc::malloc_trim(0);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+    }
     let hooks = enforcer.hooks();
     let layers = enforcer.layers();
     let unix_missing = enforcer.unix_missing();

@@ -18,6 +18,9 @@ use egressd_common::{Event, FoldKey, FoldValue};
 
 use crate::enforcer::FoldMaps;
 
+/// Keys read per BPF_MAP_LOOKUP_BATCH call.
+const BATCH: usize = 1024;
+
 /// Repeats of one key not yet in the log.
 pub struct Repeats {
     /// The first occurrence's task fields, the key's destination and verdict, the latest repeat's
@@ -30,6 +33,10 @@ pub struct KernelFolds {
     folds: PerCpuHashMap<MapData, FoldKey, FoldValue>,
     /// Possible CPUs: the number of values per key the kernel copies out.
     cpus: usize,
+    /// `read_all`'s buffers, kept: allocating and freeing half a megabyte each window made the
+    /// allocator raise its mmap threshold, and a flood's buffers then stayed resident.
+    key_buf: Vec<FoldKey>,
+    value_buf: Vec<FoldValue>,
     reported: BpfHashMap<MapData, FoldKey, u64>,
     /// `FOLD_REPORTED` as last written.
     written: HashMap<FoldKey, u64>,
@@ -45,8 +52,11 @@ impl KernelFolds {
         // Keys a previous daemon left had their first event taken by it, or wait in the pinned
         // ring, which this daemon drains before it reads repeats.
         let seen = maps.folds.keys().filter_map(Result::ok).collect();
+        let cpus = aya::util::nr_cpus().unwrap_or(1);
         KernelFolds {
-            cpus: aya::util::nr_cpus().unwrap_or(1),
+            cpus,
+            key_buf: vec![FoldKey::default(); BATCH],
+            value_buf: vec![FoldValue::default(); BATCH * cpus],
             folds: maps.folds,
             reported: maps.reported,
             written,
@@ -131,7 +141,7 @@ impl KernelFolds {
 
     /// Every key with its per-CPU values, a few thousand per system call (BPF_MAP_LOOKUP_BATCH):
     /// read once per fold window, where a lookup per key would cost two system calls each.
-    fn read_all(&self) -> io::Result<Vec<(FoldKey, Vec<FoldValue>)>> {
+    fn read_all(&mut self) -> io::Result<Vec<(FoldKey, Vec<FoldValue>)>> {
         const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
         #[repr(C)]
         #[derive(Default)]
@@ -145,10 +155,8 @@ impl KernelFolds {
             elem_flags: u64,
             flags: u64,
         }
-        const CHUNK: usize = 4096;
         let fd = self.folds.map().fd().as_fd().as_raw_fd();
-        let mut keys = vec![FoldKey::default(); CHUNK];
-        let mut values = vec![FoldValue::default(); CHUNK * self.cpus];
+        let (keys, values) = (&mut self.key_buf, &mut self.value_buf);
         // Hash maps take a bucket index as the batch token; room for more costs nothing.
         let (mut token_in, mut token_out) = ([0u64; 2], [0u64; 2]);
         let mut out = Vec::new();
@@ -163,7 +171,7 @@ impl KernelFolds {
                 out_batch: token_out.as_mut_ptr() as u64,
                 keys: keys.as_mut_ptr() as u64,
                 values: values.as_mut_ptr() as u64,
-                count: CHUNK as u32,
+                count: BATCH as u32,
                 map_fd: fd as u32,
                 ..Default::default()
             };

@@ -99,8 +99,11 @@ const DRAIN_AGAIN: Duration = Duration::from_millis(3);
 /// its own) with the tick.
 const SYNC_EVERY: Duration = Duration::from_millis(200);
 
+/// A decision folded here: its first occurrence (written), with the latest repeat's time, and the
+/// repeats since.
 struct Pending {
-    record: Record,
+    event: Event,
+    repeats: u64,
     first: Instant,
 }
 
@@ -463,27 +466,29 @@ impl Pipeline {
             self.write_kernel(ev.session, record);
             return;
         }
+        // Folded here the way the kernel folds: the first occurrence is written at once, its
+        // repeats within the window as one record with their count.
         if !self.tuning.fold_window.is_zero() {
             if let Some(p) = self.folds.get_mut(&key) {
-                *p.record.count.get_or_insert(1) += 1;
+                p.repeats += 1;
+                p.event.boot_ns = ev.boot_ns;
                 return;
             }
-        }
-        let record = self.decision(&ev);
-        if self.tuning.fold_window.is_zero() {
-            self.write_kernel(ev.session, record);
-        } else {
             self.folds.insert(
                 key,
                 Pending {
-                    record,
+                    event: ev,
+                    repeats: 0,
                     first: Instant::now(),
                 },
             );
         }
+        let record = self.decision(&ev);
+        self.write_kernel(ev.session, record);
     }
 
-    /// Writes folded records whose window has passed (or all, or all of one session), oldest first.
+    /// Writes the repeats folded here whose window has passed (or all, or all of one session),
+    /// oldest first.
     fn flush_folds(&mut self, all: bool, session: Option<u64>) {
         let window = self.tuning.fold_window;
         let mut due: Vec<FoldKey> = self
@@ -492,10 +497,15 @@ impl Pipeline {
             .filter(|(k, p)| all || session == Some(k.session) || p.first.elapsed() >= window)
             .map(|(k, _)| *k)
             .collect();
-        due.sort_by(|a, b| self.folds[a].record.time.cmp(&self.folds[b].record.time));
+        due.sort_by_key(|k| self.folds[k].event.boot_ns);
         for k in due {
-            if let Some(p) = self.folds.remove(&k) {
-                self.write_kernel(k.session, p.record);
+            let Some(p) = self.folds.remove(&k) else {
+                continue;
+            };
+            if p.repeats > 0 {
+                let mut record = self.decision(&p.event);
+                record.count = Some(p.repeats);
+                self.write_kernel(k.session, record);
             }
         }
     }

@@ -38,7 +38,7 @@ impl Plan {
     }
 }
 
-const NET_POLICY: &str = "default_profile = \"enforce\"\n[profiles.enforce]\nmode = \"enforce\"\nloopback = true\n[profiles.watch]\nmode = \"audit\"\nloopback = true\n";
+const NET_POLICY: &str = "default_profile = \"enforce\"\n[profiles.enforce]\nmode = \"enforce\"\nloopback = true\n[profiles.watch]\nmode = \"audit\"\nloopback = true\n[profiles.kernel]\nmode = \"enforce\"\nloopback = true\nunix = \"open\"\n";
 
 pub fn run(quick: bool, only: Option<&str>) -> anyhow::Result<()> {
     let wants = |part: char| only.is_none_or(|o| o.contains(part));

@@ -19,13 +19,17 @@ pub enum Variant {
     None,
     Egressd,
     Audit,
+    /// egressd's kernel programs alone: a profile with `unix = "open"`, so no connect(2) goes
+    /// through the unix supervisor. What the programs cost, apart from the unix layer.
+    KernelOnly,
     Nft,
 }
 
-pub const VARIANTS: [Variant; 4] = [
+pub const VARIANTS: [Variant; 5] = [
     Variant::None,
     Variant::Egressd,
     Variant::Audit,
+    Variant::KernelOnly,
     Variant::Nft,
 ];
 
@@ -35,6 +39,7 @@ impl Variant {
             Variant::None => "no enforcement",
             Variant::Egressd => "egressd (enforce)",
             Variant::Audit => "egressd (audit mode)",
+            Variant::KernelOnly => "egressd, unix layer off",
             Variant::Nft => "nftables (cgroup match)",
         }
     }
@@ -60,6 +65,7 @@ impl Net<'_> {
             }
             Variant::Egressd => json_of(&mut self.daemon.run_cmd(Some("enforce"), &argv)),
             Variant::Audit => json_of(&mut self.daemon.run_cmd(Some("watch"), &argv)),
+            Variant::KernelOnly => json_of(&mut self.daemon.run_cmd(Some("kernel"), &argv)),
         }
     }
 }
@@ -140,7 +146,8 @@ pub fn run(net: &Net, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
     for round in 0..plan.rounds {
         eprintln!("bench: (a,b) network, round {}/{}", round + 1, plan.rounds);
         // Rotate the order each round, so no variant always runs first or last.
-        let order: Vec<Variant> = (0..4).map(|i| VARIANTS[(i + round) % 4]).collect();
+        let n = VARIANTS.len();
+        let order: Vec<Variant> = (0..n).map(|i| VARIANTS[(i + round) % n]).collect();
         for &v in &order {
             let r = net.run(v, &["tcp-connect", &net.sinks.tcp, &tcp_s])?;
             if f(&r, "errors") > 0.0 {
