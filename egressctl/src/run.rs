@@ -85,11 +85,12 @@ pub fn run(
         id: started.id.clone(),
     }) {
         Ok(Reply::Session(s)) => eprintln!(
-            "egressd: session {} {}: {} allowed, {} denied{}",
+            "egressd: session {} {}: {} allowed, {} denied{}{}",
             s.id,
             exit_words(status),
             s.counters.allowed,
             s.counters.denied + s.counters.sockets_refused,
+            dns_words(&s),
             if s.audit_lost > 0 {
                 format!(
                     "; {} of its records could not be written to the audit log (counted as lost; `egressctl status` says why)",
@@ -175,6 +176,20 @@ fn verify_enforced(client: &mut Client, started: &SessionStarted) -> anyhow::Res
 fn cgroup_dir(relative: &str) -> anyhow::Result<PathBuf> {
     let mount = egressd_common::host::cgroup2_mount().context("no cgroup2 mount")?;
     Ok(mount.join(relative.trim_start_matches('/')))
+}
+
+/// The session's refused DNS names, for the end line: a name alone can carry data out, and an
+/// agent's telemetry often stops at its lookup.
+fn dns_words(s: &egressd_common::protocol::SessionView) -> String {
+    match (s.dns_names_denied, s.dns_denied) {
+        (_, 0) => String::new(),
+        (1, 1) => ", 1 DNS name denied".into(),
+        (n, q) if n == q => format!(", {n} DNS names denied"),
+        (n, q) => format!(
+            ", {n} DNS name{} denied ({q} queries)",
+            if n == 1 { "" } else { "s" }
+        ),
+    }
 }
 
 static CHILD: AtomicI32 = AtomicI32::new(0);

@@ -71,8 +71,8 @@ pub fn ps(socket: &Path, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<9} {:<10} {:>6} {:<16} {:>9} {:>8} {:>7}  COMMAND",
-        "SESSION", "PROFILE", "UID", "PIDS", "STARTED", "ALLOWED", "DENIED"
+        "{:<9} {:<10} {:>6} {:<16} {:>9} {:>8} {:>7} {:>8}  COMMAND",
+        "SESSION", "PROFILE", "UID", "PIDS", "STARTED", "ALLOWED", "DENIED", "DNS-DENY"
     );
     for s in sessions {
         let pids = s
@@ -82,7 +82,7 @@ pub fn ps(socket: &Path, json: bool) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(",");
         println!(
-            "{:<9} {:<10} {:>6} {:<16} {:>9} {:>8} {:>7}  {}",
+            "{:<9} {:<10} {:>6} {:<16} {:>9} {:>8} {:>7} {:>8}  {}",
             s.id,
             s.profile,
             s.uid,
@@ -90,6 +90,7 @@ pub fn ps(socket: &Path, json: bool) -> anyhow::Result<()> {
             ago(s.started),
             s.counters.allowed,
             s.counters.denied + s.counters.sockets_refused,
+            s.dns_names_denied,
             s.argv.join(" ")
         );
     }

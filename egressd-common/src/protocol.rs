@@ -228,6 +228,14 @@ pub struct SessionView {
     /// counted in a `lost` record.
     #[serde(default)]
     pub audit_lost: u64,
+    /// DNS queries of this session the resolver answered, and refused (NXDOMAIN, REFUSED,
+    /// malformed); `dns_names_denied` counts the distinct names refused.
+    #[serde(default)]
+    pub dns_allowed: u64,
+    #[serde(default)]
+    pub dns_denied: u64,
+    #[serde(default)]
+    pub dns_names_denied: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

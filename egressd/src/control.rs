@@ -318,6 +318,7 @@ async fn view(state: &State, s: &Session) -> SessionView {
     counters.allowed += unix_allowed;
     counters.denied += unix_refused;
     let mut view = s.view(counters);
+    (view.dns_allowed, view.dns_denied, view.dns_names_denied) = state.dns.get(s.cgroup_id);
     view.audit_lost = state
         .audit_lost
         .lock()

@@ -115,6 +115,8 @@ pub struct State {
     pub socket_path: PathBuf,
     /// Unix connects decided by the supervisor, per session.
     pub handoff: crate::handoff::Counts,
+    /// DNS queries decided by the resolver, per session.
+    pub dns: crate::dns::Counts,
     /// Sessions whose connects are supervised (a session hands its listener over once).
     pub supervised: Mutex<std::collections::HashSet<String>>,
     /// Each session's filtering proxy of the user's session bus, stopped when the session ends.
@@ -170,6 +172,7 @@ impl State {
             audit_lost: wiring.audit_lost,
             socket_path: wiring.socket_path,
             handoff: Default::default(),
+            dns: Default::default(),
             supervised: Default::default(),
             buses: Default::default(),
             watcher: readable_fd(Watcher(inotify))?,
@@ -469,6 +472,7 @@ impl State {
                 .await
                 .unwrap_or_default();
             let (unix_allowed, unix_refused) = self.handoff.take(s.cgroup_id);
+            self.dns.forget(s.cgroup_id);
             let mut totals = kernel;
             totals.allowed += unix_allowed;
             totals.denied += unix_refused;

@@ -43,6 +43,9 @@ impl Session {
             argv: self.argv.clone(),
             counters,
             audit_lost: 0,
+            dns_allowed: 0,
+            dns_denied: 0,
+            dns_names_denied: 0,
         }
     }
 }

@@ -475,12 +475,11 @@ pub fn text(out: &Output) -> String {
 pub fn summary(out: &Output) -> Option<(u64, u64)> {
     let err = String::from_utf8_lossy(&out.stderr);
     let line = err.lines().find(|l| l.contains(" allowed, "))?;
-    let nums: Vec<u64> = line
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|w| w.parse().ok())
-        .collect();
-    let n = nums.len();
-    (n >= 2).then(|| (nums[n - 2], nums[n - 1]))
+    // "...: N allowed, M denied[, K DNS names denied ...]"
+    let (before, after) = line.split_once(" allowed, ")?;
+    let allowed = before.rsplit(' ').next()?.parse().ok()?;
+    let denied = after.split(' ').next()?.parse().ok()?;
+    Some((allowed, denied))
 }
 
 pub fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {

@@ -83,6 +83,12 @@ fn names_outside_dns_allow_never_leave_the_machine() {
             "{mode} to {server_addr}: not answered NXDOMAIN:\n{}",
             text(&out)
         );
+        // The person at the terminal is told, at the session's end, next to the connections.
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(" denied, 1 DNS name denied"),
+            "{mode} to {server_addr}: the end line does not count the denied name:\n{}",
+            text(&out)
+        );
         if mode.starts_with("udp") {
             assert!(
                 stdout.contains(&format!("from={server_addr}")),
@@ -148,6 +154,12 @@ fn an_allowed_name_opens_its_addresses_until_the_ttl_ends() {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 4, "{}", text(&out));
+    // The control for the denied-name count: an allowed name is not counted as denied.
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("DNS name"),
+        "{}",
+        text(&out)
+    );
     assert_eq!(
         lines[0],
         format!("rcode=NoError answers={v4} from={STUB}"),

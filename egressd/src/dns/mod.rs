@@ -8,6 +8,7 @@ mod upstream;
 mod wire;
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
@@ -313,6 +314,11 @@ impl Resolver {
         qtype: Option<String>,
         o: Outcome,
     ) {
+        if let (Some(_), Some(from)) = (session, origin) {
+            self.state
+                .dns
+                .add(from.session, o.verdict == "allowed", qname.as_deref());
+        }
         let task = origin.filter(|o| o.redirected == 1);
         // 0: a task in a pid namespace below egressd's, with no pid egressd could name.
         let pid_tgid = task.map(|t| t.pid_tgid).filter(|&p| p != 0);
@@ -368,6 +374,58 @@ impl Resolver {
 }
 
 /// What the resolver needs of a session.
+/// The DNS decisions of each running session, by cgroup id: what `ps` and the end of
+/// `egressctl run` show next to the connections.
+#[derive(Clone, Default)]
+pub struct Counts(Arc<std::sync::Mutex<HashMap<u64, Tally>>>);
+
+#[derive(Default, Clone)]
+pub struct Tally {
+    pub allowed: u64,
+    pub denied: u64,
+    /// Distinct names refused (up to `MAX_NAMES`; past it, only counted if already there).
+    pub names_denied: std::collections::HashSet<String>,
+}
+
+/// Distinct refused names remembered per session: a tunnel trying a million names is counted in
+/// `denied`, not kept.
+const MAX_NAMES: usize = 4096;
+
+impl Counts {
+    fn add(&self, session: u64, allowed: bool, name: Option<&str>) {
+        let Ok(mut m) = self.0.lock() else { return };
+        let t = m.entry(session).or_default();
+        if allowed {
+            t.allowed += 1;
+        } else {
+            t.denied += 1;
+            if let Some(name) = name {
+                if t.names_denied.len() < MAX_NAMES && !t.names_denied.contains(name) {
+                    t.names_denied.insert(name.to_string());
+                }
+            }
+        }
+    }
+
+    /// (allowed, denied, distinct names denied) of a session.
+    pub fn get(&self, session: u64) -> (u64, u64, u64) {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|m| {
+                m.get(&session)
+                    .map(|t| (t.allowed, t.denied, t.names_denied.len() as u64))
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn forget(&self, session: u64) {
+        if let Ok(mut m) = self.0.lock() {
+            m.remove(&session);
+        }
+    }
+}
+
 struct SessionRef {
     id: String,
     dns_allow: Vec<String>,
