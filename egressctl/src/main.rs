@@ -12,6 +12,7 @@ mod run;
 mod seccomp;
 mod show;
 mod stdio;
+mod top;
 mod unix_fallback;
 mod verify;
 
@@ -64,6 +65,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Live view of sessions and what they were denied, as it happens (yours; all for root).
+    /// Full screen on a terminal (q quits, s sorts, ↑↓ and f/Enter pick one session); a plain
+    /// table every interval otherwise.
+    Top {
+        /// Only this session.
+        #[arg(long)]
+        session: Option<String>,
+        /// Refresh every MS milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 250)]
+        interval: u64,
+        /// Without a terminal: print this many tables, then exit (default: until interrupted).
+        #[arg(long, value_name = "N")]
+        rounds: Option<u64>,
+    },
     /// Check that this kernel has what egressd needs, and say what is missing.
     Doctor,
     /// Self-test (root): a throwaway session tries the ways out against a test host in a network
@@ -101,6 +116,11 @@ fn main() -> ExitCode {
         } => run::run(&cli.socket, profile, &keep_fd, command),
         Command::Status { json } => show::status(&cli.socket, json).map(|()| ExitCode::SUCCESS),
         Command::Ps { json } => show::ps(&cli.socket, json).map(|()| ExitCode::SUCCESS),
+        Command::Top {
+            session,
+            interval,
+            rounds,
+        } => top::top(&cli.socket, session, interval, rounds).map(|()| ExitCode::SUCCESS),
         Command::Doctor => Ok(doctor::doctor(&cli.socket)),
         Command::Verify => verify::verify(&cli.socket),
         Command::VerifyListen { counts } => verify::listen(&counts),

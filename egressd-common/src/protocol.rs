@@ -56,6 +56,11 @@ pub enum Op {
         id: String,
         fd: i32,
     },
+    /// The most recent denials (of the caller's sessions; all for root) with an id above `after`,
+    /// oldest first: what `egressctl top` shows as they happen.
+    Denials {
+        after: u64,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -76,6 +81,7 @@ pub enum Reply {
     Policy(PolicyView),
     /// The session's connects are supervised from now on.
     Supervised,
+    Denials(Vec<Denial>),
     Error {
         message: String,
     },
@@ -236,6 +242,25 @@ pub struct SessionView {
     pub dns_denied: u64,
     #[serde(default)]
     pub dns_names_denied: u64,
+}
+
+/// One denial as the audit log recorded it, for a person watching (`egressctl top`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct Denial {
+    /// Increasing: ask for those after the last one seen.
+    pub id: u64,
+    /// RFC 3339, as in the record.
+    pub time: String,
+    pub session: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+    /// `connect4`, `sendmsg6`, `dns`, `unix`...
+    pub hook: String,
+    /// `198.18.6.2:8080`, a DNS name, a unix socket path, a socket family.
+    pub what: String,
+    pub reason: String,
+    /// Decisions the record stands for (repeats are folded).
+    pub count: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

@@ -246,6 +246,23 @@ async fn handle(state: &State, caller: &Caller, op: Op) -> Reply {
             }
             Reply::Sessions(views)
         }
+        Op::Denials { after } => {
+            let mine: std::collections::HashSet<String> = state
+                .registry
+                .lock()
+                .await
+                .all()
+                .filter(|s| s.uid == caller.uid)
+                .map(|s| s.id.clone())
+                .collect();
+            // Root sees every denial, ended sessions' included; others those of their running
+            // sessions.
+            Reply::Denials(
+                state
+                    .recent
+                    .after(after, |s| caller.uid == 0 || mine.contains(s)),
+            )
+        }
         Op::Summary { id } => match owned_session(state, caller, &id).await {
             Ok(s) => {
                 let mut v = view(state, &s).await;

@@ -105,6 +105,8 @@ pub struct State {
     pub audit_refuses: bool,
     /// Records each running session lost to the audit log, published by the audit task.
     pub audit_lost: audit::LostBySession,
+    /// The latest denials, published by the audit task (`egressctl top`).
+    pub recent: audit::RecentDenials,
     /// Enforcement layers in force ("cgroup", "lsm"), fixed at start.
     pub layers: Vec<String>,
     /// The connection to systemd, with the systemd backend (made once at start and kept).
@@ -138,6 +140,7 @@ pub struct Wiring {
     pub audit_health: audit::SharedHealth,
     pub audit_refuses: bool,
     pub audit_lost: audit::LostBySession,
+    pub recent: audit::RecentDenials,
 }
 
 impl State {
@@ -170,6 +173,7 @@ impl State {
             audit_health: wiring.audit_health,
             audit_refuses: wiring.audit_refuses,
             audit_lost: wiring.audit_lost,
+            recent: wiring.recent,
             socket_path: wiring.socket_path,
             handoff: Default::default(),
             dns: Default::default(),

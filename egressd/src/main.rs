@@ -264,12 +264,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let recent = audit::RecentDenials::default();
     let shared = audit::Shared {
         hashes,
         names: names.clone(),
         syslog,
         health: audit::Health::new(&config.audit, health_view.clone()),
         lost: audit_lost.clone(),
+        recent: recent.clone(),
     };
     let state = Arc::new(State::new(
         layout,
@@ -291,6 +293,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ]
             .contains(&Some(egressd_common::policy::DiskAction::Refuse)),
             audit_lost,
+            recent,
         },
         config.clone(),
         source.clone(),

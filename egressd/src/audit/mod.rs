@@ -9,6 +9,7 @@
 mod folds;
 mod health;
 pub mod names;
+mod recent;
 mod scan;
 mod syslog;
 mod writer;
@@ -30,6 +31,7 @@ use egressd_common::{
 use tokio::sync::{mpsc, oneshot};
 
 pub use health::{Health, SharedHealth};
+pub use recent::RecentDenials;
 pub use syslog::Syslog;
 pub use writer::{Writer, STOP_MESSAGE};
 
@@ -125,6 +127,7 @@ struct Pipeline {
     hashes: PolicyHashes,
     names: SessionNames,
     lost_by_session: LostBySession,
+    recent: RecentDenials,
     tuning: Tuning,
     sessions: HashMap<u64, Live>,
     /// What a previous daemon accounted for, per adopted session id (read from the log at start).
@@ -149,6 +152,7 @@ pub struct Shared {
     pub syslog: Option<Syslog>,
     pub health: Health,
     pub lost: LostBySession,
+    pub recent: RecentDenials,
 }
 
 /// Runs the pipeline until the channel closes.
@@ -186,6 +190,7 @@ pub async fn run(
         hashes: shared.hashes,
         names: shared.names,
         lost_by_session: shared.lost,
+        recent: shared.recent,
         tuning,
         sessions: HashMap::new(),
         before,
@@ -287,6 +292,7 @@ fn boot_offset_ns() -> i128 {
 
 impl Pipeline {
     fn write(&mut self, rec: Record) {
+        self.recent.note(&rec);
         self.writer.queue(rec, Meta::default());
     }
 
@@ -295,6 +301,7 @@ impl Pipeline {
         if let Some(live) = self.live(cgroup_id) {
             live.accounted += rec.count.unwrap_or(1);
         }
+        self.recent.note(&rec);
         self.writer.queue(
             rec,
             Meta {
