@@ -534,4 +534,26 @@ mod tests {
         client.read_to_end(&mut reply).await.unwrap();
         assert!(reply.is_empty());
     }
+
+    #[tokio::test]
+    async fn a_unix_socket_path_is_served_and_a_stale_socket_replaced() {
+        let dir = std::env::temp_dir().join(format!("egressd-metrics-{}", std::process::id()));
+        let path = dir.join("sub").join("metrics.sock");
+        for _ in 0..2 {
+            // The second round finds the first one's socket file and takes its place.
+            listen(MetricsListen::Unix(path.clone())).await.unwrap();
+        }
+        let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text\r\n\r\n")
+            .await
+            .unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).await.unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+        assert!(
+            reply.contains(OPENMETRICS) && reply.ends_with("# EOF\n"),
+            "{reply}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
