@@ -50,6 +50,9 @@ pub struct Config {
     pub audit: AuditConfig,
     #[serde(default)]
     pub dns: DnsConfig,
+    /// The metrics endpoint (off without it). Read when egressd starts, like `[audit]`.
+    #[serde(default, skip_serializing_if = "MetricsConfig::is_off")]
+    pub metrics: MetricsConfig,
     /// The file's profiles plus the built-in ones it does not redefine (see [`Config::parse`]).
     #[serde(default = "builtin_profiles")]
     pub profiles: BTreeMap<String, ProfileConfig>,
@@ -98,6 +101,57 @@ pub struct AuditConfig {
     pub disk_full_action: Option<DiskAction>,
     /// The same for every other write failure (read-only file system, I/O error, removed directory).
     pub disk_error_action: Option<DiskAction>,
+}
+
+/// `[metrics]`: where egressd serves `GET /metrics` (OpenMetrics / Prometheus text).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// "127.0.0.1:9469" (TCP) or "/run/egressd/metrics.sock" (an absolute path: a unix socket).
+    pub listen: Option<MetricsListen>,
+}
+
+impl MetricsConfig {
+    pub fn is_off(&self) -> bool {
+        self.listen.is_none()
+    }
+}
+
+/// Where the metrics endpoint listens.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum MetricsListen {
+    Tcp(std::net::SocketAddr),
+    Unix(PathBuf),
+}
+
+impl TryFrom<String> for MetricsListen {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s.starts_with('/') {
+            return Ok(MetricsListen::Unix(PathBuf::from(s)));
+        }
+        s.parse().map(MetricsListen::Tcp).map_err(|_| {
+            format!(
+                "metrics listen address {s:?}: expected IP:PORT (e.g. \"127.0.0.1:9469\", \"[::1]:9469\") or an absolute unix socket path (e.g. \"/run/egressd/metrics.sock\")"
+            )
+        })
+    }
+}
+
+impl From<MetricsListen> for String {
+    fn from(l: MetricsListen) -> String {
+        l.to_string()
+    }
+}
+
+impl fmt::Display for MetricsListen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MetricsListen::Tcp(a) => write!(f, "{a}"),
+            MetricsListen::Unix(p) => write!(f, "{}", p.display()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -485,6 +539,7 @@ impl Default for Config {
             socket_group: None,
             audit: AuditConfig::default(),
             dns: DnsConfig::default(),
+            metrics: MetricsConfig::default(),
             profiles: builtin_profiles(),
             access: None,
         }
@@ -1156,5 +1211,38 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn metrics_listen_is_tcp_or_a_unix_path_and_off_by_default() {
+        let c = Config::parse(Path::new("t.toml"), "").unwrap();
+        assert_eq!(c.metrics.listen, None);
+        let c = Config::parse(
+            Path::new("t.toml"),
+            "[metrics]\nlisten = \"127.0.0.1:9469\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.metrics.listen,
+            Some(MetricsListen::Tcp("127.0.0.1:9469".parse().unwrap()))
+        );
+        let c = Config::parse(
+            Path::new("t.toml"),
+            "[metrics]\nlisten = \"/run/egressd/metrics.sock\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.metrics.listen,
+            Some(MetricsListen::Unix("/run/egressd/metrics.sock".into()))
+        );
+        for bad in [
+            "[metrics]\n\nlisten = \"localhost\"\n",
+            "[metrics]\n\nport = 9469\n",
+        ] {
+            let err = Config::parse(Path::new("t.toml"), bad)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("t.toml") && err.contains("line 3"), "{err}");
+        }
     }
 }

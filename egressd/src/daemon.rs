@@ -193,6 +193,7 @@ impl State {
 
     /// Lets the audit task name the session's events (before any can exist).
     pub fn name(&self, s: &Session) {
+        crate::metrics::METRICS.name_session(&s.id, &s.profile);
         if let Ok(mut n) = self.names.lock() {
             n.insert(s.cgroup_id, s.id.clone());
         }
@@ -251,6 +252,7 @@ impl State {
             Ok((config, source)) => self.apply_policy(config, source).await,
             Err(e) => Err(e.to_string()),
         };
+        crate::metrics::METRICS.reloaded(result.is_ok());
         match &result {
             Ok(()) => {
                 let (source, hash) = {

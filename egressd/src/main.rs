@@ -9,6 +9,7 @@ mod dns;
 mod enforcer;
 mod handoff;
 mod link_swap;
+mod metrics;
 mod sessions;
 mod systemd;
 
@@ -222,6 +223,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tracing::warn!("dns.enabled = false: DNS queries are judged like other traffic, and the local stub resolver forwards any name off the machine");
         None
     };
+    // Like the resolver's: an address in use stops the start, before anything is attached.
+    if let Some(listen) = &config.metrics.listen {
+        metrics::listen(listen.clone())
+            .await
+            .with_context(|| format!("serving metrics at {listen} ([metrics] listen)"))?;
+    }
     let mut enforcer = Enforcer::load(
         &layout.parent,
         dns.as_ref().map(|(port, _, _)| *port).unwrap_or(0),

@@ -44,7 +44,8 @@ pub const RUN: &[Package] = &[pkg("xdg-dbus-proxy", "command -v xdg-dbus-proxy")
 
 /// The kernel tests: iproute2 (`ip netns`, veth) and util-linux (`setpriv`), systemd-container
 /// (`systemd-nspawn`) for the test under a live systemd; tmux, dbus (dbus-daemon, dbus-send),
-/// gdbus, python3-dbus and python3-gi (a stand-in bus service) for the hand-off tests.
+/// gdbus, python3-dbus and python3-gi (a stand-in bus service) for the hand-off tests; prometheus
+/// (the binary only: the metrics test runs its own on loopback and stops it) for the metrics test.
 pub const TEST: &[Package] = &[
     pkg("iproute2", "command -v ip"),
     pkg("util-linux", "command -v setpriv"),
@@ -58,6 +59,7 @@ pub const TEST: &[Package] = &[
         "/usr/bin/python3 -c 'import dbus' 2>/dev/null",
     ),
     pkg("python3-gi", "/usr/bin/python3 -c 'import gi' 2>/dev/null"),
+    pkg("prometheus", "test -x /usr/bin/prometheus"),
 ];
 
 /// The bench: nftables and bubblewrap, the alternatives it compares egressd with; iproute2 (its
@@ -256,7 +258,17 @@ fn apt_install(missing: &[&str]) -> anyhow::Result<()> {
             .args(["-qq", "install", "-y", "--no-install-recommends"])
             .args(missing),
         "apt-get install",
-    )
+    )?;
+    // Debian's prometheus starts a service on :9090 where systemd runs; the tests want the binary
+    // only (best effort: no systemd, no service).
+    if missing.contains(&"prometheus") {
+        let _ = Command::new("systemctl")
+            .args(["disable", "--now", "prometheus"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    Ok(())
 }
 
 /// Runs `cmd` with its output captured; on failure the error carries that output.
@@ -347,6 +359,7 @@ mod tests {
             "xdg-dbus-proxy",
             "python3-dbus",
             "python3-gi",
+            "prometheus",
         ] {
             assert!(all.contains(&p), "{p}");
         }

@@ -37,6 +37,7 @@ pub use writer::{Writer, STOP_MESSAGE};
 
 use crate::{
     enforcer::{FoldMaps, Handle},
+    metrics::METRICS,
     sessions::Session,
 };
 use names::{comm, hook_name, proto_name, reason_name};
@@ -293,6 +294,7 @@ fn boot_offset_ns() -> i128 {
 impl Pipeline {
     fn write(&mut self, rec: Record) {
         self.recent.note(&rec);
+        METRICS.record(&rec);
         self.writer.queue(rec, Meta::default());
     }
 
@@ -302,6 +304,7 @@ impl Pipeline {
             live.accounted += rec.count.unwrap_or(1);
         }
         self.recent.note(&rec);
+        METRICS.record(&rec);
         self.writer.queue(
             rec,
             Meta {
@@ -360,6 +363,7 @@ impl Pipeline {
         // control tasks off this worker.
         let flushed = tokio::task::block_in_place(|| self.writer.flush(sync));
         self.written_since_trim += flushed.written.len();
+
         if flushed.lost > 0 {
             if let Ok(mut l) = self.lost_by_session.lock() {
                 for live in self.sessions.values() {
@@ -387,6 +391,11 @@ impl Pipeline {
         if let Some(note) = note {
             self.note(note);
         }
+        METRICS.audit_flushed(
+            flushed.bytes,
+            self.writer.lost_total,
+            self.health.is_failing(),
+        );
         self.publish();
     }
 
@@ -646,6 +655,7 @@ impl Pipeline {
         let delta = total_lost - live.ring_lost_reported;
         live.ring_lost_reported = total_lost;
         live.accounted += delta;
+        METRICS.ring_lost(delta);
         let session = live.id.clone();
         tracing::warn!(%session, lost = delta, "audit: the kernel's ring buffer was full; events lost (counted)");
         self.write(Record {
@@ -729,6 +739,7 @@ impl Pipeline {
                 .into_iter()
                 .flatten()
                 .collect();
+                METRICS.session_started();
                 self.write(Record {
                     time: now_rfc3339(),
                     kind: "session_start".into(),
@@ -759,6 +770,7 @@ impl Pipeline {
                 if let Ok(mut l) = self.lost_by_session.lock() {
                     l.remove(&s.id);
                 }
+                METRICS.session_ended(&s.id);
                 self.writer.queue(
                     Record {
                         time: now_rfc3339(),
