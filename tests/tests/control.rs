@@ -426,7 +426,13 @@ fn a_restarted_daemon_supervises_a_running_sessions_unix_sockets_again() {
     fs::write(&gate1, b"").unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1500));
     w.daemon.spawn();
-    std::thread::sleep(std::time::Duration::from_millis(1000));
+    // The socket is bound before the programs load: wait for the adoption itself (a loaded
+    // machine takes more than a second to load them in a debug build), then a little more for
+    // the listener to be taken back.
+    wait_until("the restarted egressd adopting the session", 30, || {
+        w.daemon.log_text().contains("adopted running session")
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
     fs::write(&gate2, b"").unwrap();
     let out = session.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
