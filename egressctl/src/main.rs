@@ -46,6 +46,10 @@ enum Command {
         /// outside the sandbox would not be judged by it). Repeatable.
         #[arg(long = "keep-fd", value_name = "N")]
         keep_fd: Vec<i32>,
+        /// No notices of what is blocked while CMD runs (desktop notifications, or lines on
+        /// this terminal); the start and end lines stay.
+        #[arg(long, short)]
+        quiet: bool,
         /// The command and its arguments.
         #[arg(
             required = true,
@@ -112,8 +116,9 @@ fn main() -> ExitCode {
         Command::Run {
             profile,
             keep_fd,
+            quiet,
             command,
-        } => run::run(&cli.socket, profile, &keep_fd, command),
+        } => run::run(&cli.socket, profile, &keep_fd, quiet, command),
         Command::Status { json } => show::status(&cli.socket, json).map(|()| ExitCode::SUCCESS),
         Command::Ps { json } => show::ps(&cli.socket, json).map(|()| ExitCode::SUCCESS),
         Command::Top {

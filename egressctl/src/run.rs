@@ -31,6 +31,7 @@ pub fn run(
     socket: &Path,
     profile: Option<String>,
     keep_fds: &[i32],
+    quiet: bool,
     argv: Vec<String>,
 ) -> anyhow::Result<ExitCode> {
     if let Some(bad) = keep_fds.iter().find(|fd| **fd <= 2) {
@@ -78,6 +79,9 @@ pub fn run(
     if started.families.is_empty() {
         bail!("egressd sent no socket family list (an older egressd?); nothing was run");
     }
+    if !quiet {
+        ask_for_notices(&mut client, &started.id);
+    }
 
     let status = spawn_and_wait(&started, keep_fds, &argv, &mut client)?;
 
@@ -116,6 +120,35 @@ fn not_run(e: anyhow::Error, context: &'static str) -> anyhow::Error {
         anyhow::anyhow!("{e}; nothing was run")
     } else {
         e.context(context)
+    }
+}
+
+/// Asks egressd to tell the user what is blocked while CMD runs: as desktop notifications on the
+/// user's session bus, or on this terminal. egressd sends them itself, from outside the session;
+/// a failure here costs the notices, never the session.
+fn ask_for_notices(client: &mut Client, id: &str) {
+    use std::io::IsTerminal as _;
+    let tty = if std::io::stderr().is_terminal() {
+        Some(2)
+    } else if std::io::stdout().is_terminal() {
+        Some(1)
+    } else {
+        None
+    };
+    let bus = std::env::var("DBUS_SESSION_BUS_ADDRESS").ok();
+    if tty.is_none() && bus.is_none() {
+        return;
+    }
+    match client.call(Op::Notices {
+        id: id.to_string(),
+        tty,
+        bus,
+    }) {
+        Ok(Reply::Noticing) => {}
+        Ok(Reply::Error { message }) => {
+            eprintln!("egressd: no notices of what is blocked: {message}")
+        }
+        Ok(_) | Err(_) => {}
     }
 }
 

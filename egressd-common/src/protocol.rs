@@ -61,6 +61,16 @@ pub enum Op {
     Denials {
         after: u64,
     },
+    /// From egressctl, once: tell the session's user what is blocked while it runs, on the
+    /// terminal egressctl runs on (its descriptor number `tty`, which egressd takes itself) and/or
+    /// as desktop notifications on the user's session bus (`bus`, a D-Bus address).
+    Notices {
+        id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tty: Option<i32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bus: Option<String>,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -82,6 +92,8 @@ pub enum Reply {
     /// The session's connects are supervised from now on.
     Supervised,
     Denials(Vec<Denial>),
+    /// Notices are on for the session.
+    Noticing,
     Error {
         message: String,
     },

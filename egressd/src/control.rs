@@ -311,6 +311,10 @@ async fn handle(state: &State, caller: &Caller, op: Op) -> Reply {
             }
             Err(e) => error(e),
         },
+        Op::Notices { id, tty, bus } => match notices(state, caller, &id, tty, bus).await {
+            Ok(()) => Reply::Noticing,
+            Err(m) => error(m),
+        },
         Op::Supervise { id, fd } => match supervise(state, caller, &id, fd).await {
             Ok(()) => Reply::Supervised,
             Err(m) => error(m),
@@ -370,6 +374,61 @@ async fn supervise(state: &State, caller: &Caller, id: &str, fd: i32) -> Result<
     }
     state.registry.lock().await.insert(session);
     Ok(())
+}
+
+/// Takes what the session's notices go to from egressctl (inside the session since the move):
+/// a terminal, and the user's session bus as a unix socket of theirs. Anything else is refused:
+/// a notice must never become a way out (a socket to elsewhere, a bus at a TCP address).
+async fn notices(
+    state: &State,
+    caller: &Caller,
+    id: &str,
+    tty: Option<i32>,
+    bus: Option<String>,
+) -> Result<(), String> {
+    let session = owned_session(state, caller, id).await?;
+    let pid = caller
+        .pid
+        .ok_or("the kernel did not report the caller's pid")?;
+    if sessions::cgroup_of(pid).as_deref() != Some(session.cgroup.as_str()) {
+        return Err(format!("pid {pid} is not in session {id}"));
+    }
+    let tty = match tty {
+        Some(fd) => {
+            let fd = crate::handoff::take_fd(pid, fd)
+                .map_err(|e| format!("taking the terminal: {e}"))?;
+            if !nix::unistd::isatty(fd.as_raw_fd()).unwrap_or(false) {
+                return Err(format!("descriptor of {pid} is not a terminal"));
+            }
+            Some(fd)
+        }
+        None => None,
+    };
+    let bus = bus.map(|b| user_bus(&b, session.uid)).transpose()?;
+    state
+        .notices
+        .add(id, crate::notices::Target::new(tty, bus, session.uid));
+    Ok(())
+}
+
+/// The path of a session bus address that is a unix socket the user owns (`unix:path=P`, the
+/// first address of a list), or why not.
+fn user_bus(address: &str, uid: u32) -> Result<std::path::PathBuf, String> {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    let first = address.split(';').next().unwrap_or("");
+    let path = first
+        .strip_prefix("unix:")
+        .and_then(|rest| rest.split(',').find_map(|kv| kv.strip_prefix("path=")))
+        .ok_or_else(|| {
+            format!("session bus {first:?}: only a unix:path= address is used for notices")
+        })?;
+    let meta = std::fs::metadata(path).map_err(|e| format!("session bus {path}: {e}"))?;
+    if !meta.file_type().is_socket() || meta.uid() != uid {
+        return Err(format!(
+            "session bus {path}: not a socket of uid {uid}; no desktop notices"
+        ));
+    }
+    Ok(std::path::PathBuf::from(path))
 }
 
 async fn owned_session(state: &State, caller: &Caller, id: &str) -> Result<Session, String> {

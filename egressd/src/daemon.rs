@@ -119,6 +119,8 @@ pub struct State {
     pub handoff: crate::handoff::Counts,
     /// DNS queries decided by the resolver, per session.
     pub dns: crate::dns::Counts,
+    /// Where each session's notices of what was blocked go.
+    pub notices: crate::notices::Notices,
     /// Sessions whose connects are supervised (a session hands its listener over once).
     pub supervised: Mutex<std::collections::HashSet<String>>,
     /// Each session's filtering proxy of the user's session bus, stopped when the session ends.
@@ -177,6 +179,7 @@ impl State {
             socket_path: wiring.socket_path,
             handoff: Default::default(),
             dns: Default::default(),
+            notices: Default::default(),
             supervised: Default::default(),
             buses: Default::default(),
             watcher: readable_fd(Watcher(inotify))?,
@@ -479,6 +482,7 @@ impl State {
                 .unwrap_or_default();
             let (unix_allowed, unix_refused) = self.handoff.take(s.cgroup_id);
             self.dns.forget(s.cgroup_id);
+            self.notices.forget(&id);
             let mut totals = kernel;
             totals.allowed += unix_allowed;
             totals.denied += unix_refused;

@@ -10,6 +10,7 @@ mod enforcer;
 mod handoff;
 mod link_swap;
 mod metrics;
+mod notices;
 mod sessions;
 mod systemd;
 
@@ -320,6 +321,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // Sessions are named before the audit task drains the pinned ring buffer, which may hold
     // events taken while no daemon was running.
     state.adopt_sessions().await;
+    tokio::spawn(notices::run(state.clone()));
     let audit_task = tokio::spawn(audit::run(
         events, fold_maps, writer, handle, shared, tuning, audit_rx,
     ));

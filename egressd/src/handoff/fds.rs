@@ -66,6 +66,11 @@ pub(super) fn tgid_of(tid: u32) -> u32 {
 }
 
 /// The descriptor `fd` of thread `tid`'s process (the same open socket, not a copy of it).
+/// A descriptor of another process (pidfd_getfd), for the caller to check what it is.
+pub fn take_fd(pid: u32, fd: i32) -> io::Result<OwnedFd> {
+    take_socket(pid, fd)
+}
+
 pub(super) fn take_socket(tid: u32, fd: i32) -> io::Result<OwnedFd> {
     let pid = tgid_of(tid);
     // SAFETY: pidfd_open and pidfd_getfd with integer arguments; the descriptors are owned.

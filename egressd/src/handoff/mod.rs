@@ -27,7 +27,7 @@ mod judge;
 mod notify;
 mod record;
 
-pub use fds::take_listener;
+pub use fds::{take_fd, take_listener};
 use judge::decide;
 pub use judge::name_and_server;
 use notify::{respond, unix_address, Answer};
