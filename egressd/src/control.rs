@@ -352,15 +352,9 @@ async fn view(state: &State, s: &Session) -> SessionView {
 /// Takes the session's seccomp listener from egressctl (the caller, inside the session since the
 /// move) and starts the supervisor on it.
 async fn supervise(state: &State, caller: &Caller, id: &str, fd: i32) -> Result<(), String> {
-    let session = owned_session(state, caller, id).await?;
-    let pid = caller
-        .pid
-        .ok_or("the kernel did not report the caller's pid")?;
     // Only the egressctl that started the session hands its listener over, and only once:
     // nothing else can make the daemon answer for the session's connects.
-    if sessions::cgroup_of(pid).as_deref() != Some(session.cgroup.as_str()) {
-        return Err(format!("pid {pid} is not in session {id}"));
-    }
+    let (session, pid) = caller_in_session(state, caller, id).await?;
     if !state.supervised.lock().await.insert(id.to_string()) {
         return Err(format!("session {id} is supervised already"));
     }
@@ -386,13 +380,7 @@ async fn notices(
     tty: Option<i32>,
     bus: Option<String>,
 ) -> Result<(), String> {
-    let session = owned_session(state, caller, id).await?;
-    let pid = caller
-        .pid
-        .ok_or("the kernel did not report the caller's pid")?;
-    if sessions::cgroup_of(pid).as_deref() != Some(session.cgroup.as_str()) {
-        return Err(format!("pid {pid} is not in session {id}"));
-    }
+    let (session, pid) = caller_in_session(state, caller, id).await?;
     let tty = match tty {
         Some(fd) => {
             let fd = crate::handoff::take_fd(pid, fd)
@@ -429,6 +417,23 @@ fn user_bus(address: &str, uid: u32) -> Result<std::path::PathBuf, String> {
         ));
     }
     Ok(std::path::PathBuf::from(path))
+}
+
+/// The caller's session and pid, when the caller is a process inside that session (egressctl
+/// after the move): what may hand egressd a descriptor of the session's.
+async fn caller_in_session(
+    state: &State,
+    caller: &Caller,
+    id: &str,
+) -> Result<(Session, u32), String> {
+    let session = owned_session(state, caller, id).await?;
+    let pid = caller
+        .pid
+        .ok_or("the kernel did not report the caller's pid")?;
+    if sessions::cgroup_of(pid).as_deref() != Some(session.cgroup.as_str()) {
+        return Err(format!("pid {pid} is not in session {id}"));
+    }
+    Ok((session, pid))
 }
 
 async fn owned_session(state: &State, caller: &Caller, id: &str) -> Result<Session, String> {
