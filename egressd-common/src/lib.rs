@@ -18,6 +18,8 @@ pub mod host;
 pub mod layers;
 #[cfg(feature = "user")]
 pub mod policy;
+#[cfg(all(test, feature = "user"))]
+mod policy_man_page;
 #[cfg(feature = "user")]
 pub mod prog_query;
 #[cfg(feature = "user")]
