@@ -16,6 +16,8 @@ pub mod dns_policy;
 pub mod host;
 #[cfg(feature = "user")]
 pub mod layers;
+#[cfg(feature = "man")]
+pub mod man;
 #[cfg(feature = "user")]
 pub mod policy;
 #[cfg(all(test, feature = "user"))]

@@ -95,9 +95,7 @@ fn serde_keys(src: &str, name: &str) -> Vec<String> {
 fn section(heading: &str) -> &'static str {
     let start = PAGE
         .find(&format!(".SS \"{heading}\"\n"))
-        .unwrap_or_else(|| {
-            panic!("packaging/egressd.toml.5 has no section .SS \"{heading}\"")
-        });
+        .unwrap_or_else(|| panic!("packaging/egressd.toml.5 has no section .SS \"{heading}\""));
     let rest = &PAGE[start + 1..];
     let end = [rest.find("\n.SS "), rest.find("\n.SH ")]
         .into_iter()
@@ -181,7 +179,13 @@ fn the_parser_of_this_test_sees_what_serde_sees() {
     tables.sort();
     assert_eq!(
         tables,
-        ["Access", "AuditConfig", "Config", "DnsConfig", "ProfileConfig"]
+        [
+            "Access",
+            "AuditConfig",
+            "Config",
+            "DnsConfig",
+            "ProfileConfig"
+        ]
     );
 }
 
