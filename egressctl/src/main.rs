@@ -18,8 +18,12 @@ mod verify;
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
-use egressd_common::protocol::{DEFAULT_SOCKET, SOCKET_ENV};
+use clap::{CommandFactory as _, Parser, Subcommand};
+use egressd_common::{
+    man,
+    policy::{DEFAULT_AUDIT_PATH, DEFAULT_CONFIG_PATH},
+    protocol::{DEFAULT_SOCKET, SOCKET_ENV},
+};
 
 #[derive(Parser)]
 #[command(
@@ -99,6 +103,52 @@ enum Command {
     /// Check, show and reload the policy.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Print a completion script for SHELL, e.g. `egressctl completions bash >
+    /// ~/.local/share/bash-completion/completions/egressctl` (the Debian package installs them).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Internal: write egressctl's man pages (egressctl.1, egressctl-SUBCOMMAND.1) into DIR.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
+}
+
+/// The CLI as completion scripts offer it: without the hidden subcommands (internal helpers such
+/// as `__verify-attempt`), which clap_complete does not skip by itself. Only the top level has
+/// hidden subcommands; a test checks that stays so.
+fn completion_command() -> clap::Command {
+    let cli = Cli::command();
+    clap::Command::new("egressctl")
+        .version(env!("CARGO_PKG_VERSION"))
+        .args(cli.get_arguments().cloned())
+        .subcommands(cli.get_subcommands().filter(|s| !s.is_hide_set()).cloned())
+}
+
+fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let files = [
+        (DEFAULT_SOCKET, "egressd's control socket (--socket, $EGRESSD_SOCKET)."),
+        (
+            DEFAULT_CONFIG_PATH,
+            "The policy egressd enforces, which egressctl policy check validates by default; see egressd.toml(5).",
+        ),
+        (
+            DEFAULT_AUDIT_PATH,
+            "The audit log egressctl audit reads when egressd is not running.",
+        ),
+    ];
+    let extra = man::Extra {
+        files: &files,
+        see_also: &man::PAGES,
+    };
+    for page in man::write_pages(Cli::command(), "1", &extra, dir)
+        .with_context(|| format!("writing man pages into {}", dir.display()))?
+    {
+        println!("{}", page.display());
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -132,6 +182,16 @@ fn main() -> ExitCode {
         Command::VerifyAttempt { kind, target } => verify::attempt(&kind, &target),
         Command::Audit(args) => audit::audit(&cli.socket, args),
         Command::Policy(cmd) => policy::policy(&cli.socket, cmd),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut completion_command(),
+                "egressctl",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => write_man_pages(&dir).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -139,5 +199,83 @@ fn main() -> ExitCode {
             eprintln!("egressctl: {e:#}");
             ExitCode::from(125)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hidden(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for sub in cmd.get_subcommands() {
+            let name = format!("{path} {}", sub.get_name());
+            if sub.is_hide_set() {
+                out.push(name.clone());
+            }
+            hidden(sub, &name, out);
+        }
+    }
+
+    #[test]
+    fn completions_offer_no_hidden_subcommand() {
+        let mut found = Vec::new();
+        hidden(&completion_command(), "egressctl", &mut found);
+        assert!(found.is_empty(), "hidden subcommands offered: {found:?}");
+        // ... while every visible one is, with its arguments.
+        let full = Cli::command();
+        let visible: Vec<&str> = full
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set())
+            .map(|s| s.get_name())
+            .collect();
+        let completion = completion_command();
+        let offered: Vec<&str> = completion.get_subcommands().map(|s| s.get_name()).collect();
+        assert_eq!(offered, visible);
+        // Only the top level hides subcommands, so rebuilding the top level is enough.
+        for sub in full.get_subcommands().filter(|s| !s.is_hide_set()) {
+            let mut nested = Vec::new();
+            hidden(sub, sub.get_name(), &mut nested);
+            assert!(nested.is_empty(), "nested hidden subcommands: {nested:?}");
+        }
+        let mut bash = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut completion_command(),
+            "egressctl",
+            &mut bash,
+        );
+        let bash = String::from_utf8(bash).unwrap();
+        assert!(bash.contains("complete -F _egressctl"), "{bash}");
+        assert!(!bash.contains("__verify-"), "{bash}");
+        assert!(!bash.contains("egressctl,man)"), "{bash}");
+    }
+
+    #[test]
+    fn man_pages_cover_every_visible_subcommand() {
+        let dir = std::env::temp_dir().join(format!("egressctl-man-{}", std::process::id()));
+        write_man_pages(&dir).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        for expected in [
+            "egressctl.1",
+            "egressctl-run.1",
+            "egressctl-completions.1",
+            "egressctl-audit-tail.1",
+            "egressctl-policy-check.1",
+        ] {
+            assert!(names.iter().any(|n| n == expected), "{expected}: {names:?}");
+        }
+        assert!(
+            !names
+                .iter()
+                .any(|n| n.contains("verify-") || n.contains("-man.")),
+            "{names:?}"
+        );
+        let top = std::fs::read_to_string(dir.join("egressctl.1")).unwrap();
+        assert!(top.contains("egressd.toml\\fR(5)"), "{top}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

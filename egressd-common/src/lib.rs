@@ -16,8 +16,12 @@ pub mod dns_policy;
 pub mod host;
 #[cfg(feature = "user")]
 pub mod layers;
+#[cfg(feature = "man")]
+pub mod man;
 #[cfg(feature = "user")]
 pub mod policy;
+#[cfg(all(test, feature = "user"))]
+mod policy_man_page;
 #[cfg(feature = "user")]
 pub mod prog_query;
 #[cfg(feature = "user")]

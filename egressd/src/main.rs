@@ -21,7 +21,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use egressd_common::protocol::{DEFAULT_SOCKET, SOCKET_ENV};
 use tokio::{
     net::UnixListener,
@@ -81,6 +81,9 @@ enum Command {
     Cleanup,
     /// Validate a policy file and exit (no root needed).
     Check { file: Option<PathBuf> },
+    /// Internal: write egressd's man pages (egressd.8, egressd-SUBCOMMAND.8) into DIR.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
 }
 
 fn main() -> std::process::ExitCode {
@@ -121,6 +124,7 @@ fn real_main() -> anyhow::Result<()> {
             require_root()?;
             cleanup(&cli)
         }
+        Some(Command::Man { dir }) => write_man_pages(&dir),
         None => {
             require_root()?;
             tokio::runtime::Builder::new_multi_thread()
@@ -130,6 +134,33 @@ fn real_main() -> anyhow::Result<()> {
                 .block_on(run(cli))
         }
     }
+}
+
+fn write_man_pages(dir: &Path) -> anyhow::Result<()> {
+    use egressd_common::{man, policy::DEFAULT_AUDIT_PATH};
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let files = [
+        (
+            DEFAULT_CONFIG_PATH,
+            "The policy (--config); the built-in default when it does not exist. See egressd.toml(5).",
+        ),
+        (DEFAULT_SOCKET, "The control socket egressctl talks to (--socket)."),
+        (DEFAULT_AUDIT_PATH, "The audit log (hash-chained JSON lines; [audit] path)."),
+        (
+            "/sys/fs/bpf/egressd",
+            "Pinned programs and maps (--bpffs); egressd cleanup removes them.",
+        ),
+    ];
+    let extra = man::Extra {
+        files: &files,
+        see_also: &man::PAGES,
+    };
+    for page in man::write_pages(Cli::command(), "8", &extra, dir)
+        .with_context(|| format!("writing man pages into {}", dir.display()))?
+    {
+        println!("{}", page.display());
+    }
+    Ok(())
 }
 
 fn require_root() -> anyhow::Result<()> {
@@ -493,4 +524,28 @@ fn cleanup(cli: &Cli) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_dir_all(sessions::state_dir_for(&cli.socket));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn man_pages_are_section_8_and_skip_the_hidden_man_command() {
+        let dir = std::env::temp_dir().join(format!("egressd-man-{}", std::process::id()));
+        write_man_pages(&dir).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["egressd-check.8", "egressd-cleanup.8", "egressd.8"]);
+        let top = std::fs::read_to_string(dir.join("egressd.8")).unwrap();
+        assert!(
+            top.starts_with(".ie") && top.contains(".TH egressd 8"),
+            "{top}"
+        );
+        assert!(top.contains("\\-\\-cgroup\\-backend"), "{top}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -47,8 +47,9 @@ enum Task {
         )]
         command: Vec<String>,
     },
-    /// Build the Debian package (target/debian/egressd_*.deb); with --check, also install it with
-    /// dpkg, verify the unit with systemd-analyze, run the installed binaries, and purge it.
+    /// Build the Debian package (target/debian/egressd_*.deb), man pages and completions included;
+    /// with --check, also install it with dpkg, verify the unit with systemd-analyze, run the
+    /// installed binaries, check the man pages and completions, and purge it.
     Package {
         #[arg(long)]
         check: bool,
