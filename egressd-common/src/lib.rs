@@ -22,6 +22,8 @@ pub mod policy;
 pub mod prog_query;
 #[cfg(feature = "user")]
 pub mod protocol;
+#[cfg(feature = "user")]
+pub mod seal;
 
 /// Names of the maps in the eBPF object. The eBPF crate names its statics exactly like this; a test in
 /// `egressd` parses the built object and checks each name exists, so the two cannot drift apart.
