@@ -234,6 +234,7 @@ pub async fn run(
             }
             _ = tick.tick() => {
                 p.drain(ring.get_mut());
+                p.writer.tick_seal();
                 p.flush_folds(false, None);
                 if p.last_kernel_folds.elapsed() >= p.tuning.fold_window {
                     p.kernel_repeats(None);
@@ -789,6 +790,8 @@ impl Pipeline {
                         self.ring_lost(id, c.events_lost);
                     }
                 }
+                // The stop seal covers the log up to the stop record.
+                self.writer.queue_seal("stop");
                 self.flush_with(writer::Sync::Now);
                 let _ = done.send(());
             }
