@@ -342,6 +342,11 @@ fn verify_cmd(
                             r.unsealed,
                             r.sealed_seq + 1
                         );
+                    } else if !r.ends_with_stop {
+                        println!(
+                            "OPEN END: the log ends with a seal of egressd's, not with its stop seal: egressd was running when the log was copied, or crashed, or the end of the log was cut after a seal (compare {} with when the log was copied; `--until` checks it)",
+                            r.sealed_at
+                        );
                     }
                     Ok(ExitCode::SUCCESS)
                 }

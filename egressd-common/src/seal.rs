@@ -396,7 +396,7 @@ pub fn rfc3339_secs(t: &str) -> Option<i64> {
 
 /// How much later than every interval a seal may come before it counts as missing.
 pub fn slack(interval: u64) -> u64 {
-    5 + interval / 2
+    2 + interval / 2
 }
 
 /// What the seals say, when they all hold.
@@ -409,6 +409,9 @@ pub struct SealReport {
     pub last_epoch: u64,
     /// Records after the last seal (written since, by a running egressd; or a cut tail).
     pub unsealed: u64,
+    /// The log ends with egressd's stop seal (a stopped egressd's log ends so; any other end is
+    /// a running egressd's, a crash's, or a cut).
+    pub ends_with_stop: bool,
     pub notes: Vec<String>,
 }
 
@@ -600,6 +603,7 @@ pub fn check(
         }
     }
     let _ = first_seal;
+    out.ends_with_stop = out.unsealed == 0 && last.reason == "stop";
     Ok(out)
 }
 
@@ -791,6 +795,7 @@ mod tests {
         assert_eq!(r.seals, 4);
         assert_eq!(r.last_epoch, 3);
         assert_eq!(r.unsealed, 0);
+        assert!(r.ends_with_stop);
         assert_eq!(r.sealed_seq as usize, l.lines.len() - 1);
         assert_eq!(r.sealed_at, rfc(START + 3 * IV + 30));
         // The claimed end right after the last seal passes too.
@@ -830,6 +835,10 @@ mod tests {
         let cut = &l.lines[..seals[2] + 2];
         let r = l.check(cut, None).unwrap();
         assert_eq!(r.unsealed, 1);
+        assert!(!r.ends_with_stop);
+        // Cut right after an interval seal: nothing unsealed, but no stop seal at the end.
+        let r = l.check(&l.lines[..=seals[2]], None).unwrap();
+        assert_eq!((r.unsealed, r.ends_with_stop), (0, false));
         // ... but not when the log is claimed to go on until later.
         let e = l
             .check(cut, Some((START + 3 * IV + 30) as i64 + 2 * IV as i64))
