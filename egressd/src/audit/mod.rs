@@ -881,6 +881,86 @@ mod tests {
     }
 
     #[test]
+    fn the_writer_seals_at_start_rotation_and_stop_and_says_what_a_crash_left_unsealed() {
+        use egressd_common::seal::{self, Sealer};
+        let dir = dir("seal");
+        let path = dir.join("audit.jsonl");
+        fs::create_dir_all(&dir).unwrap();
+        let (_, vk) = Sealer::create(&seal::state_path(&path), 60, false).unwrap();
+        let mut w = Writer::open(&path, 900, 20, None);
+        while writer::files(&path, 20).len() < 3 {
+            write_n(&mut w, 2);
+        }
+        // A crash: records after the last seal, no stop seal.
+        while fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .last()
+            .is_none_or(|l| l.contains("\"type\":\"seal\""))
+        {
+            write_n(&mut w, 1);
+        }
+        drop(w);
+        let mut w = Writer::open(&path, 900, 20, None);
+        w.flush(writer::Sync::Now);
+        let files = writer::files(&path, 20);
+        let all: Vec<Record> = files
+            .iter()
+            .flat_map(|f| {
+                fs::read_to_string(f)
+                    .unwrap()
+                    .lines()
+                    .map(|l| serde_json::from_str(l).unwrap())
+                    .collect::<Vec<Record>>()
+            })
+            .collect();
+        let reasons: Vec<&str> = all
+            .iter()
+            .filter(|r| r.kind == "seal")
+            .map(|r| r.reason.as_deref().unwrap())
+            .collect();
+        assert_eq!(reasons.first(), Some(&"start"));
+        assert!(reasons.contains(&"rotation"), "{reasons:?}");
+        for f in &files[..files.len() - 1] {
+            let last = fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .last()
+                .unwrap()
+                .to_string();
+            assert!(
+                last.contains("\"reason\":\"rotation\""),
+                "{f:?} ends with {last}"
+            );
+        }
+        let note = all
+            .iter()
+            .find(|r| {
+                r.kind == "daemon"
+                    && r.message
+                        .as_deref()
+                        .is_some_and(|m| m.contains("were not sealed"))
+            })
+            .expect("a record saying what the crash left unsealed");
+        assert!(
+            note.message.as_ref().unwrap().contains("records (seq"),
+            "{note:?}"
+        );
+        // A clean stop: the stop record, then the stop seal, last.
+        let mut stop = rec("daemon", "s1");
+        stop.message = Some(STOP_MESSAGE.into());
+        w.queue(stop, Meta::default());
+        w.queue_seal("stop");
+        w.flush(writer::Sync::Now);
+        let files = writer::files(&path, 20);
+        let v = check(&files).unwrap();
+        let r = seal::check(&v, &[vk], None).unwrap();
+        assert!(r.ends_with_stop && r.unsealed == 0, "{r:?}");
+        assert_eq!(r.seals, v.seals.len());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_torn_last_line_is_recorded_and_verifies_but_an_edit_of_it_does_not() {
         let dir = dir("torn");
         let path = dir.join("audit.jsonl");

@@ -209,7 +209,10 @@ fn now_secs() -> u64 {
 fn last_seal(text: &[u8]) -> Option<Record> {
     text.split(|b| *b == b'\n')
         .rev()
-        .filter(|l| l.windows(15).any(|w| w == b"\"type\":\"seal\""))
+        .filter(|l| {
+            let needle = b"\"type\":\"seal\"";
+            l.windows(needle.len()).any(|w| w == needle)
+        })
         .find_map(|l| {
             serde_json::from_slice::<Record>(l)
                 .ok()
