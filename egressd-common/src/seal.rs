@@ -725,7 +725,7 @@ mod tests {
         fn check(&self, lines: &[String], until: Option<i64>) -> Result<SealReport, Broken> {
             let text = lines.join("\n") + "\n";
             let v = verify([("audit.jsonl".to_string(), Cursor::new(text.into_bytes()))])?;
-            check(&v, &[self.vk.clone()], until)
+            check(&v, std::slice::from_ref(&self.vk), until)
         }
     }
 

@@ -494,7 +494,7 @@ fn a_sealed_log_verifies_with_the_key_and_a_cut_or_an_edit_does_not() {
     let other = format!(
         "egressd-vk1:{}/{}",
         "11".repeat(32),
-        vk.splitn(2, '/').nth(1).unwrap()
+        vk.split_once('/').unwrap().1
     );
     let v = verify_key(&w.daemon, &other, &[]);
     assert_eq!(v.status.code(), Some(1), "{}", text(&v));
