@@ -108,7 +108,7 @@ struct Filter {
     /// Destination network, e.g. 10.0.0.0/8.
     #[arg(long)]
     dest: Option<IpNet>,
-    /// Record type: decision, dns, session_start, session_end, lost, daemon, crash, log_continued.
+    /// Record type: decision, dns, session_start, session_end, lost, daemon, crash, log_continued, seal.
     #[arg(long = "type", value_name = "TYPE")]
     kind: Option<String>,
 }
