@@ -16,6 +16,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use egressd_common::{
     audit::{verify, Record},
     protocol::{Op, Reply},
+    seal::{self, VerificationKey},
 };
 use ipnet::IpNet;
 
@@ -59,6 +60,31 @@ enum AuditCommand {
     Verify {
         /// Files in order, oldest first (default: the log and its rotated files).
         files: Vec<PathBuf>,
+        /// The verification key `setup-keys` printed (`egressd-vk1:...`): also check every seal,
+        /// and that none is missing. Repeat it for keys made anew with `--force`.
+        #[arg(long = "key", value_name = "VERIFICATION_KEY")]
+        keys: Vec<String>,
+        /// With --key: the log is claimed to go on until this time (RFC 3339, or an age like 1h;
+        /// e.g. when it was copied off the machine): seals must reach it within one interval.
+        #[arg(long)]
+        until: Option<String>,
+    },
+    /// Make the sealing key (root): prints the verification key, once, for the auditor to keep
+    /// off this machine. egressd seals the log with it every `[audit] seal_interval`.
+    SetupKeys {
+        /// Make new keys even if the log has some (seals made with the old ones then verify only
+        /// with the old verification key).
+        #[arg(long)]
+        force: bool,
+        /// Policy file, for `[audit] path` and `seal_interval`.
+        #[arg(long, default_value = egressd_common::policy::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Seal interval (overrides `[audit] seal_interval`): seconds, or 30s, 15min, 1h.
+        #[arg(long)]
+        interval: Option<String>,
+        /// Do not draw the QR code.
+        #[arg(long)]
+        no_qr: bool,
     },
     /// Per session and per destination: allowed, denied, lost.
     Summary {
@@ -82,7 +108,7 @@ struct Filter {
     /// Destination network, e.g. 10.0.0.0/8.
     #[arg(long)]
     dest: Option<IpNet>,
-    /// Record type: decision, dns, session_start, session_end, lost, daemon, crash, log_continued.
+    /// Record type: decision, dns, session_start, session_end, lost, daemon, crash, log_continued, seal.
     #[arg(long = "type", value_name = "TYPE")]
     kind: Option<String>,
 }
@@ -96,12 +122,31 @@ enum Format {
 }
 
 pub fn audit(socket: &Path, args: AuditArgs) -> anyhow::Result<ExitCode> {
+    if let AuditCommand::SetupKeys {
+        force,
+        config,
+        interval,
+        no_qr,
+    } = &args.command
+    {
+        return crate::seal::setup_keys(
+            socket,
+            args.file.as_deref(),
+            config,
+            interval.as_deref(),
+            *force,
+            !*no_qr,
+        );
+    }
     let log = match args.file {
         Some(f) => f,
         None => daemon_log(socket).unwrap_or_else(|| PathBuf::from("/var/log/egressd/audit.jsonl")),
     };
     match args.command {
-        AuditCommand::Verify { files } => verify_cmd(&log, files),
+        AuditCommand::SetupKeys { .. } => unreachable!(),
+        AuditCommand::Verify { files, keys, until } => {
+            verify_cmd(&log, files, &keys, until.as_deref())
+        }
         AuditCommand::Tail {
             follow,
             lines,
@@ -225,7 +270,24 @@ pub fn read_all(log: &Path) -> anyhow::Result<Vec<Record>> {
     Ok(out)
 }
 
-fn verify_cmd(log: &Path, files: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
+fn verify_cmd(
+    log: &Path,
+    files: Vec<PathBuf>,
+    keys: &[String],
+    until: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let keys = keys
+        .iter()
+        .map(|k| k.parse::<VerificationKey>().map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let until = match until {
+        Some(t) => Some(
+            parse_time(t)?
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
+        ),
+        None => None,
+    };
     let files = if files.is_empty() {
         log_files(log)
     } else {
@@ -238,7 +300,7 @@ fn verify_cmd(log: &Path, files: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
     match verify(readers) {
         Ok(v) => {
             let n = v.checked;
-            let last = v.head.map(|h| h.seq).unwrap_or(0);
+            let last = v.head.as_ref().map(|h| h.seq).unwrap_or(0);
             let first = (last + 1).saturating_sub(n);
             println!(
                 "ok: {n} records in {} file(s), hash chain intact (seq {first}..{last})",
@@ -256,7 +318,47 @@ fn verify_cmd(log: &Path, files: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
                     v.lost
                 );
             }
-            Ok(ExitCode::SUCCESS)
+            if keys.is_empty() {
+                if !v.seals.is_empty() {
+                    println!(
+                        "note: {} seal records were not checked: give the verification key (`--key egressd-vk1:...`) to check them",
+                        v.seals.len()
+                    );
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            match seal::check(&v, &keys, until) {
+                Ok(r) => {
+                    println!(
+                        "ok: {} seals valid (epochs up to {}); sealed up to {} (seq {})",
+                        r.seals, r.last_epoch, r.sealed_at, r.sealed_seq
+                    );
+                    for note in &r.notes {
+                        println!("note: {note}");
+                    }
+                    if r.unsealed > 0 {
+                        println!(
+                            "UNSEALED: the last {} record(s) (after seq {}) are not sealed yet: written since the last seal by a running egressd, or the end of the log was cut (a stopping egressd seals its last record)",
+                            r.unsealed,
+                            r.sealed_seq + 1
+                        );
+                    } else if !r.ends_with_stop {
+                        println!(
+                            "OPEN END: the log ends with a seal of egressd's, not with its stop seal: egressd was running when the log was copied, or crashed, or the end of the log was cut after a seal (compare {} with when the log was copied; `--until` checks it)",
+                            r.sealed_at
+                        );
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(b) if b.file.is_empty() => {
+                    println!("BAD SEAL: {}", b.reason);
+                    Ok(ExitCode::FAILURE)
+                }
+                Err(b) => {
+                    println!("BAD SEAL: {} line {}: {}", b.file, b.line, b.reason);
+                    Ok(ExitCode::FAILURE)
+                }
+            }
         }
         Err(b) => {
             println!("BROKEN: {} line {}: {}", b.file, b.line, b.reason);
@@ -423,6 +525,15 @@ fn print_record(out: &mut impl Write, r: &Record, json: bool) -> io::Result<()> 
                 (Some(a), Some(b)) => format!(" from {} to {}", short_time(a), short_time(b)),
                 _ => String::new(),
             }
+        ),
+        "seal" => writeln!(
+            out,
+            "{:<23} {:<8} sealed up to seq {} (epoch {}, {})",
+            short_time(&r.time),
+            session,
+            r.sealed_seq.unwrap_or(0),
+            r.epoch.unwrap_or(0),
+            r.reason.as_deref().unwrap_or("interval")
         ),
         _ => writeln!(
             out,

@@ -9,6 +9,7 @@ mod health;
 mod landlock_scope;
 mod policy;
 mod run;
+mod seal;
 mod seccomp;
 mod show;
 mod stdio;

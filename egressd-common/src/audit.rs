@@ -115,7 +115,39 @@ pub struct Record {
     pub bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub torn: Option<String>,
+    /// `seal` records: the epoch whose key made the seal, the seal (HMAC-SHA256, hex, of the
+    /// chain head: the hash of the line before, `sealed_seq`, `epoch`), the seq of the last record
+    /// it covers (the one before it), and the id of the verification key (`seal::key_id`).
+    /// `reason` says why it was written: `interval`, `start`, `stop`, `rotation`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_seq: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     pub prev: String,
+}
+
+/// The message of the record a clean stop writes (before its `stop` seal); any other end of the
+/// log means the previous daemon ended without closing it.
+pub const STOP_MESSAGE: &str = "egressd stopping; enforcement stays pinned";
+
+/// A `seal` record as `verify` found it, for `seal::check`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SealLine {
+    pub file: String,
+    pub line: usize,
+    pub seq: u64,
+    pub time: String,
+    pub reason: String,
+    pub epoch: Option<u64>,
+    pub seal: Option<String>,
+    pub sealed_seq: Option<u64>,
+    pub key: Option<String>,
+    /// The chain head it seals: the `prev` of the seal record.
+    pub head: String,
 }
 
 pub fn line_hash(line: &[u8]) -> String {
@@ -155,6 +187,15 @@ pub struct Verified {
     pub notes: Vec<String>,
     /// Records counted as lost (the sum of `count` over `lost` records).
     pub lost: u64,
+    /// Every `seal` record, in order (checked by `seal::check` with a verification key).
+    pub seals: Vec<SealLine>,
+    /// Seqs of `crash` records (a crash may leave up to one interval unsealed).
+    pub crashes: Vec<u64>,
+    /// Seqs of clean-stop records.
+    pub stops: Vec<u64>,
+    /// The first and the last record checked: seq and time.
+    pub first: Option<(u64, String)>,
+    pub last: Option<(u64, String)>,
 }
 
 /// A line that did not parse, held until the next line says whether egressd recorded it as a
@@ -266,8 +307,28 @@ pub fn verify<R: BufRead>(
                         .unwrap_or("the log continued after the file was replaced")
                 )),
                 "lost" => out.lost += rec.count.unwrap_or(0),
+                "seal" => out.seals.push(SealLine {
+                    file: name.clone(),
+                    line: i + 1,
+                    seq: rec.seq,
+                    time: rec.time.clone(),
+                    reason: rec.reason.clone().unwrap_or_default(),
+                    epoch: rec.epoch,
+                    seal: rec.seal.clone(),
+                    sealed_seq: rec.sealed_seq,
+                    key: rec.key.clone(),
+                    head: rec.prev.clone(),
+                }),
+                "daemon" if rec.message.as_deref() == Some(STOP_MESSAGE) => out.stops.push(rec.seq),
                 _ => {}
             }
+            if rec.kind == "crash" {
+                out.crashes.push(rec.seq);
+            }
+            if out.first.is_none() {
+                out.first = Some((rec.seq, rec.time.clone()));
+            }
+            out.last = Some((rec.seq, rec.time.clone()));
             head = Some(ChainHead {
                 seq: rec.seq,
                 hash: line_hash(&line),

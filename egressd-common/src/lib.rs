@@ -26,6 +26,8 @@ mod policy_man_page;
 pub mod prog_query;
 #[cfg(feature = "user")]
 pub mod protocol;
+#[cfg(feature = "user")]
+pub mod seal;
 
 /// Names of the maps in the eBPF object. The eBPF crate names its statics exactly like this; a test in
 /// `egressd` parses the built object and checks each name exists, so the two cannot drift apart.

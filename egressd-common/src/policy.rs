@@ -101,6 +101,60 @@ pub struct AuditConfig {
     pub disk_full_action: Option<DiskAction>,
     /// The same for every other write failure (read-only file system, I/O error, removed directory).
     pub disk_error_action: Option<DiskAction>,
+    /// How often egressd seals the log once `egressctl audit setup-keys` made keys: seconds, or
+    /// "30s", "15min", "1h" (default 15min). `setup-keys` puts it in the keys; the daemon seals
+    /// at the interval of the keys it holds.
+    pub seal_interval: Option<SealInterval>,
+}
+
+/// A seal interval in whole seconds (at least 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(into = "u64")]
+pub struct SealInterval(pub u64);
+
+impl From<SealInterval> for u64 {
+    fn from(s: SealInterval) -> u64 {
+        s.0
+    }
+}
+
+impl FromStr for SealInterval {
+    type Err = String;
+    fn from_str(t: &str) -> Result<Self, String> {
+        let t = t.trim();
+        let bad = || {
+            format!("seal_interval {t:?}: expected seconds or a duration (\"30s\", \"15min\", \"1h\"), at least 1 s")
+        };
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (n, unit) = t.split_at(split);
+        let n: u64 = n.parse().map_err(|_| bad())?;
+        let mult: u64 = match unit.trim() {
+            "" | "s" | "sec" => 1,
+            "m" | "min" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            _ => return Err(bad()),
+        };
+        match n.checked_mul(mult) {
+            Some(s) if s >= 1 => Ok(SealInterval(s)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SealInterval {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => n.to_string().parse().map_err(serde::de::Error::custom),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 /// `[metrics]`: where egressd serves `GET /metrics` (OpenMetrics / Prometheus text).
@@ -258,6 +312,10 @@ impl AuditConfig {
     }
     pub fn space_left(&self) -> SpaceLeft {
         self.space_left.unwrap_or(SpaceLeft::Bytes(64 << 20))
+    }
+    /// Seconds between seals (default 900).
+    pub fn seal_interval(&self) -> u64 {
+        self.seal_interval.map_or(900, |s| s.0)
     }
 }
 
@@ -1178,6 +1236,41 @@ mod tests {
                 .collect();
             assert_eq!(got, expected, "{}", rule.net);
         }
+    }
+
+    #[test]
+    fn seal_interval_parses_and_a_bad_one_names_its_line() {
+        let c = Config::parse(Path::new("t.toml"), "[audit]\n").unwrap();
+        assert_eq!(c.audit.seal_interval(), 900);
+        for (t, want) in [
+            ("1", 1),
+            ("\"30s\"", 30),
+            ("\"15min\"", 900),
+            ("\"2h\"", 7200),
+        ] {
+            let c = Config::parse(
+                Path::new("t.toml"),
+                &format!("[audit]\nseal_interval = {t}\n"),
+            )
+            .unwrap();
+            assert_eq!(c.audit.seal_interval(), want, "{t}");
+        }
+        for t in ["0", "\"soon\"", "\"5 fortnights\""] {
+            let err = Config::parse(
+                Path::new("t.toml"),
+                &format!("[audit]\n\nseal_interval = {t}\n"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("line 3") && err.contains("seal_interval"),
+                "{t}: {err}"
+            );
+        }
+        let err = Config::parse(Path::new("t.toml"), "[audit]\nseal_intervall = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 2"), "{err}");
     }
 
     #[test]

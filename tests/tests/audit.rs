@@ -361,3 +361,142 @@ fn records_are_copied_to_syslog_in_rfc5424() {
     drop(daemon);
     drop(outside);
 }
+
+/// `egressctl audit verify --key VK FILES`.
+fn verify_key(d: &Daemon, vk: &str, files: &[&std::path::Path]) -> std::process::Output {
+    let mut c = Command::new(bin("egressctl"));
+    c.args([
+        "audit",
+        "--file",
+        d.audit.to_str().unwrap(),
+        "verify",
+        "--key",
+        vk,
+    ]);
+    c.args(files);
+    c.output().unwrap()
+}
+
+#[test]
+fn a_sealed_log_verifies_with_the_key_and_a_cut_or_an_edit_does_not() {
+    let mut w = world_audit("audit-seal", |_| None, "seal_interval = 1");
+    let setup = Command::new(bin("egressctl"))
+        .args([
+            "audit",
+            "--file",
+            w.daemon.audit.to_str().unwrap(),
+            "setup-keys",
+        ])
+        .args(["--config", w.daemon.config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(setup.status.success(), "{}", text(&setup));
+    let out = String::from_utf8_lossy(&setup.stdout).to_string();
+    let vk = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("egressd-vk1:"))
+        .map(|k| format!("egressd-vk1:{k}"))
+        .unwrap_or_else(|| panic!("no verification key in {out}"));
+    assert!(vk.ends_with("/1"), "interval 1 s: {vk}");
+    assert!(out.contains('█'), "a QR code: {out}");
+    let state = w.daemon.audit.with_extension("seal");
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        fs::metadata(&state).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // Keys are not made twice without --force.
+    let again = Command::new(bin("egressctl"))
+        .args([
+            "audit",
+            "--file",
+            w.daemon.audit.to_str().unwrap(),
+            "setup-keys",
+        ])
+        .args(["--config", w.daemon.config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        !again.status.success() && text(&again).contains("--force"),
+        "{}",
+        text(&again)
+    );
+
+    // The running daemon takes the keys up; sessions, then a few intervals.
+    for _ in 0..3 {
+        let a = attempt(&w, NOBODY, "tcp", &w.outside.tcp4());
+        records_after_end(&w.daemon, &session_id(&a));
+        std::thread::sleep(std::time::Duration::from_millis(700));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    w.daemon.stop();
+    let records = audit_records(&w.daemon);
+    let seals: Vec<&Value> = records.iter().filter(|r| r["type"] == "seal").collect();
+    assert!(
+        seals.len() >= 4,
+        "start, intervals and stop seals: {seals:?}"
+    );
+    assert_eq!(seals.last().unwrap()["reason"], "stop");
+    assert_eq!(records.last().unwrap()["type"], "seal");
+    let epochs: Vec<u64> = seals.iter().map(|s| s["epoch"].as_u64().unwrap()).collect();
+    assert!(
+        epochs.windows(2).all(|e| e[0] <= e[1]) && epochs.last() > epochs.first(),
+        "{epochs:?}"
+    );
+    // The state holds a later epoch's key, not key_0.
+    let st = fs::read_to_string(&state).unwrap();
+    let key0 = vk
+        .trim_start_matches("egressd-vk1:")
+        .split('/')
+        .next()
+        .unwrap();
+    assert!(!st.contains(key0), "key_0 is still in {st}");
+
+    let v = verify_key(&w.daemon, &vk, &[]);
+    let t = text(&v);
+    assert!(v.status.success(), "{t}");
+    assert!(
+        t.contains("seals valid") && t.contains("sealed up to"),
+        "{t}"
+    );
+    assert!(!t.contains("UNSEALED") && !t.contains("OPEN END"), "{t}");
+    // Without the key: the chain only, and it says the seals were not checked.
+    let v = verify(&w.daemon, &[]);
+    assert!(
+        v.status.success() && text(&v).contains("not checked"),
+        "{}",
+        text(&v)
+    );
+
+    let lines: Vec<String> = fs::read_to_string(&w.daemon.audit)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let copy = w.scratch.0.join("copy.jsonl");
+    // The last three lines deleted (the stop record and its seal among them).
+    fs::write(&copy, lines[..lines.len() - 3].join("\n") + "\n").unwrap();
+    let v = verify_key(&w.daemon, &vk, &[&copy]);
+    let t = text(&v);
+    assert!(
+        t.contains("UNSEALED") || t.contains("OPEN END") || t.contains("missing seals"),
+        "a cut tail must be reported: {t}\n{}",
+        lines.join("\n")
+    );
+    // A line in the middle edited.
+    let mut edited = lines.clone();
+    let mid = edited.len() / 2;
+    edited[mid] = edited[mid].replacen("\"time\":\"2", "\"time\":\"1", 1);
+    fs::write(&copy, edited.join("\n") + "\n").unwrap();
+    let v = verify_key(&w.daemon, &vk, &[&copy]);
+    assert_eq!(v.status.code(), Some(1), "{}", text(&v));
+    // A wrong key fails at the first seal.
+    let other = format!(
+        "egressd-vk1:{}/{}",
+        "11".repeat(32),
+        vk.split_once('/').unwrap().1
+    );
+    let v = verify_key(&w.daemon, &other, &[]);
+    assert_eq!(v.status.code(), Some(1), "{}", text(&v));
+    assert!(text(&v).contains("BAD SEAL"), "{}", text(&v));
+}

@@ -240,6 +240,7 @@ pub async fn run(
             }
             _ = tick.tick() => {
                 p.drain(ring.get_mut());
+                p.writer.tick_seal();
                 p.flush_folds(false, None);
                 if p.last_kernel_folds.elapsed() >= p.tuning.fold_window {
                     p.kernel_repeats(None);
@@ -808,6 +809,8 @@ impl Pipeline {
                         self.ring_lost(id, c.events_lost);
                     }
                 }
+                // The stop seal covers the log up to the stop record.
+                self.writer.queue_seal("stop");
                 self.flush_with(writer::Sync::Now);
                 let _ = done.send(());
             }
@@ -893,6 +896,86 @@ mod tests {
             fs::write(&path, edited).unwrap();
             assert!(check(&writer::files(&path, 3)).is_err());
         }
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_writer_seals_at_start_rotation_and_stop_and_says_what_a_crash_left_unsealed() {
+        use egressd_common::seal::{self, Sealer};
+        let dir = dir("seal");
+        let path = dir.join("audit.jsonl");
+        fs::create_dir_all(&dir).unwrap();
+        let (_, vk) = Sealer::create(&seal::state_path(&path), 60, false).unwrap();
+        let mut w = Writer::open(&path, 900, 20, None);
+        while writer::files(&path, 20).len() < 3 {
+            write_n(&mut w, 2);
+        }
+        // A crash: records after the last seal, no stop seal.
+        while fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .last()
+            .is_none_or(|l| l.contains("\"type\":\"seal\""))
+        {
+            write_n(&mut w, 1);
+        }
+        drop(w);
+        let mut w = Writer::open(&path, 900, 20, None);
+        w.flush(writer::Sync::Now);
+        let files = writer::files(&path, 20);
+        let all: Vec<Record> = files
+            .iter()
+            .flat_map(|f| {
+                fs::read_to_string(f)
+                    .unwrap()
+                    .lines()
+                    .map(|l| serde_json::from_str(l).unwrap())
+                    .collect::<Vec<Record>>()
+            })
+            .collect();
+        let reasons: Vec<&str> = all
+            .iter()
+            .filter(|r| r.kind == "seal")
+            .map(|r| r.reason.as_deref().unwrap())
+            .collect();
+        assert_eq!(reasons.first(), Some(&"start"));
+        assert!(reasons.contains(&"rotation"), "{reasons:?}");
+        for f in &files[..files.len() - 1] {
+            let last = fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .last()
+                .unwrap()
+                .to_string();
+            assert!(
+                last.contains("\"reason\":\"rotation\""),
+                "{f:?} ends with {last}"
+            );
+        }
+        let note = all
+            .iter()
+            .find(|r| {
+                r.kind == "daemon"
+                    && r.message
+                        .as_deref()
+                        .is_some_and(|m| m.contains("were not sealed"))
+            })
+            .expect("a record saying what the crash left unsealed");
+        assert!(
+            note.message.as_ref().unwrap().contains("records (seq"),
+            "{note:?}"
+        );
+        // A clean stop: the stop record, then the stop seal, last.
+        let mut stop = rec("daemon", "s1");
+        stop.message = Some(STOP_MESSAGE.into());
+        w.queue(stop, Meta::default());
+        w.queue_seal("stop");
+        w.flush(writer::Sync::Now);
+        let files = writer::files(&path, 20);
+        let v = check(&files).unwrap();
+        let r = seal::check(&v, &[vk], None).unwrap();
+        assert!(r.ends_with_stop && r.unsealed == 0, "{r:?}");
+        assert_eq!(r.seals, v.seals.len());
         let _ = fs::remove_dir_all(&dir);
     }
 

@@ -20,11 +20,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use egressd_common::audit::{line_hash, ChainHead, Record};
+use egressd_common::{
+    audit::{line_hash, ChainHead, Record},
+    seal::{self, Sealer},
+};
 
-/// The message of the record a clean stop writes last; any other last record means the previous
-/// daemon ended without closing the log.
-pub const STOP_MESSAGE: &str = "egressd stopping; enforcement stays pinned";
+pub use egressd_common::audit::STOP_MESSAGE;
 
 /// Records kept in memory while the log cannot be written, beyond which even session records are
 /// counted as lost rather than exhaust memory.
@@ -189,6 +190,34 @@ pub struct Writer {
     /// Records lost per session so far (for `session_end`), and in all.
     lost_by_session: HashMap<String, u64>,
     pub lost_total: u64,
+    /// The sealing key of the current epoch, once `egressctl audit setup-keys` made keys.
+    sealer: Option<Sealer>,
+    /// When the next `interval` seal is due (Unix seconds).
+    next_seal: u64,
+    /// When to look for keys made while egressd runs (Unix seconds).
+    next_key_look: u64,
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The last seal record of `text`, if any.
+fn last_seal(text: &[u8]) -> Option<Record> {
+    text.split(|b| *b == b'\n')
+        .rev()
+        .filter(|l| {
+            let needle = b"\"type\":\"seal\"";
+            l.windows(needle.len()).any(|w| w == needle)
+        })
+        .find_map(|l| {
+            serde_json::from_slice::<Record>(l)
+                .ok()
+                .filter(|r| r.kind == "seal")
+        })
 }
 
 fn rotated(path: &Path, n: u32) -> PathBuf {
@@ -300,6 +329,9 @@ impl Writer {
             lost: HashMap::new(),
             lost_by_session: HashMap::new(),
             lost_total: 0,
+            sealer: None,
+            next_seal: 0,
+            next_key_look: 0,
         };
         let current = fs::read(path).ok();
         if let (Some(text), Ok(meta)) = (&current, fs::metadata(path)) {
@@ -318,9 +350,16 @@ impl Writer {
         if let Some((head, _)) = &last {
             w.head = head.clone();
         }
-        let unclean = last
-            .as_ref()
-            .is_some_and(|(_, rec)| rec.message.as_deref() != Some(STOP_MESSAGE));
+        let unclean = last.as_ref().is_some_and(|(_, rec)| {
+            rec.message.as_deref() != Some(STOP_MESSAGE)
+                && !(rec.kind == "seal" && rec.reason.as_deref() == Some("stop"))
+        });
+        let last_seal = current.as_deref().and_then(last_seal).or_else(|| {
+            fs::read(rotated(path, 1))
+                .ok()
+                .as_deref()
+                .and_then(last_seal)
+        });
         if let Some(t) = torn {
             tracing::warn!(
                 "{}: the previous egressd ended mid-write: a torn line of {} bytes at byte {}; it is recorded and the chain continues after it",
@@ -359,7 +398,145 @@ impl Writer {
                 Meta::default(),
             );
         }
+        w.start_sealing(last_seal);
         w
+    }
+
+    /// Loads the sealing state, if there is one, says what the previous egressd left unsealed,
+    /// and queues the `start` seal (with the state's key: it covers what a crash left unsealed).
+    fn start_sealing(&mut self, last_seal: Option<Record>) {
+        let state = seal::state_path(&self.path);
+        let mut sealer = match Sealer::load(&state) {
+            Ok(Some(s)) => s,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!("audit: {e}; the log is not sealed until `egressctl audit setup-keys --force` makes new keys");
+                return;
+            }
+        };
+        let now = now_secs();
+        if let Some(last) = &last_seal {
+            let same_key = last.key.as_deref() == Some(sealer.id.as_str());
+            let last_epoch = last.epoch.unwrap_or(0);
+            if same_key && sealer.epoch < last_epoch {
+                tracing::warn!(
+                    "audit: the sealing state {} (epoch {}) is behind the log's last seal (seq {}, epoch {last_epoch}): it was restored from an older copy; moving on to epoch {last_epoch}",
+                    state.display(),
+                    sealer.epoch,
+                    last.seq
+                );
+                if let Err(e) = sealer.advance_to(last_epoch) {
+                    tracing::warn!("audit: saving the sealing state: {e}");
+                }
+            }
+            let unsealed = self.head.seq.saturating_sub(last.seq);
+            let age =
+                seal::rfc3339_secs(&last.time).map_or(0, |t| now.saturating_sub(t.max(0) as u64));
+            if unsealed > 0 {
+                let message = format!(
+                    "{unsealed} records (seq {}..{}) after the last seal (seq {}, {}, {} s ago) were not sealed by the previous egressd (it ended without its stop seal); the start seal after this record covers them with the key of epoch {}",
+                    last.seq + 1,
+                    self.head.seq,
+                    last.seq,
+                    last.time,
+                    age,
+                    sealer.epoch
+                );
+                tracing::warn!("audit: {message}");
+                self.queue(
+                    Record {
+                        time: super::now_rfc3339(),
+                        kind: "daemon".into(),
+                        message: Some(message),
+                        ..Default::default()
+                    },
+                    Meta::default(),
+                );
+            } else if age > sealer.interval && last.reason.as_deref() != Some("stop") {
+                tracing::warn!(
+                    "audit: the log's last seal (seq {}, {}) is {age} s old and was not a stop seal",
+                    last.seq,
+                    last.time
+                );
+            }
+        }
+        tracing::info!(
+            "audit: sealing the log every {} s (key {}, epoch {})",
+            sealer.interval,
+            sealer.id,
+            sealer.epoch
+        );
+        self.next_seal = sealer.epoch_end().max(now + 1);
+        self.sealer = Some(sealer);
+        self.queue_seal("start");
+    }
+
+    /// Queues a seal (written at the next flush, of the chain head then) when keys exist.
+    pub fn queue_seal(&mut self, reason: &str) {
+        if self.sealer.is_some() {
+            self.queue(
+                Record {
+                    time: super::now_rfc3339(),
+                    kind: "seal".into(),
+                    reason: Some(reason.into()),
+                    ..Default::default()
+                },
+                Meta::default(),
+            );
+        }
+    }
+
+    /// Called every tick: queues the `interval` seal when its time has come; without keys, looks
+    /// now and then for keys `egressctl audit setup-keys` made meanwhile.
+    pub fn tick_seal(&mut self) {
+        let now = now_secs();
+        if self.sealer.is_none() {
+            if now >= self.next_key_look {
+                self.next_key_look = now + 2;
+                if seal::state_path(&self.path).exists() {
+                    self.start_sealing(None);
+                }
+            }
+            return;
+        }
+        if now >= self.next_seal {
+            // Keys made anew (`setup-keys --force`) replace ours from this seal on.
+            if let (Some(s), Ok(Some(new))) =
+                (&self.sealer, Sealer::load(&seal::state_path(&self.path)))
+            {
+                if new.id != s.id {
+                    tracing::warn!("audit: new sealing keys ({}); sealing with them", new.id);
+                    self.sealer = Some(new);
+                }
+            }
+            self.queue_seal("interval");
+            let iv = self.sealer.as_ref().map_or(1, |s| s.interval);
+            self.next_seal = self.next_seal.max(now - (now - self.next_seal) % iv) + iv;
+        }
+    }
+
+    /// After a seal reached the file: the key moves on to the current epoch (the old one is
+    /// zeroized and the state file overwritten).
+    fn after_seal(&mut self) {
+        let Some(s) = &mut self.sealer else { return };
+        let epoch = s.epoch_at(now_secs());
+        if let Err(e) = s.advance_to(epoch) {
+            tracing::warn!(
+                "audit: saving the sealing state {}: {e}; the key moved on in memory",
+                s.path.display()
+            );
+        }
+        self.next_seal = self.next_seal.max(s.epoch_end());
+    }
+
+    /// Seal fields for a seal record at `head` (the line before it).
+    fn fill_seal(sealer: Option<&Sealer>, rec: &mut Record, head: &ChainHead) {
+        if let Some(s) = sealer {
+            rec.epoch = Some(s.epoch);
+            rec.sealed_seq = Some(head.seq);
+            rec.seal = Some(s.seal(&head.hash, head.seq));
+            rec.key = Some(s.id.clone());
+        }
     }
 
     pub fn files(&self) -> Vec<PathBuf> {
@@ -558,7 +735,11 @@ impl Writer {
         }
         let mut items: Vec<(usize, ChainHead, Option<usize>, Written)> = Vec::new();
         let mut head = self.head.clone();
+        let sealer = self.sealer.as_ref();
         let mut push = |buf: &mut Vec<u8>, mut rec: Record, from: Option<usize>| {
+            if rec.kind == "seal" {
+                Self::fill_seal(sealer, &mut rec, &head);
+            }
             rec.seq = head.seq + 1;
             rec.prev = std::mem::take(&mut head.hash);
             let line = serde_json::to_vec(&rec).unwrap_or_default();
@@ -618,8 +799,10 @@ impl Writer {
             self.dirty = true;
         }
         let mut consumed = 0;
+        let mut sealed = false;
         for (_, h, from, written) in items.drain(..whole) {
             self.head = h;
+            sealed |= written.kind == "seal";
             if let Some(i) = from {
                 consumed = i + 1;
             }
@@ -642,14 +825,63 @@ impl Writer {
                 });
             }
         }
+        if sealed {
+            self.after_seal();
+        }
         if let Some(e) = err {
             out.lost = self.fail(Reason::of(&e));
             out.error = Some((Reason::of(&e), e));
             return out;
         }
         self.unsynced = true;
+        let mut size = size0 + boundary as u64;
+        if size >= self.max_bytes && self.sealer.is_some() {
+            // The file ends with a seal of its last record.
+            let mut rec = Record {
+                time: super::now_rfc3339(),
+                kind: "seal".into(),
+                reason: Some("rotation".into()),
+                ..Default::default()
+            };
+            Self::fill_seal(self.sealer.as_ref(), &mut rec, &self.head);
+            rec.seq = self.head.seq + 1;
+            rec.prev = self.head.hash.clone();
+            let mut line = serde_json::to_vec(&rec).unwrap_or_default();
+            let hash = line_hash(&line);
+            let n = line.len();
+            line.push(b'\n');
+            match write_some(&mut file, &line) {
+                (done, None) if done == line.len() => {
+                    self.head = ChainHead { seq: rec.seq, hash };
+                    size += line.len() as u64;
+                    out.bytes += line.len() as u64;
+                    line.truncate(n);
+                    out.written.push(Written {
+                        kind: "seal".into(),
+                        denied: false,
+                        line,
+                    });
+                    self.after_seal();
+                }
+                (done, e) => {
+                    if done > 0 && file.set_len(size).is_err() {
+                        self.dirty = true;
+                    }
+                    let e = e.unwrap_or_else(|| io::ErrorKind::WriteZero.into());
+                    out.error = Some((Reason::of(&e), e));
+                    return out;
+                }
+            }
+            if let Ok(m) = file.metadata() {
+                self.expect = Expect::Same(FileId {
+                    dev: m.dev(),
+                    ino: m.ino(),
+                    size,
+                });
+            }
+        }
         self.sync(file, sync, &mut out);
-        if out.error.is_none() && size0 + boundary as u64 >= self.max_bytes {
+        if out.error.is_none() && size >= self.max_bytes {
             if let Err(e) = self.rotate() {
                 out.error = Some((Reason::of(&e), e));
             }
@@ -730,7 +962,7 @@ impl Writer {
 fn must_keep(kind: &str) -> bool {
     matches!(
         kind,
-        "session_start" | "session_end" | "lost" | "daemon" | "crash" | "log_continued"
+        "session_start" | "session_end" | "lost" | "daemon" | "crash" | "log_continued" | "seal"
     )
 }
 
