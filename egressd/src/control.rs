@@ -388,7 +388,7 @@ async fn notices(
             if !nix::unistd::isatty(fd.as_raw_fd()).unwrap_or(false) {
                 return Err(format!("descriptor of {pid} is not a terminal"));
             }
-            Some(fd)
+            Some(crate::notices::reopen_nonblocking(&fd)?)
         }
         None => None,
     };

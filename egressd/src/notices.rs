@@ -13,7 +13,6 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    io::Write as _,
     os::fd::OwnedFd,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -120,7 +119,7 @@ pub async fn run(state: Arc<State>) {
             };
             if !delivered {
                 if let Some(tty) = tty {
-                    tokio::task::spawn_blocking(move || terminal(&tty, &text));
+                    terminal(&tty, &text);
                 }
             }
         }
@@ -182,9 +181,46 @@ async fn desktop(path: &std::path::Path, uid: u32, text: &str) -> bool {
     }
 }
 
+/// A description of its own for the terminal egressctl handed over, opened non-blocking, so that
+/// a notice to a stopped terminal (^S, a full pty nobody reads) is dropped instead of holding a
+/// thread of egressd; the handed description itself is shared with the session and stays as it is.
+/// Only a terminal device (a pty's slave side, a console) is reopened: a pty master would open a
+/// new pty.
+pub fn reopen_nonblocking(fd: &OwnedFd) -> Result<OwnedFd, String> {
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _};
+    let path = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|e| format!("the terminal's name: {e}"))?;
+    let handed = std::fs::File::from(fd.try_clone().map_err(|e| e.to_string())?)
+        .metadata()
+        .map_err(|e| e.to_string())?;
+    let is_ptmx = path.as_os_str() == "/dev/ptmx" || path.as_os_str() == "/dev/pts/ptmx";
+    if is_ptmx || !handed.file_type().is_char_device() {
+        return Err(format!(
+            "{} is not a terminal egressctl runs on",
+            path.display()
+        ));
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(&path)
+        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    // The same device, not whatever now has that name.
+    let reopened = file.metadata().map_err(|e| e.to_string())?;
+    if reopened.rdev() != handed.rdev() || !reopened.file_type().is_char_device() {
+        return Err(format!(
+            "{} is not the terminal handed over",
+            path.display()
+        ));
+    }
+    Ok(OwnedFd::from(file))
+}
+
 /// On the terminal: a line of its own while the terminal is line by line (a shell running a
 /// command, a command printing); a full-screen program (raw or cbreak mode) keeps its screen, and
-/// the notice goes to the window title (OSC 2) instead.
+/// the notice goes to the window title (OSC 2) instead. The write does not wait: a terminal that
+/// cannot take it now loses this notice, and the daemon log says so.
 fn terminal(tty: &OwnedFd, text: &str) {
     let line_mode = nix::sys::termios::tcgetattr(tty)
         .map(|t| {
@@ -197,12 +233,11 @@ fn terminal(tty: &OwnedFd, text: &str) {
     } else {
         format!("\x1b]2;{text}\x07")
     };
-    // A dup of the terminal egressctl runs on: a write to it is what the session could write.
-    let mut file = match tty.try_clone() {
-        Ok(fd) => std::fs::File::from(fd),
-        Err(_) => return,
-    };
-    let _ = file.write_all(bytes.as_bytes());
+    match nix::unistd::write(tty, bytes.as_bytes()) {
+        Ok(n) if n == bytes.len() => {}
+        Ok(n) => tracing::info!("notice: the terminal took {n} of {} bytes", bytes.len()),
+        Err(e) => tracing::info!("notice not shown: the terminal did not take it ({e})"),
+    }
 }
 
 #[cfg(test)]
