@@ -148,7 +148,10 @@ fn ask_for_notices(client: &mut Client, id: &str) {
         Ok(Reply::Error { message }) => {
             eprintln!("egressd: no notices of what is blocked: {message}")
         }
-        Ok(_) | Err(_) => {}
+        Ok(other) => {
+            eprintln!("egressd: no notices of what is blocked: unexpected reply {other:?}")
+        }
+        Err(e) => eprintln!("egressd: no notices of what is blocked: {e:#}"),
     }
 }
 

@@ -43,20 +43,29 @@ impl Desktop {
         let path = dir.join("bus");
         let bus = format!("unix:path={}", path.display());
         let received = dir.join("notices.txt");
-        let mut children = vec![as_nobody(&[
-            "dbus-daemon",
-            "--session",
-            "--nofork",
-            &format!("--address={bus}"),
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap()];
+        // Built first, so that its drop kills what started even when a wait below fails.
+        let mut desktop = Desktop {
+            bus: bus.clone(),
+            received: received.clone(),
+            children: Vec::new(),
+        };
+        desktop.children.push(
+            as_nobody(&[
+                "dbus-daemon",
+                "--session",
+                "--nofork",
+                &format!("--address={bus}"),
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+        );
         wait_until("the session bus", 10, || path.exists());
         fs::write(dir.join("server.py"), SERVER).unwrap();
-        children.push(
+        desktop.children.push(
+            // The system's python3 (with python3-dbus), not one a PATH for root would find.
             as_nobody(&[
-                "python3",
+                "/usr/bin/python3",
                 &dir.join("server.py").display().to_string(),
                 &bus,
                 &received.display().to_string(),
@@ -66,11 +75,7 @@ impl Desktop {
         );
         let ready = dir.join("notices.txt.ready");
         wait_until("the notification server", 10, || ready.exists());
-        Desktop {
-            bus,
-            received,
-            children,
-        }
+        desktop
     }
 
     fn notices(&self) -> Vec<String> {
