@@ -178,14 +178,27 @@ pub fn audit(socket: &Path, args: AuditArgs) -> anyhow::Result<ExitCode> {
             output,
         } => {
             let m = Matcher::new(&filter)?;
-            let records = read_all(&log)?.into_iter().filter(|r| m.matches(r));
+            let lines = read_lines(&log)?;
+            let whole = m.range_only();
+            let records = if whole {
+                let (range, note) = sealed_range(lines, &m);
+                if let Some(note) = note {
+                    eprintln!("egressctl: {note}");
+                }
+                range
+            } else {
+                eprintln!(
+                    "egressctl: a filtered export (--session, --verdict, --dest, --type) is an extract: `egressctl audit verify` checks a whole one (--since/--until alone)"
+                );
+                lines.into_iter().filter(|(r, _)| m.matches(r)).collect()
+            };
             let out: Box<dyn Write> = match &output {
                 Some(p) => Box::new(
                     fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
                 ),
                 None => Box::new(io::stdout().lock()),
             };
-            export(out, records, format)?;
+            export(out, records.into_iter(), format, whole)?;
             Ok(ExitCode::SUCCESS)
         }
         AuditCommand::Summary { since } => {
@@ -207,6 +220,7 @@ pub fn audit(socket: &Path, args: AuditArgs) -> anyhow::Result<ExitCode> {
                     for line in crate::health::lines(h, &s.audit_path) {
                         println!("log now: {line}");
                     }
+                    println!("log now: {}", crate::health::sealing(h));
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -246,6 +260,12 @@ fn open(path: &Path) -> anyhow::Result<fs::File> {
 }
 
 pub fn read_all(log: &Path) -> anyhow::Result<Vec<Record>> {
+    Ok(read_lines(log)?.into_iter().map(|(r, _)| r).collect())
+}
+
+/// Each record with its line as logged: the bytes the chain hashes, which an export carries so
+/// that `audit verify` can check it.
+pub fn read_lines(log: &Path) -> anyhow::Result<Vec<(Record, Vec<u8>)>> {
     let mut out = Vec::new();
     for f in log_files(log) {
         if !f.exists() {
@@ -257,7 +277,7 @@ pub fn read_all(log: &Path) -> anyhow::Result<Vec<Record>> {
                 continue;
             }
             match serde_json::from_slice::<Record>(&line) {
-                Ok(r) => out.push(r),
+                Ok(r) => out.push((r, line)),
                 // A crash's torn line (which the next daemon records) must not hide the rest.
                 Err(e) => eprintln!(
                     "egressctl: {} line {}: not an audit record ({e}); skipped (`egressctl audit verify` says whether egressd recorded it as a crash)",
@@ -295,7 +315,7 @@ fn verify_cmd(
     };
     let mut readers = Vec::new();
     for f in &files {
-        readers.push((f.display().to_string(), BufReader::new(open(f)?)));
+        readers.push(log_lines_of(f)?);
     }
     match verify(readers) {
         Ok(v) => {
@@ -307,7 +327,7 @@ fn verify_cmd(
                 files.len()
             );
             if first > 1 {
-                println!("note: the chain starts at seq {first}: older files were rotated away (retention) or removed");
+                println!("note: the chain starts at seq {first}: the records before it are not in these files (rotated away, removed, or before an export's range)");
             }
             for note in &v.notes {
                 println!("note: {note}");
@@ -400,6 +420,14 @@ impl Matcher {
             dest: f.dest,
             kind: f.kind.clone(),
         })
+    }
+
+    /// Only a time range: the export is a contiguous part of the chain, which verifies.
+    fn range_only(&self) -> bool {
+        self.session.is_none()
+            && self.verdict.is_none()
+            && self.dest.is_none()
+            && self.kind.is_none()
     }
 
     fn matches(&self, r: &Record) -> bool {
@@ -595,29 +623,69 @@ fn follow_log(log: &Path, m: &Matcher, json: bool) -> anyhow::Result<()> {
     }
 }
 
-const CSV_COLUMNS: [&str; 27] = [
+const CSV_COLUMNS: [&str; 29] = [
     "time", "seq", "type", "session", "pid", "tgid", "uid", "comm", "exe", "hook", "family",
     "protocol", "dest", "port", "verdict", "reason", "policy", "count", "profile", "argv", "lost",
-    "message", "qname", "qtype", "rcode", "answers", "ttl",
+    "message", "qname", "qtype", "rcode", "answers", "ttl", "prev", "line",
 ];
+
+/// The records of `m`'s time range as one piece of the chain (from the first record in the range
+/// to the last), run on to the next seal when the range ends before one, so that the export
+/// verifies as sealed; and a note saying so.
+fn sealed_range(
+    lines: Vec<(Record, Vec<u8>)>,
+    m: &Matcher,
+) -> (Vec<(Record, Vec<u8>)>, Option<String>) {
+    let Some(first) = lines.iter().position(|(r, _)| m.matches(r)) else {
+        return (Vec::new(), None);
+    };
+    let last = lines
+        .iter()
+        .rposition(|(r, _)| m.matches(r))
+        .unwrap_or(first);
+    let mut end = last;
+    let mut note = None;
+    if lines[last].0.kind != "seal" {
+        if let Some(k) = lines[last + 1..].iter().position(|(r, _)| r.kind == "seal") {
+            end = last + 1 + k;
+            let seal = &lines[end].0;
+            note = Some(format!(
+                "the export runs on {} record(s) past the range, to the next seal (seq {}, {}), so that it verifies as sealed",
+                end - last,
+                seal.seq,
+                seal.time
+            ));
+        }
+    }
+    let mut lines = lines;
+    lines.truncate(end + 1);
+    (lines.split_off(first), note)
+}
 
 fn export(
     out: Box<dyn Write>,
-    records: impl Iterator<Item = Record>,
+    records: impl Iterator<Item = (Record, Vec<u8>)>,
     format: Format,
+    whole: bool,
 ) -> anyhow::Result<()> {
     match format {
         Format::Jsonl | Format::Ocsf => {
             let mut out = io::BufWriter::new(out);
-            for r in records {
+            for (r, line) in records {
                 if format == Format::Ocsf {
-                    match ocsf(&r) {
-                        Some(v) => serde_json::to_writer(&mut out, &v)?,
+                    // A whole export keeps every record (the chain needs them); an extract only
+                    // the network and DNS events.
+                    match ocsf(&r).or_else(|| whole.then(|| ocsf_base(&r))) {
+                        Some(mut v) => {
+                            v["unmapped"]["egressd_line"] =
+                                serde_json::json!(String::from_utf8_lossy(&line));
+                            serde_json::to_writer(&mut out, &v)?
+                        }
                         None => continue,
                     }
                 } else {
-                    // The record as logged, field order and `prev` included.
-                    serde_json::to_writer(&mut out, &r)?;
+                    // The line as logged, byte for byte: what the chain hashes.
+                    out.write_all(&line)?;
                 }
                 out.write_all(b"\n")?;
             }
@@ -628,7 +696,7 @@ fn export(
             w.write_record(CSV_COLUMNS)?;
             let s = |o: &Option<String>| o.clone().unwrap_or_default();
             let n = |o: Option<u64>| o.map(|v| v.to_string()).unwrap_or_default();
-            for r in records {
+            for (r, line) in records {
                 w.write_record([
                     r.time.clone(),
                     r.seq.to_string(),
@@ -657,12 +725,67 @@ fn export(
                     s(&r.rcode),
                     r.answers.clone().map(|a| a.join(" ")).unwrap_or_default(),
                     n(r.ttl.map(u64::from)),
+                    r.prev.clone(),
+                    String::from_utf8_lossy(&line).into_owned(),
                 ])?;
             }
             w.flush()?;
         }
     }
     Ok(())
+}
+
+/// The lines of the log a file holds, for `verify`: a log or a JSONL export as it is, a CSV
+/// export's `line` column, an OCSF export's `unmapped.egressd_line`; and the name to report
+/// (for an export, its line numbers count records).
+fn log_lines_of(path: &Path) -> anyhow::Result<(String, Box<dyn io::BufRead>)> {
+    let mut reader = BufReader::new(open(path)?);
+    let mut first = Vec::new();
+    reader.read_until(b'\n', &mut first)?;
+    let name = path.display().to_string();
+    if first.starts_with(b"time,seq,type,") {
+        let mut rest = Vec::new();
+        reader.read_to_end(&mut rest)?;
+        first.extend_from_slice(&rest);
+        let mut rdr = csv::Reader::from_reader(first.as_slice());
+        let col = rdr.headers()?.iter().position(|h| h == "line").with_context(|| {
+            format!("{name}: a CSV export without the `line` column (an older egressctl made it): it cannot be verified")
+        })?;
+        let mut lines = Vec::new();
+        for row in rdr.records() {
+            lines.extend_from_slice(row?.get(col).unwrap_or("").as_bytes());
+            lines.push(b'\n');
+        }
+        return Ok((
+            format!("{name} (CSV export; line N is row N)"),
+            Box::new(io::Cursor::new(lines)),
+        ));
+    }
+    let event = serde_json::from_slice::<serde_json::Value>(&first).ok();
+    if event.as_ref().is_some_and(|e| e.get("class_uid").is_some()) {
+        let mut lines = Vec::new();
+        for (i, l) in std::iter::once(Ok(first))
+            .chain(reader.split(b'\n'))
+            .enumerate()
+        {
+            let l = l?;
+            if l.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let e: serde_json::Value = serde_json::from_slice(&l)
+                .with_context(|| format!("{name} line {}: not an OCSF event", i + 1))?;
+            let line = e["unmapped"]["egressd_line"].as_str().with_context(|| {
+                format!("{name} line {}: no unmapped.egressd_line: an extract (exported with --session, --verdict, --dest or --type) or made by an older egressctl, which cannot be verified", i + 1)
+            })?;
+            lines.extend_from_slice(line.as_bytes());
+            lines.push(b'\n');
+        }
+        return Ok((
+            format!("{name} (OCSF export)"),
+            Box::new(io::Cursor::new(lines)),
+        ));
+    }
+    Ok((name, Box::new(io::Cursor::new(first).chain(reader))))
 }
 
 /// An OCSF 1.1 Network Activity event (class 4001) for a decision record, a DNS Activity event
@@ -730,6 +853,31 @@ fn ocsf_event(r: &Record, class_uid: u32) -> Option<serde_json::Value> {
             }
         },
     }))
+}
+
+/// An OCSF Base Event (class 0) for a record that is not network or DNS activity (a session's
+/// start or end, a seal, a lost count, the daemon's own), so that a whole export keeps the chain.
+fn ocsf_base(r: &Record) -> serde_json::Value {
+    let time_ms = humantime::parse_rfc3339(&r.time)
+        .ok()
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64);
+    serde_json::json!({
+        "category_uid": 0,
+        "class_uid": 0,
+        "activity_id": 99,
+        "type_uid": 99,
+        "severity_id": if r.kind == "lost" || r.kind == "crash" { 3 } else { 1 },
+        "time": time_ms,
+        "message": r.message.clone().or_else(|| r.reason.clone()).unwrap_or_else(|| r.kind.clone()),
+        "metadata": {
+            "version": "1.1.0",
+            "product": { "name": "egressd", "vendor_name": "egressd" },
+            "sequence": r.seq,
+            "correlation_uid": r.session,
+        },
+        "unmapped": { "egressd_type": r.kind },
+    })
 }
 
 #[derive(Default)]

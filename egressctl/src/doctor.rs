@@ -196,6 +196,15 @@ pub fn doctor(socket: &Path) -> ExitCode {
                     "audit log",
                     crate::health::lines(h, &s.audit_path).join("; "),
                 );
+                r.line(
+                    if h.sealing.is_some() {
+                        Level::Ok
+                    } else {
+                        Level::Info
+                    },
+                    "sealing",
+                    crate::health::sealing(h),
+                );
             }
             let lsm = s.layers.iter().any(|l| l == "lsm");
             r.line(

@@ -2,6 +2,23 @@
 
 use egressd_common::protocol::{human_bytes, AuditHealth};
 
+/// Whether and how the log is sealed, in one line.
+pub fn sealing(h: &AuditHealth) -> String {
+    match &h.sealing {
+        None => "not sealed: `egressctl audit setup-keys` makes keys, so an auditor can check the log off this machine".into(),
+        Some(s) => format!(
+            "sealed every {} (key {}, epoch {}){}",
+            humantime::format_duration(std::time::Duration::from_secs(s.interval_s)),
+            s.key,
+            s.epoch,
+            match (&s.last_seal, s.sealed_seq) {
+                (Some(t), Some(q)) => format!("; last seal {t} (up to seq {q})"),
+                _ => "; no seal written yet".into(),
+            }
+        ),
+    }
+}
+
 /// Whether free space is below `space_left`.
 pub fn low(h: &AuditHealth) -> bool {
     h.free_bytes.is_some_and(|f| f < h.space_left)

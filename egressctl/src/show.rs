@@ -53,6 +53,7 @@ pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
         for (i, line) in crate::health::lines(h, &s.audit_path).iter().enumerate() {
             println!("{}{line}", if i == 0 { "audit:    " } else { "          " });
         }
+        println!("sealing:  {}", crate::health::sealing(h));
     }
     Ok(())
 }

@@ -80,6 +80,8 @@ pub struct Response {
     pub reply: Reply,
 }
 
+// A reply is made once per request and serialized at once: its size in memory does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Reply {
@@ -220,6 +222,24 @@ pub struct AuditHealth {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub syslog_error: Option<String>,
     pub syslog_dropped: u64,
+    /// Forward-secure sealing, once `egressctl audit setup-keys` made keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealing: Option<SealingView>,
+}
+
+/// How the log is sealed: with which key, how often, and the last seal that reached the file.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct SealingView {
+    /// The key id (what `setup-keys` printed next to the verification key).
+    pub key: String,
+    pub interval_s: u64,
+    /// The epoch of the key in use: keys of earlier epochs are erased.
+    pub epoch: u64,
+    /// When the last seal was written, and the last record it covers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_seq: Option<u64>,
 }
 
 /// A size as a person reads it: "63.8 MiB".

@@ -429,6 +429,13 @@ fn a_sealed_log_verifies_with_the_key_and_a_cut_or_an_edit_does_not() {
         std::thread::sleep(std::time::Duration::from_millis(700));
     }
     std::thread::sleep(std::time::Duration::from_millis(2500));
+    // status says how the log is sealed.
+    let status = w.daemon.ctl(0).arg("status").output().unwrap();
+    let st = text(&status);
+    assert!(
+        st.contains("sealing:  sealed every 1s (key ") && st.contains("; last seal "),
+        "{st}"
+    );
     w.daemon.stop();
     let records = audit_records(&w.daemon);
     let seals: Vec<&Value> = records.iter().filter(|r| r["type"] == "seal").collect();
@@ -499,4 +506,67 @@ fn a_sealed_log_verifies_with_the_key_and_a_cut_or_an_edit_does_not() {
     let v = verify_key(&w.daemon, &other, &[]);
     assert_eq!(v.status.code(), Some(1), "{}", text(&v));
     assert!(text(&v).contains("BAD SEAL"), "{}", text(&v));
+
+    // Exports of a time range, in each format, verify with the key off the machine: from the
+    // second session's start (mid-chain) to the end.
+    let since = records
+        .iter()
+        .filter(|r| r["type"] == "session_start")
+        .nth(1)
+        .expect("a second session")["time"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let export = |format: &str, extra: &[&str]| -> std::path::PathBuf {
+        let path = w.scratch.0.join(format!("export-{format}{}", extra.len()));
+        let o = Command::new(bin("egressctl"))
+            .args([
+                "audit",
+                "--file",
+                w.daemon.audit.to_str().unwrap(),
+                "export",
+            ])
+            .args(["--format", format, "--since", &since, "--output"])
+            .arg(&path)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        path
+    };
+    for format in ["jsonl", "csv", "ocsf"] {
+        let file = export(format, &[]);
+        let v = verify_key(&w.daemon, &vk, &[&file]);
+        let t = text(&v);
+        assert!(v.status.success(), "{format}: {t}");
+        assert!(
+            t.contains("seals valid") && t.contains("the chain starts at seq"),
+            "{format}: {t}"
+        );
+        // An edit inside the export is found: a denied connect shown as allowed.
+        let body = fs::read_to_string(&file).unwrap();
+        let needle = match format {
+            "jsonl" => "\"verdict\":\"denied\"",
+            "csv" => "\"\"verdict\"\":\"\"denied\"\"",
+            _ => "\\\"verdict\\\":\\\"denied\\\"",
+        };
+        assert!(body.contains(needle), "{format}: no {needle} in {body}");
+        let edited = w.scratch.0.join(format!("edited-{format}"));
+        fs::write(
+            &edited,
+            body.replacen(needle, &needle.replace("denied", "allowed"), 1),
+        )
+        .unwrap();
+        let v = verify_key(&w.daemon, &vk, &[&edited]);
+        assert_eq!(
+            v.status.code(),
+            Some(1),
+            "{format}: an edit passed: {}",
+            text(&v)
+        );
+    }
+    // An extract (one verdict) is not a piece of the chain: verify refuses it.
+    let extract = export("jsonl", &["--verdict", "denied"]);
+    let v = verify_key(&w.daemon, &vk, &[&extract]);
+    assert_ne!(v.status.code(), Some(0), "{}", text(&v));
 }

@@ -5,7 +5,7 @@
 use std::{
     fs,
     os::unix::fs::PermissionsExt as _,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     thread,
     time::Duration,
 };

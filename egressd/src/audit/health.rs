@@ -11,7 +11,7 @@ use std::{
 
 use egressd_common::{
     policy::{AuditConfig, DiskAction, SpaceLeft},
-    protocol::{human_bytes, AuditHealth},
+    protocol::{human_bytes, AuditHealth, SealingView},
 };
 
 use super::writer::{Flushed, Reason};
@@ -265,7 +265,13 @@ impl Health {
     }
 
     /// Publishes the state for status and the control task.
-    pub fn publish(&self, lost: u64, lost_pending: u64, syslog: Option<(&Option<String>, u64)>) {
+    pub fn publish(
+        &self,
+        lost: u64,
+        lost_pending: u64,
+        syslog: Option<(&Option<String>, u64)>,
+        sealing: Option<SealingView>,
+    ) {
         let view = AuditHealth {
             failing_since: self.failing.as_ref().map(|f| rfc3339(f.since)),
             reason: self.failing.as_ref().map(|f| f.reason.name().to_string()),
@@ -278,6 +284,7 @@ impl Health {
             refusing_sessions: self.refusing().is_some(),
             syslog_error: syslog.and_then(|(e, _)| e.clone()),
             syslog_dropped: syslog.map_or(0, |(_, n)| n),
+            sealing,
         };
         if let Ok(mut s) = self.shared.lock() {
             *s = view;

@@ -416,6 +416,7 @@ impl Pipeline {
             self.writer.lost_total,
             self.writer.lost_pending(),
             self.syslog.as_ref().map(|s| (&s.failing, s.dropped)),
+            self.writer.sealing(),
         );
     }
 

@@ -22,6 +22,7 @@ use std::{
 
 use egressd_common::{
     audit::{line_hash, ChainHead, Record},
+    protocol::SealingView,
     seal::{self, Sealer},
 };
 
@@ -196,6 +197,8 @@ pub struct Writer {
     next_seal: u64,
     /// When to look for keys made while egressd runs (Unix seconds).
     next_key_look: u64,
+    /// The last seal in the file: when, and the last record it covers (for status).
+    last_sealed: Option<(String, u64)>,
 }
 
 fn now_secs() -> u64 {
@@ -331,6 +334,7 @@ impl Writer {
             lost_total: 0,
             sealer: None,
             next_seal: 0,
+            last_sealed: None,
             next_key_look: 0,
         };
         let current = fs::read(path).ok();
@@ -415,6 +419,12 @@ impl Writer {
             }
         };
         let now = now_secs();
+        self.last_sealed = last_seal.as_ref().map(|l| {
+            (
+                l.time.clone(),
+                l.sealed_seq.unwrap_or(l.seq.saturating_sub(1)),
+            )
+        });
         if let Some(last) = &last_seal {
             let same_key = last.key.as_deref() == Some(sealer.id.as_str());
             let last_epoch = last.epoch.unwrap_or(0);
@@ -527,6 +537,18 @@ impl Writer {
             );
         }
         self.next_seal = self.next_seal.max(s.epoch_end());
+    }
+
+    /// How the log is sealed, for status; None without keys.
+    pub fn sealing(&self) -> Option<SealingView> {
+        let s = self.sealer.as_ref()?;
+        Some(SealingView {
+            key: s.id.clone(),
+            interval_s: s.interval,
+            epoch: s.epoch,
+            last_seal: self.last_sealed.as_ref().map(|(t, _)| t.clone()),
+            sealed_seq: self.last_sealed.as_ref().map(|(_, q)| *q),
+        })
     }
 
     /// Seal fields for a seal record at `head` (the line before it).
@@ -801,8 +823,11 @@ impl Writer {
         let mut consumed = 0;
         let mut sealed = false;
         for (_, h, from, written) in items.drain(..whole) {
+            if written.kind == "seal" {
+                sealed = true;
+                self.last_sealed = Some((super::now_rfc3339(), h.seq.saturating_sub(1)));
+            }
             self.head = h;
-            sealed |= written.kind == "seal";
             if let Some(i) = from {
                 consumed = i + 1;
             }
@@ -852,6 +877,7 @@ impl Writer {
             line.push(b'\n');
             match write_some(&mut file, &line) {
                 (done, None) if done == line.len() => {
+                    self.last_sealed = Some((rec.time.clone(), self.head.seq));
                     self.head = ChainHead { seq: rec.seq, hash };
                     size += line.len() as u64;
                     out.bytes += line.len() as u64;
