@@ -315,7 +315,13 @@ fn verify_cmd(
     };
     let mut readers = Vec::new();
     for f in &files {
-        readers.push(log_lines_of(f)?);
+        match log_lines_of(f)? {
+            Ok(r) => readers.push(r),
+            Err(broken) => {
+                println!("BROKEN: {broken}");
+                return Ok(ExitCode::FAILURE);
+            }
+        }
     }
     match verify(readers) {
         Ok(v) => {
@@ -675,12 +681,8 @@ fn export(
                 if format == Format::Ocsf {
                     // A whole export keeps every record (the chain needs them); an extract only
                     // the network and DNS events.
-                    match ocsf(&r).or_else(|| whole.then(|| ocsf_base(&r))) {
-                        Some(mut v) => {
-                            v["unmapped"]["egressd_line"] =
-                                serde_json::json!(String::from_utf8_lossy(&line));
-                            serde_json::to_writer(&mut out, &v)?
-                        }
+                    match ocsf_of(&r, &line, whole) {
+                        Some(v) => serde_json::to_writer(&mut out, &v)?,
                         None => continue,
                     }
                 } else {
@@ -694,40 +696,8 @@ fn export(
         Format::Csv => {
             let mut w = csv::Writer::from_writer(out);
             w.write_record(CSV_COLUMNS)?;
-            let s = |o: &Option<String>| o.clone().unwrap_or_default();
-            let n = |o: Option<u64>| o.map(|v| v.to_string()).unwrap_or_default();
             for (r, line) in records {
-                w.write_record([
-                    r.time.clone(),
-                    r.seq.to_string(),
-                    r.kind.clone(),
-                    s(&r.session),
-                    n(r.pid.map(u64::from)),
-                    n(r.tgid.map(u64::from)),
-                    n(r.uid.map(u64::from)),
-                    s(&r.comm),
-                    s(&r.exe),
-                    s(&r.hook),
-                    s(&r.family),
-                    s(&r.protocol),
-                    s(&r.dest),
-                    n(r.port.map(u64::from)),
-                    s(&r.verdict),
-                    s(&r.reason),
-                    s(&r.policy),
-                    n(r.count),
-                    s(&r.profile),
-                    r.argv.clone().map(|a| a.join(" ")).unwrap_or_default(),
-                    n(r.lost),
-                    s(&r.message),
-                    s(&r.qname),
-                    s(&r.qtype),
-                    s(&r.rcode),
-                    r.answers.clone().map(|a| a.join(" ")).unwrap_or_default(),
-                    n(r.ttl.map(u64::from)),
-                    r.prev.clone(),
-                    String::from_utf8_lossy(&line).into_owned(),
-                ])?;
+                w.write_record(csv_row(&r, &line))?;
             }
             w.flush()?;
         }
@@ -735,10 +705,59 @@ fn export(
     Ok(())
 }
 
+/// A file's name as verify reports it, and the log lines it holds.
+type NamedLines = (String, Box<dyn io::BufRead>);
+
+/// A record's CSV row; the last column is its line as logged.
+fn csv_row(r: &Record, line: &[u8]) -> [String; CSV_COLUMNS.len()] {
+    let s = |o: &Option<String>| o.clone().unwrap_or_default();
+    let n = |o: Option<u64>| o.map(|v| v.to_string()).unwrap_or_default();
+    [
+        r.time.clone(),
+        r.seq.to_string(),
+        r.kind.clone(),
+        s(&r.session),
+        n(r.pid.map(u64::from)),
+        n(r.tgid.map(u64::from)),
+        n(r.uid.map(u64::from)),
+        s(&r.comm),
+        s(&r.exe),
+        s(&r.hook),
+        s(&r.family),
+        s(&r.protocol),
+        s(&r.dest),
+        n(r.port.map(u64::from)),
+        s(&r.verdict),
+        s(&r.reason),
+        s(&r.policy),
+        n(r.count),
+        s(&r.profile),
+        r.argv.clone().map(|a| a.join(" ")).unwrap_or_default(),
+        n(r.lost),
+        s(&r.message),
+        s(&r.qname),
+        s(&r.qtype),
+        s(&r.rcode),
+        r.answers.clone().map(|a| a.join(" ")).unwrap_or_default(),
+        n(r.ttl.map(u64::from)),
+        r.prev.clone(),
+        String::from_utf8_lossy(line).into_owned(),
+    ]
+}
+
+/// A record's OCSF event (network, DNS, or a base event), carrying its line as logged.
+fn ocsf_of(r: &Record, line: &[u8], whole: bool) -> Option<serde_json::Value> {
+    let mut v = ocsf(r).or_else(|| whole.then(|| ocsf_base(r)))?;
+    v["unmapped"]["egressd_line"] = serde_json::json!(String::from_utf8_lossy(line));
+    Some(v)
+}
+
 /// The lines of the log a file holds, for `verify`: a log or a JSONL export as it is, a CSV
 /// export's `line` column, an OCSF export's `unmapped.egressd_line`; and the name to report
-/// (for an export, its line numbers count records).
-fn log_lines_of(path: &Path) -> anyhow::Result<(String, Box<dyn io::BufRead>)> {
+/// (for an export, its line numbers count records). The columns of a CSV row and the fields of
+/// an OCSF event must be what the line they carry gives, or the export was edited: that is the
+/// inner error, said as a broken line.
+fn log_lines_of(path: &Path) -> anyhow::Result<Result<NamedLines, String>> {
     let mut reader = BufReader::new(open(path)?);
     let mut first = Vec::new();
     reader.read_until(b'\n', &mut first)?;
@@ -751,15 +770,30 @@ fn log_lines_of(path: &Path) -> anyhow::Result<(String, Box<dyn io::BufRead>)> {
         let col = rdr.headers()?.iter().position(|h| h == "line").with_context(|| {
             format!("{name}: a CSV export without the `line` column (an older egressctl made it): it cannot be verified")
         })?;
+        let headers: Vec<String> = rdr.headers()?.iter().map(String::from).collect();
         let mut lines = Vec::new();
-        for row in rdr.records() {
-            lines.extend_from_slice(row?.get(col).unwrap_or("").as_bytes());
+        for (i, row) in rdr.records().enumerate() {
+            let row = row?;
+            let line = row.get(col).unwrap_or("");
+            if let Ok(r) = serde_json::from_str::<Record>(line) {
+                let expected = csv_row(&r, line.as_bytes());
+                for (j, (got, want)) in row.iter().zip(expected.iter()).enumerate() {
+                    if got != want {
+                        return Ok(Err(format!(
+                            "{name} row {}: column {} says {got:?} but the record it carries says {want:?}: the export was edited",
+                            i + 1,
+                            headers.get(j).map_or("?", String::as_str)
+                        )));
+                    }
+                }
+            }
+            lines.extend_from_slice(line.as_bytes());
             lines.push(b'\n');
         }
-        return Ok((
+        return Ok(Ok((
             format!("{name} (CSV export; line N is row N)"),
             Box::new(io::Cursor::new(lines)),
-        ));
+        )));
     }
     let event = serde_json::from_slice::<serde_json::Value>(&first).ok();
     if event.as_ref().is_some_and(|e| e.get("class_uid").is_some()) {
@@ -777,15 +811,23 @@ fn log_lines_of(path: &Path) -> anyhow::Result<(String, Box<dyn io::BufRead>)> {
             let line = e["unmapped"]["egressd_line"].as_str().with_context(|| {
                 format!("{name} line {}: no unmapped.egressd_line: an extract (exported with --session, --verdict, --dest or --type) or made by an older egressctl, which cannot be verified", i + 1)
             })?;
+            if let Ok(r) = serde_json::from_str::<Record>(line) {
+                if ocsf_of(&r, line.as_bytes(), true).as_ref() != Some(&e) {
+                    return Ok(Err(format!(
+                        "{name} line {}: the event's fields are not what the record it carries gives: the export was edited",
+                        i + 1
+                    )));
+                }
+            }
             lines.extend_from_slice(line.as_bytes());
             lines.push(b'\n');
         }
-        return Ok((
+        return Ok(Ok((
             format!("{name} (OCSF export)"),
             Box::new(io::Cursor::new(lines)),
-        ));
+        )));
     }
-    Ok((name, Box::new(io::Cursor::new(first).chain(reader))))
+    Ok(Ok((name, Box::new(io::Cursor::new(first).chain(reader)))))
 }
 
 /// An OCSF 1.1 Network Activity event (class 4001) for a decision record, a DNS Activity event

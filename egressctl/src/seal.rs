@@ -26,7 +26,7 @@ pub fn setup_keys(
     }
     let (config, _) = Config::load(config)?;
     let log: PathBuf = match file {
-        Some(f) => f.to_owned(),
+        Some(f) => std::path::absolute(f).unwrap_or_else(|_| f.to_owned()),
         None => crate::audit::daemon_log(socket).unwrap_or_else(|| config.audit.path()),
     };
     let interval = match interval {

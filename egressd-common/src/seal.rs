@@ -287,7 +287,11 @@ impl Sealer {
     /// Writes the state: a temporary file (0600), fsync, rename over the old one, fsync of the
     /// directory. The old key is gone from the disk once the rename is durable.
     pub fn save(&self) -> io::Result<()> {
-        let dir = self.path.parent().unwrap_or(Path::new("."));
+        // A bare file name has the parent "", which cannot be opened for the fsync below.
+        let dir = match self.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
         fs::create_dir_all(dir)?;
         let mut tmp = self.path.as_os_str().to_owned();
         tmp.push(".tmp");

@@ -564,6 +564,19 @@ fn a_sealed_log_verifies_with_the_key_and_a_cut_or_an_edit_does_not() {
             "{format}: an edit passed: {}",
             text(&v)
         );
+        // And an edit of what a reader of the CSV or the SIEM sees, beside the line it carries.
+        let shown = match format {
+            "csv" => Some((",denied,", ",allowed,")),
+            "ocsf" => Some(("\"status_id\":2", "\"status_id\":1")),
+            _ => None,
+        };
+        if let Some((from, to)) = shown {
+            assert!(body.contains(from), "{format}: no {from} in {body}");
+            fs::write(&edited, body.replacen(from, to, 1)).unwrap();
+            let v = verify_key(&w.daemon, &vk, &[&edited]);
+            assert_eq!(v.status.code(), Some(1), "{format}: {}", text(&v));
+            assert!(text(&v).contains("the export was edited"), "{}", text(&v));
+        }
     }
     // An extract (one verdict) is not a piece of the chain: verify refuses it.
     let extract = export("jsonl", &["--verdict", "denied"]);
