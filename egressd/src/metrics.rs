@@ -332,32 +332,42 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, timeout: Durati
     let _ = tokio::time::timeout(timeout, work).await;
 }
 
+/// The endpoint's socket.
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+impl Listener {
+    /// Accepts one connection and serves it on a task of its own, which holds `permit`.
+    async fn serve_next(&self, permit: tokio::sync::OwnedSemaphorePermit) -> std::io::Result<()> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept().await?;
+                tokio::spawn(async move {
+                    serve(s, TIMEOUT).await;
+                    drop(permit);
+                });
+            }
+            Listener::Unix(l) => {
+                let (s, _) = l.accept().await?;
+                tokio::spawn(async move {
+                    serve(s, TIMEOUT).await;
+                    drop(permit);
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Listens at `listen` and serves `GET /metrics` until the daemon stops.
 pub async fn listen(listen: MetricsListen) -> std::io::Result<()> {
-    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    match listen {
+    let listener = match listen {
         MetricsListen::Tcp(addr) => {
             let l = tokio::net::TcpListener::bind(addr).await?;
             tracing::info!(%addr, "metrics: serving GET /metrics");
-            tokio::spawn(async move {
-                loop {
-                    let Ok(permit) = permits.clone().acquire_owned().await else {
-                        return;
-                    };
-                    match l.accept().await {
-                        Ok((s, _)) => {
-                            tokio::spawn(async move {
-                                serve(s, TIMEOUT).await;
-                                drop(permit);
-                            });
-                        }
-                        Err(e) => {
-                            tracing::warn!("metrics: accept: {e}");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                    }
-                }
-            });
+            Listener::Tcp(l)
         }
         MetricsListen::Unix(path) => {
             if let Some(dir) = path.parent() {
@@ -374,27 +384,21 @@ pub async fn listen(listen: MetricsListen) -> std::io::Result<()> {
             // Like the control socket without socket_group: anyone may read the counters.
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
             tracing::info!(path = %path.display(), "metrics: serving GET /metrics");
-            tokio::spawn(async move {
-                loop {
-                    let Ok(permit) = permits.clone().acquire_owned().await else {
-                        return;
-                    };
-                    match l.accept().await {
-                        Ok((s, _)) => {
-                            tokio::spawn(async move {
-                                serve(s, TIMEOUT).await;
-                                drop(permit);
-                            });
-                        }
-                        Err(e) => {
-                            tracing::warn!("metrics: accept: {e}");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                    }
-                }
-            });
+            Listener::Unix(l)
         }
-    }
+    };
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    tokio::spawn(async move {
+        loop {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            if let Err(e) = listener.serve_next(permit).await {
+                tracing::warn!("metrics: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
     Ok(())
 }
 
