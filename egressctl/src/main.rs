@@ -8,6 +8,7 @@ mod doctor;
 mod health;
 mod landlock_scope;
 mod policy;
+mod report;
 mod run;
 mod seal;
 mod seccomp;
