@@ -400,7 +400,9 @@ impl Data {
                     argv: start.and_then(|r| r.argv.clone()),
                     uid,
                     user: uid.and_then(|u| users.get(&u).cloned()),
-                    profile: profile.clone().or_else(|| start.and_then(|r| r.profile.clone())),
+                    profile: profile
+                        .clone()
+                        .or_else(|| start.and_then(|r| r.profile.clone())),
                     start: start.map(|r| r.time.clone()),
                     duration: end.and_then(|r| r.duration_s),
                     ended: end.is_some(),
@@ -544,7 +546,10 @@ impl Data {
 /// Decisions per bucket (their `count`s, as the summary adds them), allowed and denied, over the
 /// period; the bucket is the smallest round step that makes at most 60 of them.
 fn chart(records: &[Record]) -> Option<Chart> {
-    let times: Vec<i64> = records.iter().filter_map(|r| rfc3339_secs(&r.time)).collect();
+    let times: Vec<i64> = records
+        .iter()
+        .filter_map(|r| rfc3339_secs(&r.time))
+        .collect();
     let (lo, hi) = (*times.iter().min()?, *times.iter().max()?);
     if !records.iter().any(|r| r.kind == "decision") {
         return None;
@@ -585,8 +590,9 @@ fn chart(records: &[Record]) -> Option<Chart> {
 impl Chart {
     fn label(&self, i: usize) -> String {
         let t = self.start + i as i64 * self.step;
-        let s = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(t.max(0) as u64))
-            .to_string();
+        let s =
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(t.max(0) as u64))
+                .to_string();
         let span = self.step * self.buckets.len() as i64;
         if self.step >= 86_400 {
             s[..10].to_string()
@@ -702,12 +708,12 @@ fn esc(s: &str) -> String {
     out
 }
 
-/// For Markdown text (in a table cell or a line): every character Markdown or inline HTML could
-/// take as markup is backslash-escaped.
+/// For Markdown text (in a table cell, or after a line's own prefix): every character that could
+/// start inline markup, inline HTML, an entity or end a cell is backslash-escaped.
 fn md(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in visible(s).chars() {
-        if "\\`*_{}[]<>()#+-.!|~&".contains(c) {
+        if "\\`*_[]<>|~#&".contains(c) {
             out.push('\\');
         }
         out.push(c);
@@ -940,7 +946,12 @@ fn html(d: &Data) -> String {
 
     // Denied destinations and names.
     h.push_str("<h2>Denied destinations</h2>\n");
-    denied_table(&mut h, "denied-destinations", "Destination", &d.denied_dests);
+    denied_table(
+        &mut h,
+        "denied-destinations",
+        "Destination",
+        &d.denied_dests,
+    );
     h.push_str("<h2>Denied DNS names</h2>\n");
     denied_table(&mut h, "denied-names", "Name", &d.denied_names);
 
@@ -1008,7 +1019,9 @@ fn html(d: &Data) -> String {
     if d.daemon.is_empty() {
         h.push_str("<p class=\"none\">None in the period.</p>\n");
     } else {
-        h.push_str("<table id=\"daemon\"><thead><tr><th>Time</th><th>Event</th></tr></thead><tbody>\n");
+        h.push_str(
+            "<table id=\"daemon\"><thead><tr><th>Time</th><th>Event</th></tr></thead><tbody>\n",
+        );
         for (t, kind, m) in &d.daemon {
             let what = if kind == "daemon" {
                 esc(m)
@@ -1075,7 +1088,13 @@ fn svg(c: &Chart) -> String {
     let (w, hgt) = (980.0f64, 280.0f64);
     let (left, right, top, bottom) = (56.0, 16.0, 30.0, 48.0);
     let (pw, ph) = (w - left - right, hgt - top - bottom);
-    let max = c.buckets.iter().map(|(a, d)| a + d).max().unwrap_or(0).max(1);
+    let max = c
+        .buckets
+        .iter()
+        .map(|(a, d)| a + d)
+        .max()
+        .unwrap_or(0)
+        .max(1);
     let tick = nice(max.div_ceil(4));
     let ymax = max.div_ceil(tick) * tick;
     let n = c.buckets.len();
@@ -1227,7 +1246,13 @@ fn markdown(d: &Data) -> String {
                 "One row per {} with decisions (UTC).\n\n| From | Allowed | Denied | |\n| --- | ---: | ---: | --- |",
                 c.step_words()
             );
-            let max = c.buckets.iter().map(|(a, d)| a + d).max().unwrap_or(1).max(1);
+            let max = c
+                .buckets
+                .iter()
+                .map(|(a, d)| a + d)
+                .max()
+                .unwrap_or(1)
+                .max(1);
             for (i, (a, dn)) in c.buckets.iter().enumerate() {
                 if a + dn == 0 {
                     continue;
@@ -1363,11 +1388,14 @@ mod tests {
     fn log_strings_are_escaped_for_html_and_markdown() {
         let evil = "<script>alert('x')</script>&\u{202e}\n";
         let e = esc(evil);
-        assert!(!e.contains('<') && !e.contains('>') && !e.contains('\''), "{e}");
+        assert!(
+            !e.contains('<') && !e.contains('>') && !e.contains('\''),
+            "{e}"
+        );
         assert!(e.contains("&lt;script&gt;") && e.contains("&amp;"), "{e}");
         assert!(e.contains("\\u{202e}") && e.contains("\\n"), "{e}");
         let m = md("a|b <img src=x> `c` [l](u)");
-        assert_eq!(m, "a\\|b \\<img src=x\\> \\`c\\` \\[l\\]\\(u\\)");
+        assert_eq!(m, "a\\|b \\<img src=x\\> \\`c\\` \\[l\\](u)");
     }
 
     #[test]
@@ -1444,7 +1472,10 @@ mod tests {
         assert!(h.contains("&lt;script&gt;x&lt;/script&gt;"), "{h}");
         assert!(h.contains("x&lt;img&gt;.attacker.test"));
         assert!(h.contains("img-src data:"));
-        assert!(!h.contains("http://") || h.matches("http://").count() == 1, "only the SVG namespace");
+        assert!(
+            !h.contains("http://") || h.matches("http://").count() == 1,
+            "only the SVG namespace"
+        );
         let row = h.split("<tr id=\"session-e38b4bc8\">").nth(1).unwrap();
         let row = row.split("</tr>").next().unwrap();
         assert!(row.contains("<td class=\"num allowed\">2</td>"), "{row}");
