@@ -438,20 +438,6 @@ pub(crate) struct Matcher {
 }
 
 impl Matcher {
-    /// The filters `summary` and `report` share: a period and a session.
-    pub(crate) fn period(
-        since: Option<String>,
-        until: Option<String>,
-        session: Option<String>,
-    ) -> anyhow::Result<Matcher> {
-        Matcher::new(&Filter {
-            since,
-            until,
-            session,
-            ..Default::default()
-        })
-    }
-
     fn new(f: &Filter) -> anyhow::Result<Matcher> {
         Ok(Matcher {
             since: f.since.as_deref().map(parse_time).transpose()?,
@@ -463,7 +449,7 @@ impl Matcher {
         })
     }
 
-    pub(crate) fn matches(&self, r: &Record) -> bool {
+    fn matches(&self, r: &Record) -> bool {
         if self.since.is_some() || self.until.is_some() {
             let Ok(t) = humantime::parse_rfc3339(&r.time) else {
                 return false;
@@ -791,6 +777,26 @@ fn ocsf_event(r: &Record, class_uid: u32) -> Option<serde_json::Value> {
             }
         },
     }))
+}
+
+impl Matcher {
+    /// The filters `summary` and `report` share: a period and a session.
+    pub(crate) fn period(
+        since: Option<String>,
+        until: Option<String>,
+        session: Option<String>,
+    ) -> anyhow::Result<Matcher> {
+        Matcher::new(&Filter {
+            since,
+            until,
+            session,
+            ..Default::default()
+        })
+    }
+
+    pub(crate) fn keeps(&self, r: &Record) -> bool {
+        self.matches(r)
+    }
 }
 
 #[derive(Default, Clone, Copy)]

@@ -330,11 +330,7 @@ impl Data {
         in_time: &Matcher,
         check: Check,
     ) -> anyhow::Result<Data> {
-        let records: Vec<Record> = all
-            .iter()
-            .filter(|r| in_period.matches(r))
-            .cloned()
-            .collect();
+        let records: Vec<Record> = all.iter().filter(|r| in_period.keeps(r)).cloned().collect();
         let summary = audit::tally(&records);
         let users = passwd();
         let resolved = |t: &Option<String>| -> anyhow::Result<Option<(String, String)>> {
@@ -465,7 +461,7 @@ impl Data {
 
         let daemon = all
             .iter()
-            .filter(|r| in_time.matches(r))
+            .filter(|r| in_time.keeps(r))
             .filter(|r| matches!(r.kind.as_str(), "daemon" | "crash" | "log_continued"))
             .map(|r| {
                 (
@@ -642,7 +638,7 @@ fn num(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -813,9 +809,9 @@ fn html(d: &Data) -> String {
     );
 
     // Verification first: it says whether the rest can be trusted.
-    let _ = write!(
+    let _ = writeln!(
         h,
-        "<section id=\"verification\" class=\"banner {}\">\n",
+        "<section id=\"verification\" class=\"banner {}\">",
         d.check.level().class()
     );
     for (level, line) in &d.check.lines {
