@@ -779,36 +779,9 @@ fn ocsf_event(r: &Record, class_uid: u32) -> Option<serde_json::Value> {
     }))
 }
 
-impl Matcher {
-    /// The filters `summary` and `report` share: a period and a session.
-    pub(crate) fn period(
-        since: Option<String>,
-        until: Option<String>,
-        session: Option<String>,
-    ) -> anyhow::Result<Matcher> {
-        Matcher::new(&Filter {
-            since,
-            until,
-            session,
-            ..Default::default()
-        })
-    }
-
-    pub(crate) fn keeps(&self, r: &Record) -> bool {
-        self.matches(r)
-    }
-}
-
-#[derive(Default, Clone, Copy)]
-pub(crate) struct Tally {
-    pub allowed: u64,
-    pub denied: u64,
-    pub lost: u64,
-}
-
+#[derive(Default)]
 /// What `summary` prints and `report` shows: decisions (their `count`s) per session and per
 /// destination, records lost per session and by reason, crashes and replaced files.
-#[derive(Default)]
 pub(crate) struct Summary {
     /// Per session id: its tally and its profile (from its `session_start`).
     pub sessions: BTreeMap<String, (Tally, Option<String>)>,
@@ -817,6 +790,13 @@ pub(crate) struct Summary {
     pub lost_by: BTreeMap<String, u64>,
     pub crashes: u64,
     pub continued: u64,
+}
+
+#[derive(Default, Clone, Copy)]
+pub(crate) struct Tally {
+    pub allowed: u64,
+    pub denied: u64,
+    pub lost: u64,
 }
 
 pub(crate) fn tally(records: &[Record]) -> Summary {
@@ -853,6 +833,26 @@ pub(crate) fn tally(records: &[Record]) -> Summary {
         }
     }
     s
+}
+
+impl Matcher {
+    /// The filters `summary` and `report` share: a period and a session.
+    pub(crate) fn period(
+        since: Option<String>,
+        until: Option<String>,
+        session: Option<String>,
+    ) -> anyhow::Result<Matcher> {
+        Matcher::new(&Filter {
+            since,
+            until,
+            session,
+            ..Default::default()
+        })
+    }
+
+    pub(crate) fn keeps(&self, r: &Record) -> bool {
+        self.matches(r)
+    }
 }
 
 fn summary(records: Vec<Record>) {
