@@ -672,6 +672,12 @@ fn when(t: &str) -> String {
     }
 }
 
+/// The same in a column whose heading says UTC.
+fn when_utc(t: &str) -> String {
+    let w = when(t);
+    w.strip_suffix(" UTC").map(str::to_string).unwrap_or(w)
+}
+
 /// A string from the log made visible: control characters and the bidirectional overrides that
 /// could make text read other than it is are written as escapes.
 fn visible(s: &str) -> String {
@@ -781,7 +787,10 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-sp
 td.denied:not(.zero) { color: var(--deny); font-weight: 600; }
 td.zero { color: #9aa5ae; }
 code, .mono { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, "Liberation Mono", monospace; font-size: 12.5px; }
-td.argv { max-width: 360px; overflow-wrap: anywhere; }
+td.argv { min-width: 200px; max-width: 320px; overflow-wrap: anywhere; }
+td.when { white-space: nowrap; }
+td.names { min-width: 110px; overflow-wrap: anywhere; }
+#sessions { font-size: 13px; } #sessions td, #sessions th { padding: 5px 6px; }
 .none { color: var(--mute); font-style: italic; }
 svg text { font: 11px system-ui, sans-serif; fill: #44505a; }
 footer { margin-top: 34px; color: var(--mute); font-size: 12px; }
@@ -904,7 +913,7 @@ fn html(d: &Data) -> String {
     if d.sessions.is_empty() {
         h.push_str("<p class=\"none\">No sessions in the period.</p>\n");
     } else {
-        h.push_str("<table id=\"sessions\"><thead><tr><th>Session</th><th>Command</th><th>User</th><th>Profile</th><th>Started</th><th class=\"num\">Duration</th><th class=\"num\">Allowed</th><th class=\"num\">Denied</th><th class=\"num\">Lost</th><th>DNS names denied</th></tr></thead><tbody>\n");
+        h.push_str("<table id=\"sessions\"><thead><tr><th>Session</th><th>Command</th><th>User</th><th>Profile</th><th>Started (UTC)</th><th class=\"num\">Duration</th><th class=\"num\">Allowed</th><th class=\"num\">Denied</th><th class=\"num\">Lost</th><th>DNS names denied</th></tr></thead><tbody>\n");
         for s in &d.sessions {
             let n = |class: &str, v: u64| {
                 format!(
@@ -924,13 +933,13 @@ fn html(d: &Data) -> String {
             };
             let _ = writeln!(
                 h,
-                "<tr id=\"session-{}\"><td><code>{}</code></td><td class=\"argv mono\">{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td>{}{}{}<td>{names}</td></tr>",
+                "<tr id=\"session-{}\"><td><code>{}</code></td><td class=\"argv mono\">{}</td><td>{}</td><td>{}</td><td class=\"when\">{}</td><td class=\"num\">{}</td>{}{}{}<td class=\"names\">{names}</td></tr>",
                 esc(&s.id),
                 esc(session_label(&s.id)),
                 s.argv.as_deref().map(|a| esc(&audit::shown_argv(a))).unwrap_or_default(),
                 esc(&user_words(s)),
                 s.profile.as_deref().map(esc).unwrap_or_default(),
-                s.start.as_deref().map(|t| esc(&when(t))).unwrap_or_default(),
+                s.start.as_deref().map(|t| esc(&when_utc(t))).unwrap_or_default(),
                 esc(&duration_words(s)),
                 n("allowed", s.tally.allowed),
                 n("denied", s.tally.denied),
@@ -1049,18 +1058,18 @@ fn denied_table(h: &mut String, id: &str, what: &str, rows: &BTreeMap<String, De
     rows.sort_by(|a, b| b.1.count.cmp(&a.1.count).then(a.0.cmp(b.0)));
     let _ = writeln!(
         h,
-        "<table id=\"{id}\"><thead><tr><th>{what}</th><th class=\"num\">Denied</th><th>Sessions</th><th>Processes</th><th>First</th><th>Last</th></tr></thead><tbody>"
+        "<table id=\"{id}\"><thead><tr><th>{what}</th><th class=\"num\">Denied</th><th>Sessions</th><th>Processes</th><th>First (UTC)</th><th>Last (UTC)</th></tr></thead><tbody>"
     );
     for (name, d) in rows {
         let _ = writeln!(
             h,
-            "<tr><td class=\"mono\">{}</td><td class=\"num denied\">{}</td><td class=\"mono\">{}</td><td class=\"mono\">{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td class=\"mono\">{}</td><td class=\"num denied\">{}</td><td class=\"mono\">{}</td><td class=\"mono\">{}</td><td class=\"when\">{}</td><td class=\"when\">{}</td></tr>",
             esc(name),
             num(d.count),
             esc(&join_set(&d.sessions, 6)),
             esc(&join_set(&d.comms, 6)),
-            esc(&when(&d.first)),
-            esc(&when(&d.last))
+            esc(&when_utc(&d.first)),
+            esc(&when_utc(&d.last))
         );
     }
     h.push_str("</tbody></table>\n");
