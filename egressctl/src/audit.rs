@@ -91,6 +91,34 @@ enum AuditCommand {
         /// RFC 3339 time, or an age such as 1h, 7d.
         #[arg(long)]
         since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+        /// Only this session.
+        #[arg(long)]
+        session: Option<String>,
+    },
+    /// A report for a person: one self-contained HTML file (or Markdown) with the machine, the
+    /// period, the policy, the sessions, a chart of decisions over time, what was denied, what
+    /// was lost, and whether the log verifies. Its figures are the summary's. Exit 1 if the log
+    /// does not verify (the report is written all the same and says so).
+    Report {
+        /// RFC 3339 time, or an age such as 1h, 7d.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+        /// Only this session.
+        #[arg(long)]
+        session: Option<String>,
+        /// The verification key `setup-keys` printed: the report then says up to where the log
+        /// is sealed. Repeatable.
+        #[arg(long = "key", value_name = "VERIFICATION_KEY")]
+        keys: Vec<String>,
+        #[arg(long, value_enum, default_value_t = crate::report::ReportFormat::Html)]
+        format: crate::report::ReportFormat,
+        /// Write here instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
     },
 }
 
@@ -201,11 +229,12 @@ pub fn audit(socket: &Path, args: AuditArgs) -> anyhow::Result<ExitCode> {
             export(out, records.into_iter(), format, whole)?;
             Ok(ExitCode::SUCCESS)
         }
-        AuditCommand::Summary { since } => {
-            let m = Matcher::new(&Filter {
-                since,
-                ..Default::default()
-            })?;
+        AuditCommand::Summary {
+            since,
+            until,
+            session,
+        } => {
+            let m = Matcher::period(since, until, session)?;
             summary(
                 read_all(&log)?
                     .into_iter()
@@ -225,6 +254,24 @@ pub fn audit(socket: &Path, args: AuditArgs) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        AuditCommand::Report {
+            since,
+            until,
+            session,
+            keys,
+            format,
+            output,
+        } => crate::report::report(
+            &log,
+            &crate::report::Options {
+                since,
+                until,
+                session,
+                keys,
+                format,
+                output,
+            },
+        ),
     }
 }
 
@@ -236,7 +283,7 @@ pub fn daemon_log(socket: &Path) -> Option<PathBuf> {
 }
 
 /// The log and its rotated files, oldest first.
-fn log_files(log: &Path) -> Vec<PathBuf> {
+pub(crate) fn log_files(log: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
     for n in (1..=1000).rev() {
         let mut p = log.as_os_str().to_owned();
@@ -250,7 +297,7 @@ fn log_files(log: &Path) -> Vec<PathBuf> {
     files
 }
 
-fn open(path: &Path) -> anyhow::Result<fs::File> {
+pub(crate) fn open(path: &Path) -> anyhow::Result<fs::File> {
     fs::File::open(path).with_context(|| {
         format!(
             "cannot read {}; reading the audit log needs root or the log's group (your own sessions' totals: `egressctl ps`)",
@@ -394,7 +441,7 @@ fn verify_cmd(
 }
 
 /// Parses `T` as RFC 3339 (date alone allowed) or as an age before now (1h, 7d, 30m).
-fn parse_time(t: &str) -> anyhow::Result<SystemTime> {
+pub(crate) fn parse_time(t: &str) -> anyhow::Result<SystemTime> {
     if let Ok(ts) = humantime::parse_rfc3339_weak(t) {
         return Ok(ts);
     }
@@ -407,7 +454,7 @@ fn parse_time(t: &str) -> anyhow::Result<SystemTime> {
     bail!("{t:?} is neither an RFC 3339 time (2026-11-01T08:00:00Z) nor an age (1h, 7d)")
 }
 
-struct Matcher {
+pub(crate) struct Matcher {
     since: Option<SystemTime>,
     until: Option<SystemTime>,
     session: Option<String>,
@@ -481,7 +528,7 @@ fn short_time(t: &str) -> String {
     t.get(..23).unwrap_or(&t).to_string()
 }
 
-fn destination(r: &Record) -> String {
+pub(crate) fn destination(r: &Record) -> String {
     match (&r.dest, r.port, &r.protocol) {
         (Some(d), Some(p), Some(proto)) if d.contains(':') => format!("[{d}]:{p}/{proto}"),
         (Some(d), Some(p), Some(proto)) => format!("{d}:{p}/{proto}"),
@@ -581,7 +628,7 @@ fn print_record(out: &mut impl Write, r: &Record, json: bool) -> io::Result<()> 
 
 /// A command line for one table row: arguments with spaces, quotes or control characters are quoted
 /// and escaped, so a row stays one line and says exactly what ran.
-fn shown_argv(argv: &[String]) -> String {
+pub(crate) fn shown_argv(argv: &[String]) -> String {
     argv.iter()
         .map(|a| {
             if a.is_empty()
@@ -923,24 +970,34 @@ fn ocsf_base(r: &Record) -> serde_json::Value {
 }
 
 #[derive(Default)]
-struct Tally {
-    allowed: u64,
-    denied: u64,
-    lost: u64,
+/// What `summary` prints and `report` shows: decisions (their `count`s) per session and per
+/// destination, records lost per session and by reason, crashes and replaced files.
+pub(crate) struct Summary {
+    /// Per session id: its tally and its profile (from its `session_start`).
+    pub sessions: BTreeMap<String, (Tally, Option<String>)>,
+    /// Per destination (`destination()`): allowed and denied.
+    pub dests: BTreeMap<String, Tally>,
+    pub lost_by: BTreeMap<String, u64>,
+    pub crashes: u64,
+    pub continued: u64,
 }
 
-fn summary(records: Vec<Record>) {
-    let mut sessions: BTreeMap<String, (Tally, Option<String>)> = BTreeMap::new();
-    let mut dests: BTreeMap<String, Tally> = BTreeMap::new();
-    let mut lost_by: BTreeMap<String, u64> = BTreeMap::new();
-    let (mut crashes, mut continued) = (0, 0);
-    for r in &records {
+#[derive(Default, Clone, Copy)]
+pub(crate) struct Tally {
+    pub allowed: u64,
+    pub denied: u64,
+    pub lost: u64,
+}
+
+pub(crate) fn tally(records: &[Record]) -> Summary {
+    let mut s = Summary::default();
+    for r in records {
         let session = r.session.clone().unwrap_or_default();
         match r.kind.as_str() {
             "decision" => {
                 let n = r.count.unwrap_or(1);
-                let entry = &mut sessions.entry(session).or_default().0;
-                let d = dests.entry(destination(r)).or_default();
+                let entry = &mut s.sessions.entry(session).or_default().0;
+                let d = s.dests.entry(destination(r)).or_default();
                 if r.verdict.as_deref() == Some("denied") {
                     entry.denied += n;
                     d.denied += n;
@@ -950,8 +1007,8 @@ fn summary(records: Vec<Record>) {
                 }
             }
             "lost" => {
-                sessions.entry(session).or_default().0.lost += r.count.unwrap_or(0);
-                *lost_by
+                s.sessions.entry(session).or_default().0.lost += r.count.unwrap_or(0);
+                *s.lost_by
                     .entry(
                         r.reason
                             .clone()
@@ -959,12 +1016,43 @@ fn summary(records: Vec<Record>) {
                     )
                     .or_default() += r.count.unwrap_or(0);
             }
-            "crash" => crashes += 1,
-            "log_continued" => continued += 1,
-            "session_start" => sessions.entry(session).or_default().1 = r.profile.clone(),
+            "crash" => s.crashes += 1,
+            "log_continued" => s.continued += 1,
+            "session_start" => s.sessions.entry(session).or_default().1 = r.profile.clone(),
             _ => {}
         }
     }
+    s
+}
+
+impl Matcher {
+    /// The filters `summary` and `report` share: a period and a session.
+    pub(crate) fn period(
+        since: Option<String>,
+        until: Option<String>,
+        session: Option<String>,
+    ) -> anyhow::Result<Matcher> {
+        Matcher::new(&Filter {
+            since,
+            until,
+            session,
+            ..Default::default()
+        })
+    }
+
+    pub(crate) fn keeps(&self, r: &Record) -> bool {
+        self.matches(r)
+    }
+}
+
+fn summary(records: Vec<Record>) {
+    let Summary {
+        sessions,
+        dests,
+        lost_by,
+        crashes,
+        continued,
+    } = tally(&records);
     println!(
         "{:<10} {:<10} {:>9} {:>9} {:>7}",
         "SESSION", "PROFILE", "ALLOWED", "DENIED", "LOST"

@@ -8,6 +8,7 @@ mod doctor;
 mod health;
 mod landlock_scope;
 mod policy;
+mod report;
 mod run;
 mod seal;
 mod seccomp;
@@ -265,6 +266,7 @@ mod tests {
             "egressctl-run.1",
             "egressctl-completions.1",
             "egressctl-audit-tail.1",
+            "egressctl-audit-report.1",
             "egressctl-policy-check.1",
         ] {
             assert!(names.iter().any(|n| n == expected), "{expected}: {names:?}");

@@ -45,7 +45,8 @@ pub const RUN: &[Package] = &[pkg("xdg-dbus-proxy", "command -v xdg-dbus-proxy")
 /// The kernel tests: iproute2 (`ip netns`, veth) and util-linux (`setpriv`), systemd-container
 /// (`systemd-nspawn`) for the test under a live systemd; tmux, dbus (dbus-daemon, dbus-send),
 /// gdbus, python3-dbus and python3-gi (a stand-in bus service) for the hand-off tests; prometheus
-/// (the binary only: the metrics test runs its own on loopback and stops it) for the metrics test.
+/// (the binary only: the metrics test runs its own on loopback and stops it) for the metrics test;
+/// chromium (headless, offline) renders `audit report` for the report test.
 pub const TEST: &[Package] = &[
     pkg("iproute2", "command -v ip"),
     pkg("util-linux", "command -v setpriv"),
@@ -60,6 +61,7 @@ pub const TEST: &[Package] = &[
     ),
     pkg("python3-gi", "/usr/bin/python3 -c 'import gi' 2>/dev/null"),
     pkg("prometheus", "test -x /usr/bin/prometheus"),
+    pkg("chromium", "command -v chromium"),
 ];
 
 /// The bench: nftables and bubblewrap, the alternatives it compares egressd with; iproute2 (its
@@ -360,6 +362,7 @@ mod tests {
             "python3-dbus",
             "python3-gi",
             "prometheus",
+            "chromium",
         ] {
             assert!(all.contains(&p), "{p}");
         }
