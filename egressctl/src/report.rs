@@ -303,6 +303,8 @@ struct Chart {
 
 struct Data {
     host: String,
+    /// The machine as egressd's start record names it (host, machine-id), when the log has one.
+    machine: Option<(String, Option<String>)>,
     made: String,
     log: String,
     since: Option<(String, String)>,
@@ -474,6 +476,17 @@ impl Data {
 
         Ok(Data {
             host: hostname(),
+            machine: all
+                .iter()
+                .filter(|r| r.kind == "daemon")
+                // The machine as of the period's end (RFC 3339 UTC times compare as text).
+                .filter(|r| {
+                    records
+                        .last()
+                        .is_none_or(|l| r.time.as_str() <= l.time.as_str())
+                })
+                .filter_map(|r| Some((r.host.clone()?, r.machine_id.clone())))
+                .last(),
             made: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
             log: log.display().to_string(),
             since: resolved(&o.since)?,
@@ -603,6 +616,23 @@ impl Chart {
 
     fn step_words(&self) -> String {
         duration(self.step as u64)
+    }
+}
+
+impl Data {
+    /// The machine that wrote the log, else the one the report is made on.
+    fn machine_name(&self) -> String {
+        self.machine
+            .as_ref()
+            .map_or_else(|| self.host.clone(), |(h, _)| h.clone())
+    }
+
+    fn machine_words(&self) -> String {
+        match &self.machine {
+            Some((_, Some(id))) => format!("machine-id {id}, from egressd's start record"),
+            Some((_, None)) => "from egressd's start record".into(),
+            None => "the host this report was made on; the log does not name its machine".into(),
+        }
     }
 }
 
@@ -872,7 +902,15 @@ fn html(d: &Data) -> String {
     let fact = |h: &mut String, k: &str, v: &str| {
         let _ = writeln!(h, "<dt>{k}</dt><dd>{v}</dd>");
     };
-    fact(&mut h, "Machine", &format!("{} <span class=\"none\">(the host this report was made on; the log does not name its machine)</span>", esc(&d.host)));
+    fact(
+        &mut h,
+        "Machine",
+        &format!(
+            "{} <span class=\"none\">({})</span>",
+            esc(&d.machine_name()),
+            esc(&d.machine_words())
+        ),
+    );
     fact(&mut h, "Log", &format!("<code>{}</code>", esc(&d.log)));
     fact(&mut h, "Period", &esc(&d.period()));
     fact(&mut h, "Requested", &esc(&d.requested()));
@@ -1206,8 +1244,9 @@ fn markdown(d: &Data) -> String {
     let _ = writeln!(m, "\n## Machine and period\n");
     let _ = writeln!(
         m,
-        "- Machine: {} (the host this report was made on; the log does not name its machine)",
-        md(&d.host)
+        "- Machine: {} ({})",
+        md(&d.machine_name()),
+        md(&d.machine_words())
     );
     let _ = writeln!(m, "- Log: {}", md(&d.log));
     let _ = writeln!(m, "- Period: {}", md(&d.period()));

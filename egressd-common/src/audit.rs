@@ -77,6 +77,12 @@ pub struct Record {
     pub duration_s: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// egressd's start record: the machine that writes the log (host name and
+    /// /etc/machine-id), sealed with the rest, so an export says where it was written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_id: Option<String>,
     /// DNS records: the name asked, its type, and for an allowed name the addresses it opened
     /// (after CNAMEs) and for how long.
     #[serde(default, skip_serializing_if = "Option::is_none")]

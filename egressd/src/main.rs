@@ -338,10 +338,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         source.clone(),
     )?);
     state
-        .audit(audit::Message::Note(format!(
-            "egressd {} started (pid {}), policy: {source}",
-            env!("CARGO_PKG_VERSION"),
-            std::process::id()
+        .audit(audit::Message::Record(Box::new(
+            egressd_common::audit::Record {
+                time: audit::now_rfc3339(),
+                kind: "daemon".into(),
+                message: Some(format!(
+                    "egressd {} started (pid {}), policy: {source}",
+                    env!("CARGO_PKG_VERSION"),
+                    std::process::id()
+                )),
+                host: nix::unistd::gethostname()
+                    .ok()
+                    .map(|h| h.to_string_lossy().into_owned()),
+                machine_id: std::fs::read_to_string("/etc/machine-id")
+                    .ok()
+                    .map(|m| m.trim().to_string())
+                    .filter(|m| !m.is_empty()),
+                ..Default::default()
+            },
         )))
         .await;
     if let Some((_, listeners, settings)) = dns {

@@ -251,6 +251,18 @@ fn the_report_has_the_summarys_figures_fetches_nothing_and_says_the_log_is_seale
     );
     let dom = String::from_utf8_lossy(&dom.stdout).to_string();
     assert!(dom.contains("egressd audit report"), "{dom}");
+    // The machine is the one egressd's start record names (sealed with the log), not a guess.
+    let host = nix::unistd::gethostname()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        dom.contains(&format!("{host} <span class=\"none\">(machine-id"))
+            || dom.contains(&format!(
+                "{host} <span class=\"none\">(from egressd's start record"
+            )),
+        "{dom}"
+    );
     for (id, (allowed, denied, lost)) in &sessions {
         let row = dom
             .split(&format!("<tr id=\"session-{id}\">"))
