@@ -485,8 +485,8 @@ impl Data {
                         .last()
                         .is_none_or(|l| r.time.as_str() <= l.time.as_str())
                 })
-                .filter_map(|r| Some((r.host.clone()?, r.machine_id.clone())))
-                .last(),
+                .rev()
+                .find_map(|r| Some((r.host.clone()?, r.machine_id.clone()))),
             made: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
             log: log.display().to_string(),
             since: resolved(&o.since)?,
