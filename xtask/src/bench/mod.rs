@@ -7,6 +7,7 @@
 mod audit;
 mod dns;
 mod fixture;
+mod floor;
 mod launch;
 mod net;
 mod reload;
@@ -78,7 +79,11 @@ pub fn run(quick: bool, only: Option<&str>) -> anyhow::Result<()> {
             idle(&d, &plan, &mut report);
         }
         let sinks = Sinks::start()?;
+        let floor = floor::Floor::attach("floor", floor::Body::Empty)?;
+        let floor_lookup = floor::Floor::attach("floor1", floor::Body::OneLookup)?;
         let n = net::Net {
+            floor: &floor,
+            floor_lookup: &floor_lookup,
             daemon: &d,
             plain: &plain,
             nft_cg: &nft_cg,

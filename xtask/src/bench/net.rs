@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use super::{
     fixture::{json_of, BpfStats, Cgroup, Daemon, Nft, Sinks, OUTSIDE},
+    floor::Floor,
     report::Report,
     stats::{prog_stats, Spread},
     Plan,
@@ -23,14 +24,20 @@ pub enum Variant {
     /// through the unix supervisor. What the programs cost, apart from the unix layer.
     KernelOnly,
     Nft,
+    /// Programs that only `return 1` on the same hooks: what the kernel costs before any policy.
+    Floor,
+    /// Programs that make one helper call and one hash lookup: in the statistics pass only.
+    FloorLookup,
 }
 
-pub const VARIANTS: [Variant; 5] = [
+/// The variants of the rate and latency rows.
+pub const VARIANTS: [Variant; 6] = [
     Variant::None,
     Variant::Egressd,
     Variant::Audit,
     Variant::KernelOnly,
     Variant::Nft,
+    Variant::Floor,
 ];
 
 impl Variant {
@@ -41,6 +48,8 @@ impl Variant {
             Variant::Audit => "egressd (audit mode)",
             Variant::KernelOnly => "egressd, unix layer off",
             Variant::Nft => "nftables (cgroup match)",
+            Variant::Floor => "empty programs (kernel floor)",
+            Variant::FloorLookup => "one-lookup programs",
         }
     }
 }
@@ -51,6 +60,8 @@ pub struct Net<'a> {
     pub nft_cg: &'a Cgroup,
     pub sinks: &'a Sinks,
     pub probe: String,
+    pub floor: &'a Floor,
+    pub floor_lookup: &'a Floor,
 }
 
 impl Net<'_> {
@@ -66,6 +77,8 @@ impl Net<'_> {
             Variant::Egressd => json_of(&mut self.daemon.run_cmd(Some("enforce"), &argv)),
             Variant::Audit => json_of(&mut self.daemon.run_cmd(Some("watch"), &argv)),
             Variant::KernelOnly => json_of(&mut self.daemon.run_cmd(Some("kernel"), &argv)),
+            Variant::Floor => json_of(&mut self.floor.cg.command(&argv)),
+            Variant::FloorLookup => json_of(&mut self.floor_lookup.cg.command(&argv)),
         }
     }
 }
@@ -169,7 +182,17 @@ pub fn run(net: &Net, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
         den_errors += f(&r, "not_denied");
         // The statistics cost two clock reads per program run: on only for this pass.
         let _stats = BpfStats::enable()?;
-        for v in [Variant::Egressd, Variant::Audit] {
+        for v in [
+            Variant::Egressd,
+            Variant::Audit,
+            Variant::Floor,
+            Variant::FloorLookup,
+        ] {
+            let progs = match v {
+                Variant::Floor => &net.floor.programs,
+                Variant::FloorLookup => &net.floor_lookup.programs,
+                _ => &progs,
+            };
             for (work, args) in [
                 ("TCP connect", vec!["tcp-connect", &net.sinks.tcp, &stat_s]),
                 (
@@ -182,9 +205,13 @@ pub fn run(net: &Net, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
                 ),
                 ("denied connect", vec!["tcp-denied", &denied_to, &stat_s]),
             ] {
-                let a = snapshot(&progs)?;
+                // The floor allows everything: a "denied" connect would be a real one.
+                if work == "denied connect" && matches!(v, Variant::Floor | Variant::FloorLookup) {
+                    continue;
+                }
+                let a = snapshot(progs)?;
                 net.run(v, &args)?;
-                let b = snapshot(&progs)?;
+                let b = snapshot(progs)?;
                 for (prog, (ns, runs)) in per_run(&a, &b) {
                     let e = prog_ns.entry((v, work, prog)).or_default();
                     e.0.push(ns);
@@ -303,6 +330,9 @@ pub fn run(net: &Net, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
             s,
             format!("{runs:.0} runs"),
         );
+        if !matches!(v, Variant::Egressd | Variant::Audit) {
+            continue;
+        }
         let worst = if *work == "denied connect" {
             &mut worst_denied
         } else {
