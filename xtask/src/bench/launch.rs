@@ -6,6 +6,10 @@
 //! keeps root without capabilities off cgroup.procs and the pins: a heavier path users need not take.)
 
 use std::{
+    ffi::CString,
+    fs,
+    os::unix::{ffi::OsStrExt as _, process::CommandExt as _},
+    path::Path,
     process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -31,6 +35,41 @@ fn wall_ms(cmd: &mut Command) -> anyhow::Result<f64> {
     let ms = t.elapsed().as_secs_f64() * 1e3;
     if !st.success() {
         anyhow::bail!("{cmd:?}: {st}");
+    }
+    Ok(ms)
+}
+
+/// `true` spawned and waited for, optionally moving itself (between fork and exec) into a cgroup
+/// made for it just before: the part of a launch the kernel's cgroup move costs, apart from any
+/// sandbox's own work. The cgroup is removed after the clock stops.
+fn cgroup_floor_ms(truth: &str, cgroup: Option<&Path>) -> anyhow::Result<f64> {
+    let mut cmd = Command::new(truth);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let t = Instant::now();
+    if let Some(dir) = cgroup {
+        fs::create_dir(dir)?;
+        let procs = CString::new(dir.join("cgroup.procs").as_os_str().as_bytes())?;
+        // SAFETY: only open/write/close between fork and exec, on a path made before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(fd);
+                Ok(())
+            });
+        }
+    }
+    let st = cmd.status()?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    if let Some(dir) = cgroup {
+        super::fixture::remove_cgroup(dir);
+    }
+    if !st.success() {
+        anyhow::bail!("{truth} in a fresh cgroup: {st}");
     }
     Ok(ms)
 }
@@ -62,9 +101,12 @@ pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
     let (mut t_true, mut t_ctl, mut t_bwrap, mut teardown) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut add_ctl, mut add_bwrap) = (Vec::new(), Vec::new());
+    let (mut t_spawn, mut t_moved, mut add_moved) = (Vec::new(), Vec::new(), Vec::new());
+    let floor_cg = mount.join(format!("egbench-{}-launchfloor", std::process::id()));
     for round in 0..plan.rounds {
         eprintln!("bench: (g) launch, round {}/{}", round + 1, plan.rounds);
         let (mut a, mut b, mut c, mut e) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut f, mut g) = (Vec::new(), Vec::new());
         for _ in 0..per_round {
             a.push(wall_ms(&mut as_user(&Command::new(&truth)))?);
             b.push(wall_ms(&mut as_user(&d.run_cmd(None, &[&truth])))?);
@@ -86,7 +128,16 @@ pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
             if bwrap_ok {
                 c.push(wall_ms(&mut bwrap_cmd(bwrap.as_ref().unwrap()))?);
             }
+            f.push(cgroup_floor_ms(&truth, None)?);
+            g.push(cgroup_floor_ms(&truth, Some(&floor_cg))?);
         }
+        let (mf, mg) = (
+            Spread::of(&f).unwrap().median,
+            Spread::of(&g).unwrap().median,
+        );
+        t_spawn.push(mf);
+        t_moved.push(mg);
+        add_moved.push(mg - mf);
         let (ma, mb) = (
             Spread::of(&a).unwrap().median,
             Spread::of(&b).unwrap().median,
@@ -155,6 +206,24 @@ pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
             },
         );
     }
+    report.row(
+        'g',
+        "launch floor: `true` spawned by the bench (root)",
+        "ms",
+        Spread::of(&t_spawn),
+    );
+    report.row(
+        'g',
+        "launch floor: the same, moved into a cgroup made for it",
+        "ms",
+        Spread::of(&t_moved),
+    );
+    report.row(
+        'g',
+        "launch floor: added by the cgroup (mkdir + move)",
+        "ms",
+        Spread::of(&add_moved),
+    );
     report.row_note(
         'g',
         "session teardown (egressctl exit to cgroup removed)",
