@@ -105,9 +105,8 @@ pub fn notice_text(d: &Denial) -> String {
 /// Follows the latest denials and sends each due notice, off the audit and control paths.
 pub async fn run(state: Arc<State>) {
     let mut after = 0;
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
-        tick.tick().await;
+        state.recent.added().await;
         for d in state.recent.after(after, |_| true) {
             after = after.max(d.id);
             let Some((text, tty, bus, uid)) = state.notices.due(&d) else {

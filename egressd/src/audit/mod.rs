@@ -361,8 +361,13 @@ impl Pipeline {
             self.note(note);
         }
         // Writing (and a synchronous fdatasync) blocks: let the runtime move the resolver and
-        // control tasks off this worker.
-        let flushed = tokio::task::block_in_place(|| self.writer.flush(sync));
+        // control tasks off this worker. With nothing to write or sync (an idle tick) the hand-off
+        // would only wake another thread.
+        let flushed = if self.writer.would_block(sync) {
+            tokio::task::block_in_place(|| self.writer.flush(sync))
+        } else {
+            self.writer.flush(sync)
+        };
         self.written_since_trim += flushed.written.len();
 
         if flushed.lost > 0 {

@@ -1,5 +1,6 @@
-//! The most recent denials, for a person watching (`egressctl top`): the audit task adds each
-//! denial as it queues its record; the control task hands them out by id.
+//! The most recent denials, for a person watching (`egressctl top`, notices): the audit task adds
+//! each denial as it queues its record; the control task hands them out by id, and the notices task
+//! is woken for them (rather than polling, which would cost an idle daemon wakeups).
 
 use std::{
     collections::VecDeque,
@@ -12,7 +13,13 @@ use egressd_common::{audit::Record, protocol::Denial};
 const KEEP: usize = 1024;
 
 #[derive(Clone, Default)]
-pub struct RecentDenials(Arc<Mutex<Recent>>);
+pub struct RecentDenials(Arc<Shared>);
+
+#[derive(Default)]
+struct Shared {
+    recent: Mutex<Recent>,
+    added: tokio::sync::Notify,
+}
 
 #[derive(Default)]
 struct Recent {
@@ -26,18 +33,30 @@ impl RecentDenials {
         let Some(mut d) = denial_of(rec) else {
             return;
         };
-        let Ok(mut r) = self.0.lock() else { return };
-        r.next += 1;
-        d.id = r.next;
-        if r.items.len() == KEEP {
-            r.items.pop_front();
+        {
+            let Ok(mut r) = self.0.recent.lock() else {
+                return;
+            };
+            r.next += 1;
+            d.id = r.next;
+            if r.items.len() == KEEP {
+                r.items.pop_front();
+            }
+            r.items.push_back(d);
         }
-        r.items.push_back(d);
+        // One waiter (the notices task); a wakeup given while it is busy is kept for its next wait.
+        self.0.added.notify_one();
+    }
+
+    /// Returns once a denial has been added since the last return (at once if one was added
+    /// meanwhile).
+    pub async fn added(&self) {
+        self.0.added.notified().await;
     }
 
     /// Those after `after` whose session `visible` accepts, oldest first.
     pub fn after(&self, after: u64, visible: impl Fn(&str) -> bool) -> Vec<Denial> {
-        let Ok(r) = self.0.lock() else {
+        let Ok(r) = self.0.recent.lock() else {
             return Vec::new();
         };
         r.items
