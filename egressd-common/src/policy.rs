@@ -3,7 +3,7 @@
 
 use std::{
     borrow::ToOwned,
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt, format,
     net::IpAddr,
     path::{Path, PathBuf},
@@ -886,11 +886,17 @@ pub fn compile_profile(p: &ProfileConfig) -> Result<CompiledProfile, String> {
         }
     }
     // Rules by their (truncated) network, so the rules covering a prefix are found by looking up
-    // each shorter prefix of it: linear in rules, where comparing every pair made a 10k-rule
-    // reload take seconds.
-    let mut by_net: BTreeMap<IpNet, Vec<usize>> = BTreeMap::new();
+    // its shorter prefixes: linear in rules, where comparing every pair made a 10k-rule reload
+    // take seconds. Only the prefix lengths some rule of the family has are looked up (a policy
+    // has a few; trying all 33 or 129 was most of a 1k-rule reload).
+    let mut by_net: HashMap<IpNet, Vec<usize>> = HashMap::new();
+    let (mut lens_v4, mut lens_v6) = (BTreeSet::new(), BTreeSet::new());
     for (i, rule) in p.allow.iter().enumerate() {
         by_net.entry(rule.net.trunc()).or_default().push(i);
+        match rule.net {
+            IpNet::V4(n) => lens_v4.insert(n.prefix_len()),
+            IpNet::V6(n) => lens_v6.insert(n.prefix_len()),
+        };
     }
     let mut seen = BTreeSet::new();
     let mut allow = Vec::new();
@@ -903,8 +909,13 @@ pub fn compile_profile(p: &ProfileConfig) -> Result<CompiledProfile, String> {
             rule: i as u32,
             ..Default::default()
         };
-        let mut covering: Vec<usize> = (0..=rule.net.prefix_len())
-            .filter_map(|len| IpNet::new(rule.net.addr(), len).ok())
+        let lens = match rule.net {
+            IpNet::V4(_) => &lens_v4,
+            IpNet::V6(_) => &lens_v6,
+        };
+        let mut covering: Vec<usize> = lens
+            .range(..=rule.net.prefix_len())
+            .filter_map(|&len| IpNet::new(rule.net.addr(), len).ok())
             .filter_map(|net| by_net.get(&net.trunc()))
             .flatten()
             .copied()
