@@ -52,6 +52,12 @@ pub enum EnforcerError {
         name: &'static str,
         source: aya::maps::MapError,
     },
+    #[error("map {name}: a batch write failed after {done} entries: {source}")]
+    MapBatch {
+        name: &'static str,
+        done: usize,
+        source: std::io::Error,
+    },
     #[error("map {0} is missing from the eBPF object (a build problem)")]
     MissingMap(&'static str),
     #[error("pinning under {path}: {message}")]
@@ -65,6 +71,24 @@ pub enum EnforcerError {
 }
 
 type Result<T, E = EnforcerError> = std::result::Result<T, E>;
+
+/// A batch's result; where the kernel has no batch op for the map, `each` does it one entry at a
+/// time.
+fn batch_or_each(
+    name: &'static str,
+    batch: Result<(), crate::map_batch::BatchError>,
+    each: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    match batch {
+        Ok(()) => Ok(()),
+        Err(crate::map_batch::BatchError::Unsupported) => each(),
+        Err(crate::map_batch::BatchError::Failed { done, error }) => Err(EnforcerError::MapBatch {
+            name,
+            done,
+            source: error,
+        }),
+    }
+}
 
 /// The object built by build.rs from egressd-ebpf.
 static PROGRAMS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egressd"));
@@ -435,7 +459,7 @@ impl Enforcer {
         let slots = policy_slot(next, 0)..policy_slot(next, 0) + MAX_PROFILES;
         let half = (next & 1) as usize;
         // This half is not in force, so nothing reads it meanwhile: only what differs from what
-        // it holds (the policy of two reloads ago) is written. The LPM trie has no batch update.
+        // it holds (the policy of two reloads ago) is written.
         let table_wanted: Vec<Profile> = slots
             .clone()
             .map(|slot| {
@@ -491,22 +515,31 @@ impl Enforcer {
                     .filter(|k| !wanted.contains_key(k))
                     .collect(),
             };
-            for (prefix, key) in stale {
-                allow
-                    .remove(&Key::new(prefix, key))
-                    .map_err(Self::map_err(maps::ALLOW))?;
-            }
-            for ((prefix, key), value) in &wanted {
-                if known
-                    .as_ref()
-                    .is_some_and(|k| k.get(&(*prefix, *key)) == Some(value))
-                {
-                    continue;
+            let stale: Vec<Key<AllowKey>> =
+                stale.into_iter().map(|(p, k)| Key::new(p, k)).collect();
+            let (changed_keys, changed_values): (Vec<Key<AllowKey>>, Vec<AllowValue>) = wanted
+                .iter()
+                .filter(|(k, v)| known.as_ref().is_none_or(|known| known.get(k) != Some(*v)))
+                .map(|((prefix, key), value)| (Key::new(*prefix, *key), *value))
+                .unzip();
+            // One system call for all of them where the kernel has batch ops (5.6+), else one each.
+            use aya::maps::IterableMap as _;
+            let deleted = crate::map_batch::delete(allow.map(), &stale);
+            batch_or_each(maps::ALLOW, deleted, || {
+                for key in &stale {
+                    allow.remove(key).map_err(Self::map_err(maps::ALLOW))?;
                 }
-                allow
-                    .insert(&Key::new(*prefix, *key), value, 0)
-                    .map_err(Self::map_err(maps::ALLOW))?;
-            }
+                Ok(())
+            })?;
+            let written = crate::map_batch::update(allow.map(), &changed_keys, &changed_values);
+            batch_or_each(maps::ALLOW, written, || {
+                for (key, value) in changed_keys.iter().zip(&changed_values) {
+                    allow
+                        .insert(key, value, 0)
+                        .map_err(Self::map_err(maps::ALLOW))?;
+                }
+                Ok(())
+            })?;
         }
         self.installed[half] = Some(wanted);
         let mut gen: Array<&mut MapData, u32> = Array::try_from(self.map(maps::POLICY_GEN)?)

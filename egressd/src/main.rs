@@ -9,6 +9,7 @@ mod dns;
 mod enforcer;
 mod handoff;
 mod link_swap;
+mod map_batch;
 mod metrics;
 mod notices;
 mod sessions;
