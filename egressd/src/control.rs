@@ -363,9 +363,9 @@ async fn supervise(state: &State, caller: &Caller, id: &str, fd: i32) -> Result<
     state.start_supervision(&session, listener, pid).await?;
     let mut session = session;
     session.listener = Some((pid, fd));
-    if let Err(e) = state.state_dir.save(&session) {
-        tracing::warn!(session = %id, "saving session state: {e} (a restarted daemon could not supervise it)");
-    }
+    state
+        .state_dir
+        .save_soon(&session, "a restarted daemon could not supervise it");
     state.registry.lock().await.insert(session);
     Ok(())
 }
@@ -635,9 +635,10 @@ async fn start_session(
             ));
         }
         state.watch(&session);
-        if let Err(e) = state.state_dir.save(&session) {
-            tracing::warn!("saving session {id} state: {e} (a restarted daemon will treat it as loopback-only)");
-        }
+        state.state_dir.save_soon(
+            &session,
+            "a restarted daemon will treat it as loopback-only",
+        );
         Ok::<_, String>(())
     };
     if let Err(e) = setup.await {

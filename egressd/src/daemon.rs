@@ -495,7 +495,7 @@ impl State {
                     tracing::warn!(session = %id, "removing cgroup: {e}");
                 }
             }
-            self.state_dir.forget(&id);
+            self.state_dir.forget_soon(&id);
             self.audit(audit::Message::SessionEnd(
                 s.clone(),
                 kernel,

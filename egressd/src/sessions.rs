@@ -113,6 +113,79 @@ impl StateDir {
     pub fn forget(&self, id: &str) {
         let _ = fs::remove_file(self.path(id));
     }
+
+    /// Saves `s` on the record writer's thread, after every save and forget asked before it, so
+    /// a session start or a supervision hand-over does not wait for the file system (a create and
+    /// a rename cost 0.1 ms or more on a disk-backed /run, twice per launch). A daemon killed in
+    /// that window loses the record, as a failed save does: its restart keeps the session
+    /// loopback-only. `what` names what a restarted daemon could not do without it.
+    pub fn save_soon(&self, s: &Session, what: &'static str) {
+        record_writer().send(Job::Save(self.0.clone(), Box::new(s.clone()), what));
+    }
+
+    /// `forget` on the record writer's thread, in order with the saves.
+    pub fn forget_soon(&self, id: &str) {
+        record_writer().send(Job::Forget(self.0.clone(), id.to_string()));
+    }
+}
+
+enum Job {
+    Save(PathBuf, Box<Session>, &'static str),
+    Forget(PathBuf, String),
+    Flushed(std::sync::mpsc::Sender<()>),
+}
+
+/// Waits (up to `limit`) until every record write asked so far is done: before the daemon
+/// stops, so a restart finds every session it had.
+pub fn flush_records(limit: std::time::Duration) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    record_writer().send(Job::Flushed(tx));
+    let _ = rx.recv_timeout(limit);
+}
+
+struct RecordWriter(std::sync::Mutex<std::sync::mpsc::Sender<Job>>);
+
+impl RecordWriter {
+    fn send(&self, job: Job) {
+        let sent = self.0.lock().map(|tx| tx.send(job));
+        // Without the thread (it could not be started), do it here.
+        if let Ok(Err(std::sync::mpsc::SendError(job))) = sent {
+            run_job(job);
+        }
+    }
+}
+
+fn run_job(job: Job) {
+    match job {
+        Job::Save(dir, s, what) => {
+            if let Err(e) = StateDir(dir).save(&s) {
+                tracing::warn!(session = %s.id, "saving session state: {e} ({what})");
+            }
+        }
+        Job::Forget(dir, id) => StateDir(dir).forget(&id),
+        Job::Flushed(done) => {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// One thread for every record write, so they happen in the order asked.
+fn record_writer() -> &'static RecordWriter {
+    static WRITER: std::sync::OnceLock<RecordWriter> = std::sync::OnceLock::new();
+    WRITER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let spawned = std::thread::Builder::new()
+            .name("egressd-records".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    run_job(job);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("session records are written inline: no thread for them ({e})");
+        }
+        RecordWriter(std::sync::Mutex::new(tx))
+    })
 }
 
 #[derive(Default)]
