@@ -710,14 +710,14 @@ impl Writer {
         Ok((file, now.size, change))
     }
 
-    /// Writes what is queued, whole lines only, and with `sync` makes it durable (fdatasync). Never
-    /// loses a record silently: what does not reach the file is counted (or waits, for records
-    /// that must not be lost).
     /// Whether `flush(sync)` would touch the file system (and so may block).
     pub fn would_block(&self, sync: Sync) -> bool {
         !self.pending.is_empty() || (sync != Sync::No && self.unsynced)
     }
 
+    /// Writes what is queued, whole lines only, and with `sync` makes it durable (fdatasync). Never
+    /// loses a record silently: what does not reach the file is counted (or waits, for records
+    /// that must not be lost).
     pub fn flush(&mut self, sync: Sync) -> Flushed {
         let mut out = Flushed::default();
         let failed = self
