@@ -43,7 +43,12 @@ const SOCKETS: usize = 4;
 /// Queries a socket carries before it is replaced by one on a new port.
 const QUERIES_PER_SOCKET: usize = 512;
 
-type Waiting = Arc<Mutex<HashMap<u16, oneshot::Sender<Vec<u8>>>>>;
+/// Queries waiting on a socket, by id: each with the serial number of its registration, so that a
+/// query ending takes out its own entry and never that of a later query given the same id.
+type Waiting = Arc<Mutex<HashMap<u16, (u64, oneshot::Sender<Vec<u8>>)>>>;
+
+/// Serial numbers of registrations.
+static NEXT_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// One connected socket to a server and the queries waiting on it.
 struct Channel {
@@ -93,7 +98,7 @@ async fn read_answers(sock: Arc<UdpSocket>, waiting: Waiting) {
             continue;
         };
         let tx = waiting.lock().ok().and_then(|mut w| w.remove(&id));
-        if let Some(tx) = tx {
+        if let Some((_, tx)) = tx {
             let _ = tx.send(buf[..n].to_vec());
         }
     }
@@ -106,16 +111,43 @@ pub struct Pool {
     next: AtomicUsize,
 }
 
-/// Takes its id back from the socket's table when the query ends, answered or not.
+/// Takes its id back from the socket's table when the query ends, answered or not. Once the
+/// answer has arrived the reader has taken the entry out, and the id may already belong to
+/// another query: only an entry of this registration's own serial is removed.
 struct Registration {
     waiting: Waiting,
     id: u16,
+    serial: u64,
+}
+
+impl Registration {
+    /// Enters a query under a free id of `waiting`; an error when 64 random ids were all taken.
+    fn new(waiting: &Waiting, tx: oneshot::Sender<Vec<u8>>) -> std::io::Result<Registration> {
+        let mut w = waiting
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?;
+        let id = (0..64)
+            .map(|_| random_id())
+            .find(|id| !w.contains_key(id))
+            .ok_or_else(|| std::io::Error::other("no free query id"))?;
+        let serial = NEXT_SERIAL.fetch_add(1, Ordering::Relaxed);
+        w.insert(id, (serial, tx));
+        Ok(Registration {
+            waiting: waiting.clone(),
+            id,
+            serial,
+        })
+    }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         if let Ok(mut w) = self.waiting.lock() {
-            w.remove(&self.id);
+            if w.get(&self.id)
+                .is_some_and(|(serial, _)| *serial == self.serial)
+            {
+                w.remove(&self.id);
+            }
         }
     }
 }
@@ -142,22 +174,8 @@ impl Pool {
     async fn udp(&self, server: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
         let channel = self.channel(server).await?;
         let (tx, rx) = oneshot::channel();
-        let id = {
-            let mut w = channel
-                .waiting
-                .lock()
-                .map_err(|_| std::io::Error::other("poisoned"))?;
-            let id = (0..64)
-                .map(|_| random_id())
-                .find(|id| !w.contains_key(id))
-                .ok_or_else(|| std::io::Error::other("no free query id"))?;
-            w.insert(id, tx);
-            id
-        };
-        let _registered = Registration {
-            waiting: channel.waiting.clone(),
-            id,
-        };
+        let registered = Registration::new(&channel.waiting, tx)?;
+        let id = registered.id;
         let mut q = query.to_vec();
         wire::set_id(&mut q, id);
         channel.sock.send(&q).await?;
@@ -252,6 +270,40 @@ mod tests {
             }
         });
         addr
+    }
+
+    #[test]
+    fn a_finished_query_leaves_a_later_query_under_the_same_id_waiting() {
+        let waiting: Waiting = Arc::default();
+        let (tx_a, _rx_a) = oneshot::channel();
+        let a = Registration::new(&waiting, tx_a).unwrap();
+        // The reader takes A's entry out as A's answer arrives; before A's registration is dropped
+        // another query is given the same id (ids are random: any free one may come).
+        let (_, answered) = waiting.lock().unwrap().remove(&a.id).unwrap();
+        let _ = answered.send(vec![1]);
+        let (tx_b, mut rx_b) = oneshot::channel();
+        let serial_b = NEXT_SERIAL.fetch_add(1, Ordering::Relaxed);
+        waiting.lock().unwrap().insert(a.id, (serial_b, tx_b));
+        let id = a.id;
+        drop(a);
+        let (serial, tx) = waiting
+            .lock()
+            .unwrap()
+            .remove(&id)
+            .expect("B still waits under the id A had");
+        assert_eq!(serial, serial_b);
+        tx.send(vec![2]).unwrap();
+        assert_eq!(rx_b.try_recv().unwrap(), vec![2], "B gets its answer");
+    }
+
+    #[test]
+    fn a_query_that_ends_unanswered_gives_its_id_back() {
+        let waiting: Waiting = Arc::default();
+        let (tx, _rx) = oneshot::channel();
+        let r = Registration::new(&waiting, tx).unwrap();
+        assert_eq!(waiting.lock().unwrap().len(), 1);
+        drop(r);
+        assert!(waiting.lock().unwrap().is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
