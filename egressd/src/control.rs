@@ -517,11 +517,15 @@ async fn start_session(
                     .join(", ")
             ));
         };
-        let (user, groups) = user_and_groups(caller.uid);
-        if !policy
-            .config
-            .may_use(&name, caller.uid, user.as_deref(), &groups)
-        {
+        // The user and group databases only when the grant depends on them (an [access] table
+        // that names users or groups): each lookup reads the NSS files on the launch path.
+        let granted = policy.config.may_use(&name, caller.uid, None, &[]) || {
+            let (user, groups) = user_and_groups(caller.uid);
+            policy
+                .config
+                .may_use(&name, caller.uid, user.as_deref(), &groups)
+        };
+        if !granted {
             return Err(format!(
                 "profile {name:?} is not granted to uid {} (see [access] in {})",
                 caller.uid, policy.source

@@ -388,7 +388,9 @@ impl State {
                 .get(&session.profile)
                 .is_some_and(|p| p.session_bus == egressd_common::policy::SessionBus::Filtered)
         };
-        if !wanted {
+        // No bus, no proxy: known without the user database and a blocking thread (bus::start
+        // looks again, for a bus that goes away meanwhile).
+        if !wanted || crate::handoff::bus::user_bus(session.uid).is_none() {
             return None;
         }
         let gid = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(session.uid))
