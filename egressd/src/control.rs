@@ -667,7 +667,11 @@ async fn start_session(
         ))
         .await;
     let bus = if unix_missing(state, no_new_privs, unix_open).is_none() {
-        state.start_bus(&session).await
+        let bus = state.start_bus(&session).await;
+        // Resolved while egressctl forks and sets up its filters; the supervisor takes it when
+        // the listener comes.
+        state.prepare_supervision(&session, pid).await;
+        bus
     } else {
         None
     };

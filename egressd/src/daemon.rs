@@ -25,6 +25,10 @@ use crate::{
     systemd::Systemd,
 };
 
+/// A session's allow list being resolved: the result, with the list and the caller it is for.
+type PendingAllow =
+    tokio::task::JoinHandle<std::io::Result<(crate::handoff::Resolved, Vec<String>, u32)>>;
+
 /// nix's Inotify offers only `AsFd`; tokio's `AsyncFd` wants `AsRawFd`.
 pub struct Watcher(Inotify);
 
@@ -123,6 +127,9 @@ pub struct State {
     pub notices: crate::notices::Notices,
     /// Sessions whose connects are supervised (a session hands its listener over once).
     pub supervised: Mutex<std::collections::HashSet<String>>,
+    /// Allow lists being resolved for sessions whose egressctl has not handed its listener over
+    /// yet (started at Run, so the resolution overlaps egressctl's fork and filter set-up).
+    resolving: std::sync::Mutex<std::collections::HashMap<String, PendingAllow>>,
     /// Each session's filtering proxy of the user's session bus, stopped when the session ends.
     pub buses: Mutex<BTreeMap<String, crate::handoff::bus::BusProxy>>,
     watcher: AsyncFd<Watcher>,
@@ -181,6 +188,7 @@ impl State {
             dns: Default::default(),
             notices: Default::default(),
             supervised: Default::default(),
+            resolving: Default::default(),
             buses: Default::default(),
             watcher: readable_fd(Watcher(inotify))?,
         })
@@ -343,13 +351,9 @@ impl State {
         }
     }
 
-    /// Starts the unix supervisor of `session` on its seccomp listener, taken from `pid`.
-    pub async fn start_supervision(
-        &self,
-        session: &Session,
-        listener: std::os::fd::OwnedFd,
-        pid: u32,
-    ) -> Result<(), String> {
+    /// The unix sockets `session` may reach outside itself (its profile's list and its bus
+    /// proxy), and whether its profile only audits.
+    async fn unix_allow(&self, session: &Session) -> (Vec<String>, bool) {
         let (mut allow, audit_only) = {
             let policy = self.policy.read().await;
             let p = policy.config.profiles.get(&session.profile);
@@ -361,6 +365,57 @@ impl State {
         if let Some(bus) = self.buses.lock().await.get(&session.id) {
             allow.push(bus.socket.display().to_string());
         }
+        (allow, audit_only)
+    }
+
+    /// Starts resolving `session`'s allow list in the view of `pid` (its egressctl, before
+    /// anything of the session runs), for `start_supervision` to take.
+    pub async fn prepare_supervision(&self, session: &Session, pid: u32) {
+        let (allow, _) = self.unix_allow(session).await;
+        let socket = self.socket_path.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            crate::handoff::resolve(&allow, &socket, pid).map(|r| (r, allow, pid))
+        });
+        if let Ok(mut r) = self.resolving.lock() {
+            r.insert(session.id.clone(), task);
+        }
+    }
+
+    /// Forgets a resolution no listener came for.
+    pub fn drop_pending_supervision(&self, id: &str) {
+        if let Ok(mut r) = self.resolving.lock() {
+            if let Some(task) = r.remove(id) {
+                task.abort();
+            }
+        }
+    }
+
+    /// Starts the unix supervisor of `session` on its seccomp listener, taken from `pid`.
+    pub async fn start_supervision(
+        &self,
+        session: &Session,
+        listener: std::os::fd::OwnedFd,
+        pid: u32,
+    ) -> Result<(), String> {
+        let (allow, audit_only) = self.unix_allow(session).await;
+        let pending = self
+            .resolving
+            .lock()
+            .ok()
+            .and_then(|mut r| r.remove(&session.id));
+        // The resolution made at Run stands for the same caller and the same list; otherwise
+        // (a restarted daemon taking an adopted session over) it is made now.
+        let resolved = match pending {
+            Some(task) => match task.await {
+                Ok(Ok((resolved, for_allow, for_pid))) if for_allow == allow && for_pid == pid => {
+                    Some(resolved)
+                }
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => return Err(format!("starting the unix supervisor: {e}")),
+                Err(e) => return Err(format!("starting the unix supervisor: {e}")),
+            },
+            None => None,
+        };
         let watch = crate::handoff::Watch {
             session: session.id.clone(),
             cgroup_id: session.cgroup_id,
@@ -373,7 +428,7 @@ impl State {
             audit: self.audit.clone(),
             counts: self.handoff.clone(),
         };
-        tokio::task::block_in_place(|| crate::handoff::supervise(listener, watch, pid))
+        tokio::task::block_in_place(|| crate::handoff::supervise(listener, watch, pid, resolved))
             .map_err(|e| format!("starting the unix supervisor: {e}"))
     }
 
@@ -489,6 +544,7 @@ impl State {
             totals.allowed += unix_allowed;
             totals.denied += unix_refused;
             self.supervised.lock().await.remove(&id);
+            self.drop_pending_supervision(&id);
             self.buses.lock().await.remove(&id);
             // Under systemd the directory is gone or about to go (the scope stopped as it
             // emptied): the session still ends here, record and all.

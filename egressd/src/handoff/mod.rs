@@ -40,7 +40,7 @@ use std::{
         fd::{AsRawFd as _, OwnedFd},
         unix::fs::{FileTypeExt as _, MetadataExt as _},
     },
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
@@ -111,18 +111,19 @@ struct Allowed {
     names: HashSet<Vec<u8>>,
 }
 
-/// Starts supervising the session's connects through `listener` (a seccomp notification fd
-/// taken from `caller_pid`, egressctl before it execs CMD).
-pub fn supervise(listener: OwnedFd, watch: Watch, caller_pid: u32) -> io::Result<()> {
+/// The session's allow list resolved in `caller_pid`'s view (its mount and network namespaces,
+/// root and credentials), with egressd's control socket. Done before the session's command may
+/// run, so nothing of the session can race it.
+pub struct Resolved(Arc<Allowed>);
+
+pub fn resolve(allow: &[String], control_socket: &Path, caller_pid: u32) -> io::Result<Resolved> {
     let creds = Creds::of(caller_pid)?;
-    let mut entries: Vec<String> = watch
-        .allow
+    let mut entries: Vec<String> = allow
         .iter()
         .filter(|e| !e.starts_with('@'))
         .cloned()
         .collect();
-    let mut names: HashSet<Vec<u8>> = watch
-        .allow
+    let mut names: HashSet<Vec<u8>> = allow
         .iter()
         .filter_map(|e| e.strip_prefix('@'))
         .map(|n| {
@@ -140,10 +141,25 @@ pub fn supervise(listener: OwnedFd, watch: Watch, caller_pid: u32) -> io::Result
             .map(|m| (m.ino() as u32, diag::encode_dev(m.dev())))
             .collect::<HashSet<_>>())
     })?;
-    if let Ok(m) = fs::metadata(&watch.control_socket) {
+    if let Ok(m) = fs::metadata(control_socket) {
         files.insert((m.ino() as u32, diag::encode_dev(m.dev())));
     }
-    let allowed = Arc::new(Allowed { files, names });
+    Ok(Resolved(Arc::new(Allowed { files, names })))
+}
+
+/// Starts supervising the session's connects through `listener` (a seccomp notification fd
+/// taken from `caller_pid`, egressctl before it execs CMD), with the allow list resolved for it
+/// (`resolve`), or resolved now.
+pub fn supervise(
+    listener: OwnedFd,
+    watch: Watch,
+    caller_pid: u32,
+    resolved: Option<Resolved>,
+) -> io::Result<()> {
+    let allowed = match resolved {
+        Some(Resolved(allowed)) => allowed,
+        None => resolve(&watch.allow, &watch.control_socket, caller_pid)?.0,
+    };
     let watch = Arc::new(watch);
     std::thread::Builder::new()
         .name(format!("egressd-unix-{}", watch.session))
