@@ -60,7 +60,7 @@ pub fn run(
     // The connection stays open: it was made before the move, and a session task cannot make a
     // new unix connect without the supervisor (egressd keeps it for the session's life). The child
     // hands egressd its seccomp listener on it, and the summary comes back on it.
-    eprintln!(
+    say(format!(
         "egressd: session {} (profile {}): {}{}",
         started.id,
         started.profile,
@@ -70,7 +70,7 @@ pub fn run(
         } else {
             ""
         }
-    );
+    ));
     if let Some(why) = &started.unix_missing {
         eprintln!(
             "egressd: warning: unix sockets outside the session (tmux, the session bus, systemd --user, docker) are NOT confined: {why}"
@@ -88,7 +88,7 @@ pub fn run(
     match client.call(Op::Summary {
         id: started.id.clone(),
     }) {
-        Ok(Reply::Session(s)) => eprintln!(
+        Ok(Reply::Session(s)) => say(format!(
             "egressd: session {} {}: {} allowed, {} denied{}{}",
             s.id,
             exit_words(status),
@@ -103,12 +103,12 @@ pub fn run(
             } else {
                 String::new()
             }
-        ),
-        Ok(_) | Err(_) => eprintln!(
+        )),
+        Ok(_) | Err(_) => say(format!(
             "egressd: session {} {}; summary unavailable: egressd stopped or restarted during the session (`egressctl audit` has its records)",
             started.id,
             exit_words(status)
-        ),
+        )),
     }
     Ok(ExitCode::from(status))
 }
@@ -491,6 +491,15 @@ fn wait_for(child: Pid) -> anyhow::Result<u8> {
             Err(e) => bail!("waiting for the command: {e}"),
         }
     }
+}
+
+/// One line on stderr in one write(2), not one per formatted piece as `eprintln!` makes on the
+/// unbuffered stderr: these lines are on every launch, and a reader of a shared terminal or log
+/// never sees them interleaved.
+fn say(mut line: String) {
+    use std::io::Write as _;
+    line.push('\n');
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
 fn exit_words(code: u8) -> String {

@@ -428,8 +428,14 @@ impl State {
             audit: self.audit.clone(),
             counts: self.handoff.clone(),
         };
-        tokio::task::block_in_place(|| crate::handoff::supervise(listener, watch, pid, resolved))
-            .map_err(|e| format!("starting the unix supervisor: {e}"))
+        // Resolving blocks (a thread in the caller's namespaces); with it done, what is left is
+        // starting the supervisor's thread, not worth handing this worker's tasks off for.
+        let started = if resolved.is_some() {
+            crate::handoff::supervise(listener, watch, pid, resolved)
+        } else {
+            tokio::task::block_in_place(|| crate::handoff::supervise(listener, watch, pid, None))
+        };
+        started.map_err(|e| format!("starting the unix supervisor: {e}"))
     }
 
     /// Starts the session's filtered session bus when its profile and the user have one. Returns
