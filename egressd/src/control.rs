@@ -645,7 +645,11 @@ async fn start_session(
         );
         Ok::<_, String>(())
     };
-    if let Err(e) = setup.await {
+    // The enforcement check egressctl would otherwise ask for in a second round trip, made while
+    // the session is set up (it reads only the cgroup's effective programs; a failed query is not
+    // an answer: egressctl then asks itself).
+    let (setup, missing) = tokio::join!(setup, state.enforcer.missing_on(dir.clone()));
+    if let Err(e) = setup {
         let _ = state.enforcer.remove_session(cgroup_id).await;
         // A failed scope is left to systemd: it stops once egressctl, refused, exits.
         if state.layout.removes_session_cgroups() {
@@ -676,9 +680,7 @@ async fn start_session(
         None
     };
     let cgroup = session.cgroup.clone();
-    // The enforcement check egressctl would otherwise ask for in a second round trip (a failed
-    // query is not an answer: egressctl then asks itself).
-    let missing = state.enforcer.missing_on(session.dir.clone()).await.ok();
+    let missing = missing.ok();
     state.registry.lock().await.insert(session);
     Ok(SessionStarted {
         missing,
