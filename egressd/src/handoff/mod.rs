@@ -111,11 +111,12 @@ struct Allowed {
     names: HashSet<Vec<u8>>,
 }
 
+/// A session's allow list as resolved by `resolve`.
+pub struct Resolved(Arc<Allowed>);
+
 /// The session's allow list resolved in `caller_pid`'s view (its mount and network namespaces,
 /// root and credentials), with egressd's control socket. Done before the session's command may
 /// run, so nothing of the session can race it.
-pub struct Resolved(Arc<Allowed>);
-
 pub fn resolve(allow: &[String], control_socket: &Path, caller_pid: u32) -> io::Result<Resolved> {
     let creds = Creds::of(caller_pid)?;
     let mut entries: Vec<String> = allow
