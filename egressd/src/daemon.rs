@@ -382,7 +382,7 @@ impl State {
     }
 
     /// Forgets a resolution no listener came for.
-    pub fn drop_pending_supervision(&self, id: &str) {
+    fn drop_pending_supervision(&self, id: &str) {
         if let Ok(mut r) = self.resolving.lock() {
             if let Some(task) = r.remove(id) {
                 task.abort();
@@ -406,12 +406,11 @@ impl State {
         // The resolution made at Run stands for the same caller and the same list; otherwise
         // (a restarted daemon taking an adopted session over) it is made now.
         let resolved = match pending {
-            Some(task) => match task.await {
-                Ok(Ok((resolved, for_allow, for_pid))) if for_allow == allow && for_pid == pid => {
+            Some(task) => match task.await.map_err(std::io::Error::other).and_then(|r| r) {
+                Ok((resolved, for_allow, for_pid)) if for_allow == allow && for_pid == pid => {
                     Some(resolved)
                 }
-                Ok(Ok(_)) => None,
-                Ok(Err(e)) => return Err(format!("starting the unix supervisor: {e}")),
+                Ok(_) => None,
                 Err(e) => return Err(format!("starting the unix supervisor: {e}")),
             },
             None => None,

@@ -2,6 +2,7 @@
 //! owns the policy and answers `egressctl` on a unix socket.
 
 mod audit;
+mod bpf_sys;
 mod cgroup;
 mod control;
 mod daemon;

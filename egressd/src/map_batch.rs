@@ -10,25 +10,11 @@ use std::{
 
 use aya::maps::MapData;
 
-const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+use crate::bpf_sys::{bpf, BatchAttr, BPF_MAP_DELETE_BATCH, BPF_MAP_UPDATE_BATCH};
 
 /// Entries per call: bounded so one call never holds the CPU long (the kernel reschedules
 /// between elements, but the buffers stay small too).
 const CHUNK: usize = 4096;
-
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
 
 /// Why a batch call failed: the kernel has no batch op for this map (nothing was done; the
 /// caller writes one entry at a time), or an entry failed after `done` were written.
@@ -36,25 +22,6 @@ struct BatchAttr {
 pub enum BatchError {
     Unsupported,
     Failed { done: usize, error: io::Error },
-}
-
-fn call(cmd: libc::c_long, attr: &mut BatchAttr) -> Result<(), io::Error> {
-    // SAFETY: `attr` is the batch member of union bpf_attr; the key and value pointers in it
-    // point at buffers of `count` entries of the map's key and value sizes (the callers'
-    // slices), which outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>(),
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
 }
 
 fn unsupported(e: &io::Error) -> bool {
@@ -89,7 +56,9 @@ fn run(
             map_fd: fd,
             ..Default::default()
         };
-        if let Err(error) = call(cmd, &mut attr) {
+        // The key and value pointers point at `count` entries of the map's key and value sizes
+        // (the callers' slices), live across the call.
+        if let Err(error) = bpf(cmd, &mut attr) {
             let processed = attr.count as usize;
             if done == 0 && processed == 0 && unsupported(&error) {
                 return Err(BatchError::Unsupported);

@@ -143,13 +143,12 @@ pub fn flush_records(limit: std::time::Duration) {
     let _ = rx.recv_timeout(limit);
 }
 
-struct RecordWriter(std::sync::Mutex<std::sync::mpsc::Sender<Job>>);
+struct RecordWriter(std::sync::mpsc::Sender<Job>);
 
 impl RecordWriter {
     fn send(&self, job: Job) {
-        let sent = self.0.lock().map(|tx| tx.send(job));
         // Without the thread (it could not be started), do it here.
-        if let Ok(Err(std::sync::mpsc::SendError(job))) = sent {
+        if let Err(std::sync::mpsc::SendError(job)) = self.0.send(job) {
             run_job(job);
         }
     }
@@ -184,7 +183,7 @@ fn record_writer() -> &'static RecordWriter {
         if let Err(e) = spawned {
             tracing::warn!("session records are written inline: no thread for them ({e})");
         }
-        RecordWriter(std::sync::Mutex::new(tx))
+        RecordWriter(tx)
     })
 }
 

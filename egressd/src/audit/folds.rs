@@ -16,7 +16,10 @@ use std::{
 use aya::maps::{HashMap as BpfHashMap, IterableMap as _, MapData, PerCpuHashMap};
 use egressd_common::{Event, FoldKey, FoldValue};
 
-use crate::enforcer::FoldMaps;
+use crate::{
+    bpf_sys::{bpf, BatchAttr, BPF_MAP_LOOKUP_BATCH},
+    enforcer::FoldMaps,
+};
 
 /// Keys read per BPF_MAP_LOOKUP_BATCH call.
 const BATCH: usize = 1024;
@@ -142,19 +145,6 @@ impl KernelFolds {
     /// Every key with its per-CPU values, a few thousand per system call (BPF_MAP_LOOKUP_BATCH):
     /// read once per fold window, where a lookup per key would cost two system calls each.
     fn read_all(&mut self) -> io::Result<Vec<(FoldKey, Vec<FoldValue>)>> {
-        const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-        #[repr(C)]
-        #[derive(Default)]
-        struct BatchAttr {
-            in_batch: u64,
-            out_batch: u64,
-            keys: u64,
-            values: u64,
-            count: u32,
-            map_fd: u32,
-            elem_flags: u64,
-            flags: u64,
-        }
         let fd = self.folds.map().fd().as_fd().as_raw_fd();
         let (keys, values) = (&mut self.key_buf, &mut self.value_buf);
         // Hash maps take a bucket index as the batch token; room for more costs nothing.
@@ -175,18 +165,9 @@ impl KernelFolds {
                 map_fd: fd as u32,
                 ..Default::default()
             };
-            // SAFETY: the buffers hold `count` keys and `count * cpus` values of the map's sizes
-            // (checked at load: the map's key and value sizes are these types'), and live across
-            // the call.
-            let r = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    BPF_MAP_LOOKUP_BATCH,
-                    &mut attr as *mut BatchAttr,
-                    std::mem::size_of::<BatchAttr>(),
-                )
-            };
-            let err = (r < 0).then(io::Error::last_os_error);
+            // The buffers hold `count` keys and `count * cpus` values of the map's sizes (checked
+            // at load: the map's key and value sizes are these types'), and live across the call.
+            let err = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr).err();
             let n = attr.count as usize;
             for (i, key) in keys.iter().take(n).enumerate() {
                 out.push((*key, values[i * self.cpus..(i + 1) * self.cpus].to_vec()));

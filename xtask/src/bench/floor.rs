@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use anyhow::Context;
 
-use super::fixture::Cgroup;
+use super::{fixture::Cgroup, stats::bpf};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Body {
@@ -61,23 +61,6 @@ const HOOKS: [(&str, u32, u32); 4] = [
     ),
     ("cgroup_skb/egress", PROG_CGROUP_SKB, ATTACH_INET_EGRESS),
 ];
-
-fn bpf(cmd: libc::c_long, attr: &mut [u64; 16], what: &str) -> anyhow::Result<i32> {
-    // SAFETY: bpf(2) with a zeroed union bpf_attr big enough for the commands used here; any
-    // pointers in it point at buffers that outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(attr),
-        )
-    };
-    if rc < 0 {
-        anyhow::bail!("{what}: {}", std::io::Error::last_os_error());
-    }
-    Ok(rc as i32)
-}
 
 fn owned(fd: i32) -> OwnedFd {
     // SAFETY: a descriptor bpf(2) just returned to us, owned by nobody else.

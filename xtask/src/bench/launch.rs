@@ -39,6 +39,11 @@ fn wall_ms(cmd: &mut Command) -> anyhow::Result<f64> {
     Ok(ms)
 }
 
+/// The median of a round's launches (each list has `per_round` of them).
+fn median(v: &[f64]) -> f64 {
+    Spread::of(v).map_or(f64::NAN, |s| s.median)
+}
+
 /// `true` spawned and waited for, optionally moving itself (between fork and exec) into a cgroup
 /// made for it just before: the part of a launch the kernel's cgroup move costs, apart from any
 /// sandbox's own work. The cgroup is removed after the clock stops.
@@ -131,17 +136,11 @@ pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
             f.push(cgroup_floor_ms(&truth, None)?);
             g.push(cgroup_floor_ms(&truth, Some(&floor_cg))?);
         }
-        let (mf, mg) = (
-            Spread::of(&f).unwrap().median,
-            Spread::of(&g).unwrap().median,
-        );
+        let (mf, mg) = (median(&f), median(&g));
         t_spawn.push(mf);
         t_moved.push(mg);
         add_moved.push(mg - mf);
-        let (ma, mb) = (
-            Spread::of(&a).unwrap().median,
-            Spread::of(&b).unwrap().median,
-        );
+        let (ma, mb) = (median(&a), median(&b));
         t_true.push(ma);
         t_ctl.push(mb);
         add_ctl.push(mb - ma);

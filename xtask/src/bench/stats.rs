@@ -1,6 +1,10 @@
 //! Medians and spread across rounds, percentiles, and the process and BPF counters the parts read.
 
-use std::{fs, time::Instant};
+use std::{
+    fs,
+    os::fd::{AsRawFd as _, FromRawFd as _},
+    time::Instant,
+};
 
 /// Median and range of one quantity across rounds.
 #[derive(Clone, Copy, Debug)]
@@ -102,50 +106,50 @@ pub fn cpu_share(a: &ProcSample, b: &ProcSample) -> f64 {
     (b.cpu_s - a.cpu_s) / wall
 }
 
+/// bpf(2) with a union bpf_attr of 128 bytes, zeroed but for the fields a command reads; `what`
+/// names the call in the error.
+pub fn bpf(cmd: libc::c_long, attr: &mut [u64; 16], what: &str) -> anyhow::Result<i32> {
+    // SAFETY: bpf(2) with a union bpf_attr big enough for the commands used here; any pointers in
+    // it point at buffers that outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr),
+        )
+    };
+    if rc < 0 {
+        anyhow::bail!("{what}: {}", std::io::Error::last_os_error());
+    }
+    Ok(rc as i32)
+}
+
 /// `run_time_ns` and `run_cnt` of a BPF program (kernel.bpf_stats_enabled must be on for them to
 /// move), read with BPF_PROG_GET_FD_BY_ID and BPF_OBJ_GET_INFO_BY_FD.
 pub fn prog_stats(id: u32) -> anyhow::Result<(u64, u64)> {
     const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    // union bpf_attr, as big as any command needs here.
     let mut attr = [0u64; 16];
     attr[0] = u64::from(id);
-    // SAFETY: bpf(2) with a zeroed attr holding the id; the kernel reads the first fields only.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_GET_FD_BY_ID,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    if fd < 0 {
-        anyhow::bail!(
-            "BPF_PROG_GET_FD_BY_ID {id}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    let fd = bpf(
+        BPF_PROG_GET_FD_BY_ID,
+        &mut attr,
+        &format!("BPF_PROG_GET_FD_BY_ID {id}"),
+    )?;
+    // SAFETY: a descriptor bpf(2) just returned, owned by nobody else.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
     // struct bpf_prog_info up to recursion_misses: run_time_ns at byte 192, run_cnt at 200.
     let mut info = [0u64; 28];
     let mut attr = [0u64; 16];
     // info.bpf_fd (u32), info_len (u32), info (u64 pointer)
-    attr[0] = (fd as u64) | ((std::mem::size_of_val(&info) as u64) << 32);
+    attr[0] = (fd.as_raw_fd() as u64) | ((std::mem::size_of_val(&info) as u64) << 32);
     attr[1] = info.as_mut_ptr() as u64;
-    // SAFETY: the kernel writes at most info_len bytes into `info`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    let err = std::io::Error::last_os_error();
-    // SAFETY: our own descriptor.
-    unsafe { libc::close(fd as i32) };
-    if rc < 0 {
-        anyhow::bail!("BPF_OBJ_GET_INFO_BY_FD {id}: {err}");
-    }
+    bpf(
+        BPF_OBJ_GET_INFO_BY_FD,
+        &mut attr,
+        &format!("BPF_OBJ_GET_INFO_BY_FD {id}"),
+    )?;
     Ok((info[24], info[25]))
 }
 
