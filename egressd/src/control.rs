@@ -360,6 +360,11 @@ async fn supervise(state: &State, caller: &Caller, id: &str, fd: i32) -> Result<
     }
     let listener = crate::handoff::take_listener(pid, fd)
         .map_err(|e| format!("taking the session's seccomp listener: {e}"))?;
+    // The command runs once this reply is in: the session's record (written since Run) is on
+    // disk first. The listener's, saved below, may trail it by a write; a daemon killed in that
+    // moment restarts with the session's profile but cannot supervise its unix connects again:
+    // egressctl lets them on to the kernel's backstop, which refuses them.
+    sessions::records_written().await;
     state.start_supervision(&session, listener, pid).await?;
     let mut session = session;
     session.listener = Some((pid, fd));
@@ -677,6 +682,9 @@ async fn start_session(
         state.prepare_supervision(&session, pid).await;
         bus
     } else {
+        // No supervision step: the command runs as soon as egressctl has this reply, so its
+        // record is on disk first.
+        sessions::records_written().await;
         None
     };
     let cgroup = session.cgroup.clone();

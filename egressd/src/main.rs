@@ -405,7 +405,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     // Links and maps stay pinned: stopping the daemon never opens a sandbox.
     let _ = std::fs::remove_file(&cli.socket);
-    tokio::task::block_in_place(|| sessions::flush_records(std::time::Duration::from_secs(5)));
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        sessions::records_written(),
+    )
+    .await;
     state
         .audit(audit::Message::Note(audit::STOP_MESSAGE.into()))
         .await;

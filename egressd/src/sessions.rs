@@ -115,10 +115,10 @@ impl StateDir {
     }
 
     /// Saves `s` on the record writer's thread, after every save and forget asked before it, so
-    /// a session start or a supervision hand-over does not wait for the file system (a create and
-    /// a rename cost 0.1 ms or more on a disk-backed /run, twice per launch). A daemon killed in
-    /// that window loses the record, as a failed save does: its restart keeps the session
-    /// loopback-only. `what` names what a restarted daemon could not do without it.
+    /// the Run reply does not wait for the file system (a create and a rename cost 0.1 ms or more
+    /// on a disk-backed /run). Whoever lets the session's command run first waits for it
+    /// (`records_written`): a daemon killed before that loses a session nothing has run in yet.
+    /// `what` names what a restarted daemon could not do without the record.
     pub fn save_soon(&self, s: &Session, what: &'static str) {
         record_writer().send(Job::Save(self.0.clone(), Box::new(s.clone()), what));
     }
@@ -132,21 +132,33 @@ impl StateDir {
 enum Job {
     Save(PathBuf, Box<Session>, &'static str),
     Forget(PathBuf, String),
-    Flushed(std::sync::mpsc::Sender<()>),
+    Written(tokio::sync::oneshot::Sender<()>),
 }
 
-/// Waits (up to `limit`) until every record write asked so far is done: before the daemon
-/// stops, so a restart finds every session it had.
-pub fn flush_records(limit: std::time::Duration) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    record_writer().send(Job::Flushed(tx));
-    let _ = rx.recv_timeout(limit);
+/// Record writes (saves and forgets) asked for, and done, so far.
+static ASKED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static DONE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Returns once every record write asked so far is done (or failed, which is logged): before a
+/// session's command may run, and before the daemon stops, so a restart finds the session. At
+/// once when the writer has caught up already (the usual case at a hand-over).
+pub async fn records_written() {
+    use std::sync::atomic::Ordering;
+    if DONE.load(Ordering::Acquire) >= ASKED.load(Ordering::Acquire) {
+        return;
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    record_writer().send(Job::Written(tx));
+    let _ = rx.await;
 }
 
 struct RecordWriter(std::sync::mpsc::Sender<Job>);
 
 impl RecordWriter {
     fn send(&self, job: Job) {
+        if !matches!(job, Job::Written(_)) {
+            ASKED.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
         // Without the thread (it could not be started), do it here.
         if let Err(std::sync::mpsc::SendError(job)) = self.0.send(job) {
             run_job(job);
@@ -162,10 +174,12 @@ fn run_job(job: Job) {
             }
         }
         Job::Forget(dir, id) => StateDir(dir).forget(&id),
-        Job::Flushed(done) => {
+        Job::Written(done) => {
             let _ = done.send(());
+            return;
         }
     }
+    DONE.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
 }
 
 /// One thread for every record write, so they happen in the order asked.
