@@ -118,7 +118,7 @@ pub async fn run(state: Arc<State>) {
             };
             if !delivered {
                 if let Some(tty) = tty {
-                    terminal(&tty, &text);
+                    terminal(&tty, &text).await;
                 }
             }
         }
@@ -220,7 +220,12 @@ pub fn reopen_nonblocking(fd: &OwnedFd) -> Result<OwnedFd, String> {
 /// command, a command printing); a full-screen program (raw or cbreak mode) keeps its screen, and
 /// the notice goes to the window title (OSC 2) instead. The write does not wait: a terminal that
 /// cannot take it now loses this notice, and the daemon log says so.
-fn terminal(tty: &OwnedFd, text: &str) {
+/// Writes the notice to the session's terminal without ever blocking on it. A write that finds the
+/// terminal busy (EAGAIN: another writer holds it, as the session's own program does while it
+/// prints, or its output queue is full) is tried again for a while; a terminal that stays busy
+/// (frozen with ^S) loses the notice, which the daemon log says.
+async fn terminal(tty: &OwnedFd, text: &str) {
+    const TRIES: u32 = 20;
     let line_mode = nix::sys::termios::tcgetattr(tty)
         .map(|t| {
             t.local_flags
@@ -232,11 +237,25 @@ fn terminal(tty: &OwnedFd, text: &str) {
     } else {
         format!("\x1b]2;{text}\x07")
     };
-    match nix::unistd::write(tty, bytes.as_bytes()) {
-        Ok(n) if n == bytes.len() => {}
-        Ok(n) => tracing::info!("notice: the terminal took {n} of {} bytes", bytes.len()),
-        Err(e) => tracing::info!("notice not shown: the terminal did not take it ({e})"),
+    let mut rest = bytes.as_bytes();
+    for _ in 0..TRIES {
+        match nix::unistd::write(tty, rest) {
+            Ok(n) if n == rest.len() => return,
+            Ok(n) => rest = &rest[n..],
+            Err(nix::errno::Errno::EAGAIN) => {}
+            Err(e) => {
+                tracing::info!("notice not shown: the terminal did not take it ({e})");
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    tracing::info!(
+        "notice not shown in full: the terminal stayed busy for {} ms ({} of {} bytes left)",
+        TRIES * 5,
+        rest.len(),
+        bytes.len()
+    );
 }
 
 #[cfg(test)]
