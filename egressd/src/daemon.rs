@@ -287,12 +287,13 @@ impl State {
 
     /// Takes over the sessions a previous daemon left running (their cgroups and pinned map entries).
     pub async fn adopt_sessions(&self) {
-        let registered: BTreeMap<u64, u32> = self
-            .enforcer
-            .registered()
-            .await
-            .map(|v| v.into_iter().collect())
-            .unwrap_or_default();
+        let registered: BTreeMap<u64, u32> = match self.enforcer.registered().await {
+            Ok(v) => v.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!("reading the sessions registered in the kernel: {e}; registering every session found again");
+                BTreeMap::new()
+            }
+        };
         let mut kept = BTreeSet::new();
         for id in self.layout.existing_sessions() {
             let dir = self.layout.session_dir(&id);
@@ -326,7 +327,11 @@ impl State {
             }
             kept.insert(session.cgroup_id);
             self.watch(&session);
-            tracing::info!(session = %id, profile = %session.profile, "adopted running session");
+            tracing::info!(
+                session = %id, profile = %session.profile,
+                registered = registered.contains_key(&session.cgroup_id),
+                "adopted running session"
+            );
             self.adopt(session).await;
         }
         if !self.layout.removes_session_cgroups() {
@@ -537,11 +542,13 @@ impl State {
             let Some(s) = self.registry.lock().await.remove(&id) else {
                 continue;
             };
-            let kernel = self
-                .enforcer
-                .remove_session(s.cgroup_id)
-                .await
-                .unwrap_or_default();
+            let kernel = match self.enforcer.remove_session(s.cgroup_id).await {
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::warn!(session = %id, "reading the session's final counters: {e}; its end record counts none");
+                    Default::default()
+                }
+            };
             let (unix_allowed, unix_refused) = self.handoff.take(s.cgroup_id);
             self.dns.forget(s.cgroup_id);
             self.notices.forget(&id);

@@ -559,9 +559,15 @@ impl Enforcer {
                 "sizing per-CPU counters for",
                 Path::new(maps::COUNTERS),
             ))?;
-            counters
-                .insert(cgroup_id, zeros, 0)
-                .map_err(Self::map_err(maps::COUNTERS))?;
+            // BPF_NOEXIST: a session already counted (one a restarted daemon registers again)
+            // keeps its counts; only a new cgroup id starts at zero.
+            const BPF_NOEXIST: u64 = 1;
+            match counters.insert(cgroup_id, zeros, BPF_NOEXIST) {
+                Ok(()) => {}
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(Self::map_err(maps::COUNTERS)(e)),
+            }
         }
         let mut sessions: HashMap<&mut MapData, u64, SessionInfo> =
             HashMap::try_from(self.map(maps::SESSIONS)?).map_err(Self::map_err(maps::SESSIONS))?;

@@ -556,7 +556,11 @@ fn repeats_counted_in_the_kernel_are_exact_through_a_stopped_reader_and_restarts
     let session = flood.finish();
     let records = std::panic::catch_unwind(|| records_after_end(&w.daemon, &session))
         .unwrap_or_else(|_| panic!("no session_end; egressd's log:\n{}", w.daemon.log_text()));
-    let lost = assert_exact(&records, &session, 60_000);
+    let lost = std::panic::catch_unwind(|| assert_exact(&records, &session, 60_000))
+        .unwrap_or_else(|e| {
+            eprintln!("egressd's log:\n{}", w.daemon.log_text());
+            std::panic::resume_unwind(e)
+        });
     let ring_lost = records
         .iter()
         .filter(|r| r["type"] == "lost" && r["session"] == session.as_str())
