@@ -229,6 +229,100 @@ fn an_allowed_name_opens_its_addresses_until_the_ttl_ends() {
     );
 }
 
+/// An allowed name asked again within its TTL is answered from egressd's cache: the upstream
+/// server is asked once, yet every asking session (the control: a session that has not asked is
+/// still refused) gets the address opened and a record saying where the answer came from. Past
+/// the TTL the upstream is asked again.
+#[test]
+fn an_allowed_name_asked_again_is_answered_from_the_cache_until_its_ttl_ends() {
+    let DnsWorld { server, w } = dns_world("dns-cache");
+    let probe = probe();
+    let p = probe.display();
+    let v6 = &w.outside.v6;
+    let first = w.daemon.run(
+        NOBODY,
+        &[
+            "sh",
+            "-c",
+            &format!("{p} dns-query udp {STUB} model.llm.internal AAAA"),
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&first.stdout).trim(),
+        format!("rcode=NoError answers={v6} from={STUB}"),
+        "{}",
+        text(&first)
+    );
+    // A second session: refused before it asks, opened by the cached answer.
+    let script = format!(
+        "{p} attempt tcp [{v6}]:{PORT}; \
+         {p} dns-query udp {STUB} model.llm.internal AAAA; \
+         {p} attempt tcp [{v6}]:{PORT}"
+    );
+    let out = w.daemon.run(NOBODY, &["sh", "-c", &script]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{}", text(&out));
+    assert!(lines[0].starts_with("denied"), "{}", text(&out));
+    assert_eq!(lines[1], format!("rcode=NoError answers={v6} from={STUB}"));
+    assert!(lines[2].starts_with("allowed"), "{}", text(&out));
+    assert_eq!(w.outside.counts().tcp, 1);
+    // git.corp.test has a TTL of 2 s: asked twice at once, then after the TTL.
+    let script = format!(
+        "{p} dns-query udp {STUB} git.corp.test A; \
+         {p} dns-query udp {STUB} git.corp.test A; \
+         sleep 2.5; \
+         {p} dns-query udp {STUB} git.corp.test A"
+    );
+    let out = w.daemon.run(NOBODY, &["sh", "-c", &script]);
+    let v4 = &w.outside.v4;
+    let want = format!("rcode=NoError answers={v4} from={STUB}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        vec![want.as_str(); 3],
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        server.queries(),
+        vec![
+            "udp model.llm.internal AAAA".to_string(),
+            "udp git.corp.test A".to_string(),
+            "udp git.corp.test A".to_string(),
+        ],
+        "the upstream is asked once per TTL"
+    );
+    let records = dns_records(&w.daemon);
+    let reasons = |name: &str| -> Vec<String> {
+        records
+            .iter()
+            .filter(|r| r["qname"] == name)
+            .map(|r| {
+                assert_eq!(r["verdict"], "allowed", "{r}");
+                r["reason"].as_str().unwrap_or_default().to_string()
+            })
+            .collect()
+    };
+    let cached = "dns_allow; answered from egressd's cache (upstream not asked)";
+    assert_eq!(reasons("model.llm.internal"), ["dns_allow", cached]);
+    assert_eq!(reasons("git.corp.test"), ["dns_allow", cached, "dns_allow"]);
+    // The cached answer's TTL is what is left of the upstream's 60 s.
+    let model: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["qname"] == "model.llm.internal")
+        .collect();
+    assert_eq!(model[0]["ttl"], 60, "{}", model[0]);
+    assert!(
+        model[1]["ttl"]
+            .as_u64()
+            .is_some_and(|t| (50..=60).contains(&t)),
+        "{}",
+        model[1]
+    );
+}
+
 #[test]
 fn getaddrinfo_in_a_sandbox_resolves_allowed_names_only() {
     let DnsWorld { server, w } = dns_world("dns-gai");

@@ -3,6 +3,7 @@
 //! session until the TTL ends; `localhost` and /etc/hosts names are answered here; every other name
 //! is answered NXDOMAIN (or REFUSED) and never leaves the machine. Every query is audited.
 
+mod cache;
 mod listen;
 mod upstream;
 mod wire;
@@ -61,6 +62,8 @@ pub struct Resolver {
     hosts: Mutex<(Option<std::time::SystemTime>, String)>,
     /// Upstream sockets, kept between queries.
     pool: upstream::Pool,
+    /// Upstream answers, kept for their TTL.
+    cache: cache::Cache,
 }
 
 const MAX_INFLIGHT: usize = 256;
@@ -97,6 +100,7 @@ impl Resolver {
             inflight: tokio::sync::Semaphore::new(MAX_INFLIGHT),
             hosts: Mutex::new((None, String::new())),
             pool: upstream::Pool::default(),
+            cache: cache::Cache::default(),
         }
     }
 
@@ -241,31 +245,41 @@ impl Resolver {
             };
             return refuse("name not in dns_allow".into(), rcode);
         }
-        let Ok(_permit) = self.inflight.try_acquire() else {
-            return refuse(
-                format!("more than {MAX_INFLIGHT} upstream queries in flight"),
-                ResponseCode::ServFail,
-            );
-        };
-        let answer = match upstream::ask(
-            &self.pool,
-            &self.settings.upstreams,
-            raw,
-            self.settings.timeout,
-        )
-        .await
-        {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(name = %q.name, "dns: upstream failed: {e}");
-                return refuse(format!("upstream failed: {e}"), ResponseCode::ServFail);
+        let cached = self.cache.get(session.uid, raw);
+        let from_cache = cached.is_some();
+        let answer = match cached {
+            Some(a) => a,
+            None => {
+                let Ok(_permit) = self.inflight.try_acquire() else {
+                    return refuse(
+                        format!("more than {MAX_INFLIGHT} upstream queries in flight"),
+                        ResponseCode::ServFail,
+                    );
+                };
+                match upstream::ask(
+                    &self.pool,
+                    &self.settings.upstreams,
+                    raw,
+                    self.settings.timeout,
+                )
+                .await
+                {
+                    Ok(a) => {
+                        self.cache.put(session.uid, raw, &a, self.settings.ttl_max);
+                        a
+                    }
+                    Err(e) => {
+                        tracing::warn!(name = %q.name, "dns: upstream failed: {e}");
+                        return refuse(format!("upstream failed: {e}"), ResponseCode::ServFail);
+                    }
+                }
             }
         };
         let Some(read) = wire::read_answer(&answer, &q.name) else {
             return refuse("upstream answer undecodable".into(), ResponseCode::ServFail);
         };
         // Audit mode resolves every name but opens nothing: connections stay "would deny".
-        let (ttl, reason) = if allowed {
+        let (ttl, mut reason) = if allowed {
             let origin_session = origin.map(|o| o.session).unwrap_or(0);
             let ttl = self.open(origin_session, &read.addrs);
             (
@@ -278,6 +292,9 @@ impl Resolver {
                 "audit mode: would deny (name not in dns_allow)".into(),
             )
         };
+        if from_cache {
+            reason.push_str("; answered from egressd's cache (upstream not asked)");
+        }
         Outcome {
             answer,
             verdict: "allowed",
@@ -289,15 +306,16 @@ impl Resolver {
     }
 
     async fn session_of(&self, cgroup_id: u64) -> Option<SessionRef> {
-        let (id, profile) = {
+        let (id, profile, uid) = {
             let reg = self.state.registry.lock().await;
             let s = reg.all().find(|s| s.cgroup_id == cgroup_id)?;
-            (s.id.clone(), s.profile.clone())
+            (s.id.clone(), s.profile.clone(), s.uid)
         };
         let policy = self.state.policy.read().await;
         let p = policy.config.profiles.get(&profile);
         Some(SessionRef {
             id,
+            uid,
             dns_allow: p.map(|p| p.dns_allow.clone()).unwrap_or_default(),
             audit_mode: p.is_some_and(|p| p.mode == Mode::Audit),
         })
@@ -428,6 +446,8 @@ impl Counts {
 
 struct SessionRef {
     id: String,
+    /// The session's owner: cached answers are kept per user.
+    uid: u32,
     dns_allow: Vec<String>,
     audit_mode: bool,
 }
@@ -465,5 +485,6 @@ pub async fn sweeper(resolver: Arc<Resolver>) {
     loop {
         tokio::time::sleep(Duration::from_secs(10)).await;
         resolver.sweep();
+        resolver.cache.sweep();
     }
 }

@@ -1,0 +1,285 @@
+//! Upstream answers kept for their TTL, so a name a session asks again is answered here: one
+//! receive and one send, without the forwarding hop (an IDE resolves the same hosts over and over).
+//!
+//! Only what the policy lets through reaches the cache: a query is judged first, and a hit goes
+//! through the same opening and audit as an upstream answer. An entry is found only by the same
+//! query (every byte but the id, the name compared without case) from the same uid, so no flag,
+//! EDNS option or user's lookups are answered with another's. TTLs count down from the time the
+//! answer came; an entry never outlives its shortest TTL, nor `ttl_max_secs`.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+/// Entries at most; a full cache first drops what has expired, then stops taking new answers.
+const MAX_ENTRIES: usize = 4096;
+/// The OPT pseudo-record's "TTL" is EDNS flags, never counted down.
+const TYPE_OPT: u16 = 41;
+
+#[derive(Default)]
+pub struct Cache {
+    entries: Mutex<HashMap<(u32, Vec<u8>), Entry>>,
+}
+
+struct Entry {
+    answer: Vec<u8>,
+    /// Where the question section ends in `answer` (it is replaced by the asker's).
+    question_end: usize,
+    /// Byte offsets of every record's TTL in `answer`, and the TTL stored there.
+    ttls: Vec<(usize, u32)>,
+    stored: Instant,
+    lifetime: Duration,
+}
+
+/// The lookup key of a query: every byte but the id, the question's name in lower case.
+fn key(uid: u32, query: &[u8]) -> Option<(u32, Vec<u8>)> {
+    let end = question_end(query)?;
+    let mut k = query.to_vec();
+    k[..2].fill(0);
+    k[12..end].make_ascii_lowercase();
+    Some((uid, k))
+}
+
+/// The end of the first (only) question: header, name (uncompressed in a question), type, class.
+fn question_end(m: &[u8]) -> Option<usize> {
+    if m.len() < 12 || u16::from_be_bytes([m[4], m[5]]) != 1 {
+        return None;
+    }
+    let mut i = 12;
+    loop {
+        let len = *m.get(i)? as usize;
+        if len == 0 {
+            break;
+        }
+        if len & 0xc0 != 0 {
+            return None;
+        }
+        i += 1 + len;
+    }
+    let end = i + 1 + 4;
+    (end <= m.len()).then_some(end)
+}
+
+/// Skips a possibly compressed name starting at `i`; returns the offset after it.
+fn skip_name(m: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        let len = *m.get(i)?;
+        if len == 0 {
+            return Some(i + 1);
+        }
+        if len & 0xc0 == 0xc0 {
+            m.get(i + 1)?;
+            return Some(i + 2);
+        }
+        if len & 0xc0 != 0 {
+            return None;
+        }
+        i += 1 + len as usize;
+    }
+}
+
+/// Where each record's TTL lies in a NOERROR answer with at least one answer record and no
+/// truncation; None for anything else (not cached).
+fn ttl_offsets(m: &[u8]) -> Option<(usize, Vec<(usize, u32)>)> {
+    let qend = question_end(m)?;
+    let (flags, rcode) = (m[2], m[3] & 0x0f);
+    let truncated = flags & 0x02 != 0;
+    let response = flags & 0x80 != 0;
+    let count = |at: usize| usize::from(u16::from_be_bytes([m[at], m[at + 1]]));
+    if !response || truncated || rcode != 0 || count(6) == 0 {
+        return None;
+    }
+    let records = count(6) + count(8) + count(10);
+    let mut ttls = Vec::with_capacity(records);
+    let mut i = qend;
+    for _ in 0..records {
+        i = skip_name(m, i)?;
+        let fixed = m.get(i..i + 10)?;
+        let rtype = u16::from_be_bytes([fixed[0], fixed[1]]);
+        let ttl = u32::from_be_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]);
+        let rdlen = usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
+        if rtype != TYPE_OPT {
+            ttls.push((i + 4, ttl));
+        }
+        i += 10 + rdlen;
+        if i > m.len() {
+            return None;
+        }
+    }
+    Some((qend, ttls))
+}
+
+impl Cache {
+    /// The answer to `query` from `uid` if an unexpired one is kept: the asker's id and question
+    /// (its case), every TTL counted down by the time since it came.
+    pub fn get(&self, uid: u32, query: &[u8]) -> Option<Vec<u8>> {
+        let k = key(uid, query)?;
+        let qend = question_end(query)?;
+        let mut entries = self.entries.lock().ok()?;
+        let e = entries.get(&k)?;
+        let age = e.stored.elapsed();
+        if age >= e.lifetime || e.question_end != qend {
+            entries.remove(&k);
+            return None;
+        }
+        let mut answer = e.answer.clone();
+        answer[..2].copy_from_slice(&query[..2]);
+        answer[12..qend].copy_from_slice(&query[12..qend]);
+        let age = age.as_secs() as u32;
+        for (at, ttl) in &e.ttls {
+            answer[*at..*at + 4].copy_from_slice(&ttl.saturating_sub(age).to_be_bytes());
+        }
+        Some(answer)
+    }
+
+    /// Keeps `answer` to `query` from `uid`, for its shortest TTL bounded by `ttl_max` seconds.
+    pub fn put(&self, uid: u32, query: &[u8], answer: &[u8], ttl_max: u32) {
+        let (Some(k), Some((question_end, ttls))) = (key(uid, query), ttl_offsets(answer)) else {
+            return;
+        };
+        let shortest = ttls.iter().map(|(_, t)| *t).min().unwrap_or(0).min(ttl_max);
+        if shortest == 0 || question_end != self::question_end(query).unwrap_or(0) {
+            return;
+        }
+        let Ok(mut entries) = self.entries.lock() else {
+            return;
+        };
+        if entries.len() >= MAX_ENTRIES {
+            entries.retain(|_, e| e.stored.elapsed() < e.lifetime);
+            if entries.len() >= MAX_ENTRIES {
+                return;
+            }
+        }
+        entries.insert(
+            k,
+            Entry {
+                answer: answer.to_vec(),
+                question_end,
+                ttls,
+                stored: Instant::now(),
+                lifetime: Duration::from_secs(u64::from(shortest)),
+            },
+        );
+    }
+
+    /// Drops expired entries (the resolver's sweep).
+    pub fn sweep(&self) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.retain(|_, e| e.stored.elapsed() < e.lifetime);
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.lock().map(|e| e.len()).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::{
+        op::{Edns, Message, MessageType, OpCode, Query},
+        rr::{rdata, Name, RData, Record, RecordType},
+    };
+    use std::str::FromStr;
+
+    fn query(id: u16, name: &str) -> Vec<u8> {
+        let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_str(name).unwrap(), RecordType::A));
+        m.to_vec().unwrap()
+    }
+
+    fn answer(q: &[u8], ttls: &[u32], edns: bool) -> Vec<u8> {
+        let q = Message::from_vec(q).unwrap();
+        let mut m = Message::response(q.metadata.id, OpCode::Query);
+        m.metadata.recursion_desired = true;
+        m.add_queries(q.queries.iter().cloned());
+        for (i, ttl) in ttls.iter().enumerate() {
+            m.add_answer(Record::from_rdata(
+                q.queries[0].name().clone(),
+                *ttl,
+                RData::A(rdata::A(format!("198.18.0.{}", i + 1).parse().unwrap())),
+            ));
+        }
+        if edns {
+            m.edns = Some(Edns::new());
+        }
+        m.to_vec().unwrap()
+    }
+
+    fn ttls_of(bytes: &[u8]) -> Vec<u32> {
+        Message::from_vec(bytes)
+            .unwrap()
+            .answers
+            .iter()
+            .map(|r| r.ttl)
+            .collect()
+    }
+
+    #[test]
+    fn a_hit_has_the_askers_id_and_case_and_counted_down_ttls() {
+        let c = Cache::default();
+        // hickory writes names in lower case: the asker's case is set by hand (0x20 style).
+        let mut q1 = query(7, "git.corp.example.");
+        q1[12 + 1..12 + 4].copy_from_slice(b"GiT");
+        let a1 = answer(&q1, &[60, 300], true);
+        c.put(1000, &q1, &a1, 86_400);
+        let mut q2 = query(9, "git.corp.example.");
+        q2[12 + 5..12 + 9].copy_from_slice(b"CORP");
+        let hit = c.get(1000, &q2).expect("the same question, another case");
+        let m = Message::from_vec(&hit).unwrap();
+        assert_eq!(m.metadata.id, 9);
+        assert_eq!(m.queries[0].name().to_ascii(), "git.CORP.example.");
+        assert_eq!(ttls_of(&hit), vec![60, 300]);
+        assert!(m.edns.is_some(), "the OPT record is kept as it was");
+        // Another user, or another question, is a miss.
+        assert!(c.get(1001, &q2).is_none());
+        assert!(c.get(1000, &query(9, "other.corp.example.")).is_none());
+    }
+
+    #[test]
+    fn ttls_count_down_and_the_shortest_one_ends_the_entry() {
+        let c = Cache::default();
+        let q = query(1, "a.example.");
+        c.put(0, &q, &answer(&q, &[2, 60], false), 86_400);
+        {
+            let mut e = c.entries.lock().unwrap();
+            let entry = e.values_mut().next().unwrap();
+            entry.stored -= Duration::from_millis(1500);
+        }
+        assert_eq!(ttls_of(&c.get(0, &q).unwrap()), vec![1, 59]);
+        {
+            let mut e = c.entries.lock().unwrap();
+            let entry = e.values_mut().next().unwrap();
+            entry.stored -= Duration::from_millis(600);
+        }
+        assert!(c.get(0, &q).is_none(), "past the shortest TTL");
+        assert_eq!(c.len(), 0);
+    }
+
+    #[test]
+    fn what_is_not_kept() {
+        let c = Cache::default();
+        let q = query(1, "a.example.");
+        // No answer record, a zero TTL, an error, a truncated answer, ttl_max 0.
+        c.put(0, &q, &answer(&q, &[], false), 60);
+        c.put(0, &q, &answer(&q, &[0, 60], false), 60);
+        let mut err = answer(&q, &[60], false);
+        err[3] |= 3;
+        c.put(0, &q, &err, 60);
+        let mut tc = answer(&q, &[60], false);
+        tc[2] |= 0x02;
+        c.put(0, &q, &tc, 60);
+        c.put(0, &q, &answer(&q, &[60], false), 0);
+        c.put(0, &q, &[0u8; 5], 60);
+        assert_eq!(c.len(), 0);
+        // ttl_max bounds the entry's life.
+        c.put(0, &q, &answer(&q, &[600], false), 30);
+        let e = c.entries.lock().unwrap();
+        assert_eq!(e.values().next().unwrap().lifetime, Duration::from_secs(30));
+    }
+}
