@@ -13,14 +13,23 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// Entries at most; a full cache first drops what has expired, then stops taking new answers.
+/// Entries at most. A full cache drops what has expired and, if still full, its older half: one
+/// pass per MAX_ENTRIES / 2 answers, so a stream of names asked once cannot keep the names asked
+/// over and over out.
 const MAX_ENTRIES: usize = 4096;
 /// The OPT pseudo-record's "TTL" is EDNS flags, never counted down.
 const TYPE_OPT: u16 = 41;
 
 #[derive(Default)]
 pub struct Cache {
-    entries: Mutex<HashMap<(u32, Vec<u8>), Entry>>,
+    entries: Mutex<Entries>,
+}
+
+#[derive(Default)]
+struct Entries {
+    map: HashMap<(u32, Vec<u8>), Entry>,
+    /// Serial of the next entry stored.
+    next: u64,
 }
 
 struct Entry {
@@ -31,6 +40,7 @@ struct Entry {
     ttls: Vec<(usize, u32)>,
     stored: Instant,
     lifetime: Duration,
+    serial: u64,
 }
 
 /// The lookup key of a query: every byte but the id, the question's name in lower case.
@@ -118,10 +128,10 @@ impl Cache {
         let k = key(uid, query)?;
         let qend = question_end(query)?;
         let mut entries = self.entries.lock().ok()?;
-        let e = entries.get(&k)?;
+        let e = entries.map.get(&k)?;
         let age = e.stored.elapsed();
         if age >= e.lifetime || e.question_end != qend {
-            entries.remove(&k);
+            entries.map.remove(&k);
             return None;
         }
         let mut answer = e.answer.clone();
@@ -146,13 +156,15 @@ impl Cache {
         let Ok(mut entries) = self.entries.lock() else {
             return;
         };
-        if entries.len() >= MAX_ENTRIES {
-            entries.retain(|_, e| e.stored.elapsed() < e.lifetime);
-            if entries.len() >= MAX_ENTRIES {
-                return;
-            }
+        if entries.map.len() >= MAX_ENTRIES {
+            let older_half = entries.next.saturating_sub(MAX_ENTRIES as u64 / 2);
+            entries
+                .map
+                .retain(|_, e| e.stored.elapsed() < e.lifetime && e.serial >= older_half);
         }
-        entries.insert(
+        let serial = entries.next;
+        entries.next += 1;
+        entries.map.insert(
             k,
             Entry {
                 answer: answer.to_vec(),
@@ -160,6 +172,7 @@ impl Cache {
                 ttls,
                 stored: Instant::now(),
                 lifetime: Duration::from_secs(u64::from(shortest)),
+                serial,
             },
         );
     }
@@ -167,13 +180,13 @@ impl Cache {
     /// Drops expired entries (the resolver's sweep).
     pub fn sweep(&self) {
         if let Ok(mut entries) = self.entries.lock() {
-            entries.retain(|_, e| e.stored.elapsed() < e.lifetime);
+            entries.map.retain(|_, e| e.stored.elapsed() < e.lifetime);
         }
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.entries.lock().map(|e| e.len()).unwrap_or(0)
+        self.entries.lock().map(|e| e.map.len()).unwrap_or(0)
     }
 }
 
@@ -248,13 +261,13 @@ mod tests {
         c.put(0, &q, &answer(&q, &[2, 60], false), 86_400);
         {
             let mut e = c.entries.lock().unwrap();
-            let entry = e.values_mut().next().unwrap();
+            let entry = e.map.values_mut().next().unwrap();
             entry.stored -= Duration::from_millis(1500);
         }
         assert_eq!(ttls_of(&c.get(0, &q).unwrap()), vec![1, 59]);
         {
             let mut e = c.entries.lock().unwrap();
-            let entry = e.values_mut().next().unwrap();
+            let entry = e.map.values_mut().next().unwrap();
             entry.stored -= Duration::from_millis(600);
         }
         assert!(c.get(0, &q).is_none(), "past the shortest TTL");
@@ -280,6 +293,22 @@ mod tests {
         // ttl_max bounds the entry's life.
         c.put(0, &q, &answer(&q, &[600], false), 30);
         let e = c.entries.lock().unwrap();
-        assert_eq!(e.values().next().unwrap().lifetime, Duration::from_secs(30));
+        assert_eq!(
+            e.map.values().next().unwrap().lifetime,
+            Duration::from_secs(30)
+        );
+    }
+
+    #[test]
+    fn a_full_cache_drops_its_older_half_and_keeps_taking_answers() {
+        let c = Cache::default();
+        let q = |i: usize| query(1, &format!("n{i}.example."));
+        for i in 0..MAX_ENTRIES + 1 {
+            c.put(0, &q(i), &answer(&q(i), &[300], false), 300);
+        }
+        assert_eq!(c.len(), MAX_ENTRIES / 2 + 1);
+        assert!(c.get(0, &q(0)).is_none(), "the oldest went");
+        assert!(c.get(0, &q(MAX_ENTRIES)).is_some(), "the newest was taken");
+        assert!(c.get(0, &q(MAX_ENTRIES - 1)).is_some());
     }
 }

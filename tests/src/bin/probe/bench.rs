@@ -365,9 +365,17 @@ fn dns(server: &str, conc: usize, secs: f64, names: &[&str]) -> ! {
     let names: Arc<Vec<String>> = Arc::new(names.iter().map(|s| s.to_string()).collect());
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
+    let nonce = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+    );
     let handles: Vec<_> = (0..conc)
         .map(|t| {
-            let (names, stop) = (names.clone(), stop.clone());
+            let (names, stop, nonce) = (names.clone(), stop.clone(), nonce.clone());
             thread::spawn(move || {
                 let s = UdpSocket::bind(if server.is_ipv4() {
                     "0.0.0.0:0"
@@ -381,7 +389,13 @@ fn dns(server: &str, conc: usize, secs: f64, names: &[&str]) -> ! {
                 let mut i = t;
                 while !stop.load(Ordering::Relaxed) {
                     let id = (i as u16).wrapping_mul(31).wrapping_add(t as u16);
-                    let q = dns_query(id, &names[i % names.len()]);
+                    let name = &names[i % names.len()];
+                    // `{n}` in a name: a name never asked before (a cache cannot answer it).
+                    let q = if name.contains("{n}") {
+                        dns_query(id, &name.replace("{n}", &format!("{nonce}-{t}-{i}")))
+                    } else {
+                        dns_query(id, name)
+                    };
                     i += 1;
                     let t0 = Instant::now();
                     if s.send_to(&q, server).is_err() {
