@@ -353,7 +353,13 @@ fn getaddrinfo_in_a_sandbox_resolves_allowed_names_only() {
             .unwrap()
     };
     let out = resolve("git.corp.test");
-    assert_eq!(probe_code(&out), 0, "{}", text(&out));
+    assert_eq!(
+        probe_code(&out),
+        0,
+        "{}\n{:?}",
+        text(&out),
+        dns_records(&w.daemon)
+    );
     assert!(
         String::from_utf8_lossy(&out.stdout).contains(&w.outside.v4),
         "{}",

@@ -58,8 +58,9 @@ pub struct Resolver {
     /// Bounds the upstream queries in flight: a sandbox flooding allowed names gets SERVFAIL, not
     /// a daemon out of sockets.
     inflight: tokio::sync::Semaphore,
-    /// /etc/hosts and its mtime, re-read only when it changes.
-    hosts: Mutex<(Option<std::time::SystemTime>, String)>,
+    /// /etc/hosts: when its mtime was last looked at, the mtime, and the text, re-read only when
+    /// the mtime changes.
+    hosts: Mutex<HostsFile>,
     /// Upstream sockets, kept between queries.
     pool: upstream::Pool,
     /// Upstream answers, kept for their TTL.
@@ -98,7 +99,7 @@ impl Resolver {
             maps: Mutex::new(maps),
             settings,
             inflight: tokio::sync::Semaphore::new(MAX_INFLIGHT),
-            hosts: Mutex::new((None, String::new())),
+            hosts: Mutex::new(HostsFile::default()),
             pool: upstream::Pool::default(),
             cache: cache::Cache::default(),
         }
@@ -132,7 +133,11 @@ impl Resolver {
             };
             let expiry = now + u64::from(ttl) * 1_000_000_000;
             let current = maps.allow.get(&key, 0).unwrap_or(0);
-            if let Err(e) = maps.allow.insert(key, expiry.max(current), 0) {
+            // A cached answer asked again opens nothing longer than its first asking did.
+            if current >= expiry {
+                continue;
+            }
+            if let Err(e) = maps.allow.insert(key, expiry, 0) {
                 tracing::warn!(%ip, "dns: opening an answer's address: {e}; connections to it stay denied");
             }
         }
@@ -470,14 +475,27 @@ impl Resolver {
             ]);
         }
         const HOSTS: &str = "/etc/hosts";
-        let mtime = std::fs::metadata(HOSTS).and_then(|m| m.modified()).ok();
-        let mut cache = self.hosts.lock().ok()?;
-        if cache.0 != mtime || mtime.is_none() {
-            *cache = (mtime, std::fs::read_to_string(HOSTS).unwrap_or_default());
+        // Looked at once a second at most: a stat per query was 5% of the resolver's CPU.
+        const RECHECK: Duration = Duration::from_secs(1);
+        let mut hosts = self.hosts.lock().ok()?;
+        if hosts.checked.is_none_or(|t| t.elapsed() >= RECHECK) {
+            hosts.checked = Some(std::time::Instant::now());
+            let mtime = std::fs::metadata(HOSTS).and_then(|m| m.modified()).ok();
+            if hosts.mtime != mtime || mtime.is_none() {
+                hosts.mtime = mtime;
+                hosts.text = std::fs::read_to_string(HOSTS).unwrap_or_default();
+            }
         }
-        let found = dns_policy::hosts_lookup(&cache.1, name);
+        let found = dns_policy::hosts_lookup(&hosts.text, name);
         (!found.is_empty()).then_some(found)
     }
+}
+
+#[derive(Default)]
+struct HostsFile {
+    checked: Option<std::time::Instant>,
+    mtime: Option<std::time::SystemTime>,
+    text: String,
 }
 
 /// Forgets expired answers now and then; the kernel already ignores them once expired.
