@@ -306,6 +306,36 @@ pub fn cgroup2_mount() -> PathBuf {
 
 /// An "outside" host: a network namespace behind a veth pair, with addresses from 198.18.0.0/15
 /// and an IPv6 ULA, running a listener that counts what it receives on sockets and on the wire.
+/// Removes the outside hosts of test runs that were killed before their cleanup (their netns
+/// names carry the run's pid modulo 10000): their routes would take a new host's subnet.
+fn sweep_leftover_hosts() {
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(|| {
+        let live: std::collections::HashSet<u32> = fs::read_dir("/proc")
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                    .map(|pid| pid % 10000)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let list = sh("ip netns list");
+        for line in String::from_utf8_lossy(&list.stdout).lines() {
+            let Some(name) = line.split_whitespace().next() else {
+                continue;
+            };
+            let Some(tag) = name.strip_prefix("egt") else {
+                continue;
+            };
+            let owner = tag.split('x').next().and_then(|p| p.parse::<u32>().ok());
+            if owner.is_some_and(|pid| !live.contains(&pid)) {
+                let _ = sh(&format!(
+                    "ip netns del {name}; ip link del egh{tag} 2>/dev/null"
+                ));
+            }
+        }
+    });
+}
+
 pub struct Outside {
     pub netns: String,
     pub host_if: String,
@@ -328,8 +358,21 @@ pub struct Counts {
 
 impl Outside {
     pub fn new(scratch: &Scratch) -> Outside {
-        // Spread by pid: test binaries run side by side must not put two hosts on one subnet.
-        let n = (NEXT.fetch_add(1, Ordering::Relaxed) + std::process::id() * 37) % 250 + 1;
+        // The subnet is chosen and its address added under one lock, so that no two hosts of
+        // this process share it; one another process (or a killed run's leftover) already routes
+        // is skipped: the route would take this host's traffic elsewhere.
+        static CHOOSING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let choosing = CHOOSING.lock().unwrap_or_else(|e| e.into_inner());
+        sweep_leftover_hosts();
+        // Spread by pid: test binaries run side by side start on different subnets.
+        let start = NEXT.fetch_add(1, Ordering::Relaxed) + std::process::id() * 37;
+        let n = (0..250)
+            .map(|i| (start + i) % 250 + 1)
+            .find(|n| {
+                let routed = sh(&format!("ip -o -4 route show to match 198.18.{n}.2"));
+                !String::from_utf8_lossy(&routed.stdout).contains(&format!("198.18.{n}.0/24"))
+            })
+            .expect("a free 198.18.N.0/24 test subnet");
         let tag = format!("{}x{n}", std::process::id() % 10000);
         let (netns, host_if, out_if) = (
             format!("egt{tag}"),
@@ -359,12 +402,22 @@ impl Outside {
         must(&format!("ip addr add {v4h}/24 dev {host_if}"));
         must(&format!("ip -6 addr add {v6h}/64 dev {host_if} nodad"));
         must(&format!("ip link set {host_if} up"));
+        drop(choosing);
         must(&format!("ip -n {netns} addr add {v4}/24 dev {out_if}"));
         must(&format!(
             "ip -n {netns} -6 addr add {v6}/64 dev {out_if} nodad"
         ));
         must(&format!("ip -n {netns} link set {out_if} up"));
         must(&format!("ip -n {netns} link set lo up"));
+        // A veth end that just got its carrier drops what it is given until the kernel's link
+        // watcher has run (up to a second later) and set its operstate up: a first UDP datagram
+        // (a DNS query, which nothing retries) would vanish, and a test would flake.
+        wait_until("the outside link up on both ends", 10, || {
+            let host = fs::read_to_string(format!("/sys/class/net/{host_if}/operstate"));
+            let out = sh(&format!("ip -n {netns} -o link show {out_if}"));
+            host.is_ok_and(|s| s.trim() == "up")
+                && String::from_utf8_lossy(&out.stdout).contains("state UP")
+        });
         let child = Command::new("ip")
             .args(["netns", "exec", &netns])
             .arg(probe())

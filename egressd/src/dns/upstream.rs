@@ -42,6 +42,8 @@ pub enum UpstreamError {
 const SOCKETS: usize = 4;
 /// Queries a socket carries before it is replaced by one on a new port.
 const QUERIES_PER_SOCKET: usize = 512;
+/// A query not answered by then is sent again (same id, same socket).
+const RESEND_AFTER: Duration = Duration::from_millis(600);
 
 /// Queries waiting on a socket, by id: each with the serial number of its registration, so that a
 /// query ending takes out its own entry and never that of a later query given the same id.
@@ -179,9 +181,19 @@ impl Pool {
         let mut q = query.to_vec();
         wire::set_id(&mut q, id);
         channel.sock.send(&q).await?;
-        let mut answer = rx
-            .await
-            .map_err(|_| std::io::Error::other("the socket's reader stopped"))?;
+        // A datagram lost on the way (either way) is sent again, as stub resolvers do, rather
+        // than leaving the client to its own retry seconds later; `ask`'s timeout bounds it all.
+        let mut rx = std::pin::pin!(rx);
+        let answer = loop {
+            match timeout(RESEND_AFTER, rx.as_mut()).await {
+                Ok(answer) => break answer,
+                Err(_) => {
+                    channel.sock.send(&q).await?;
+                }
+            }
+        };
+        let mut answer =
+            answer.map_err(|_| std::io::Error::other("the socket's reader stopped"))?;
         if answer.len() > 2 && answer[2] & 0x02 != 0 {
             answer = tcp(server, &q, id).await?;
         }
@@ -270,6 +282,43 @@ mod tests {
             }
         });
         addr
+    }
+
+    /// A query whose first datagram is lost is sent again and answered within the timeout; the
+    /// control, a server that answers nothing, times out.
+    #[tokio::test]
+    async fn a_lost_query_is_sent_again() {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let server = sock.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            let mut seen = std::collections::HashSet::new();
+            loop {
+                let (n, peer) = sock.recv_from(&mut buf).await.unwrap();
+                // The first copy of each id is "lost".
+                if seen.insert(wire::id_of(&buf[..n])) {
+                    continue;
+                }
+                let mut a = buf[..n].to_vec();
+                a[2] |= 0x80;
+                sock.send_to(&a, peer).await.unwrap();
+            }
+        });
+        let pool = Pool::default();
+        let q = [0x12, 0x34, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7];
+        let a = ask(&pool, &[server], &q, Duration::from_secs(2))
+            .await
+            .expect("answered after the resend");
+        assert_eq!(wire::id_of(&a), Some(0x1234));
+        let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let r = ask(
+            &pool,
+            &[silent.local_addr().unwrap()],
+            &q,
+            Duration::from_secs(1),
+        )
+        .await;
+        assert!(matches!(r, Err(UpstreamError::Timeout { .. })), "{r:?}");
     }
 
     #[test]
