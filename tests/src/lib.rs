@@ -304,8 +304,6 @@ pub fn cgroup2_mount() -> PathBuf {
     egressd_common::host::cgroup2_mount().expect("cgroup2 mount")
 }
 
-/// An "outside" host: a network namespace behind a veth pair, with addresses from 198.18.0.0/15
-/// and an IPv6 ULA, running a listener that counts what it receives on sockets and on the wire.
 /// Removes the outside hosts of test runs that were killed before their cleanup (their netns
 /// names carry the run's pid modulo 10000): their routes would take a new host's subnet.
 fn sweep_leftover_hosts() {
@@ -336,6 +334,8 @@ fn sweep_leftover_hosts() {
     });
 }
 
+/// An "outside" host: a network namespace behind a veth pair, with addresses from 198.18.0.0/15
+/// and an IPv6 ULA, running a listener that counts what it receives on sockets and on the wire.
 pub struct Outside {
     pub netns: String,
     pub host_if: String,
@@ -409,15 +409,6 @@ impl Outside {
         ));
         must(&format!("ip -n {netns} link set {out_if} up"));
         must(&format!("ip -n {netns} link set lo up"));
-        // A veth end that just got its carrier drops what it is given until the kernel's link
-        // watcher has run (up to a second later) and set its operstate up: a first UDP datagram
-        // (a DNS query, which nothing retries) would vanish, and a test would flake.
-        wait_until("the outside link up on both ends", 10, || {
-            let host = fs::read_to_string(format!("/sys/class/net/{host_if}/operstate"));
-            let out = sh(&format!("ip -n {netns} -o link show {out_if}"));
-            host.is_ok_and(|s| s.trim() == "up")
-                && String::from_utf8_lossy(&out.stdout).contains("state UP")
-        });
         let child = Command::new("ip")
             .args(["netns", "exec", &netns])
             .arg(probe())
