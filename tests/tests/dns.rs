@@ -42,6 +42,17 @@ ttl_min_secs = 1
     DnsWorld { server, w }
 }
 
+/// Runs `script` in a session as nobody; what it printed, which must be `want` lines.
+fn session_lines(d: &Daemon, script: &str, want: usize) -> (std::process::Output, Vec<String>) {
+    let out = d.run(NOBODY, &["sh", "-c", script]);
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(lines.len(), want, "{}", text(&out));
+    (out, lines)
+}
+
 fn dns_records(d: &Daemon) -> Vec<serde_json::Value> {
     audit_records(d)
         .into_iter()
@@ -150,10 +161,7 @@ fn an_allowed_name_opens_its_addresses_until_the_ttl_ends() {
          sleep 3.5; \
          {p} attempt tcp {v4}:{PORT}"
     );
-    let out = w.daemon.run(NOBODY, &["sh", "-c", &script]);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 4, "{}", text(&out));
+    let (out, lines) = session_lines(&w.daemon, &script, 4);
     // The control for the denied-name count: an allowed name is not counted as denied.
     assert!(
         !String::from_utf8_lossy(&out.stderr).contains("DNS name"),
@@ -195,10 +203,7 @@ fn an_allowed_name_opens_its_addresses_until_the_ttl_ends() {
          {p} attempt tcp [{v6}]:{PORT}; \
          {p} attempt tcp {v4}:{PORT}"
     );
-    let out = w.daemon.run(NOBODY, &["sh", "-c", &script]);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 4, "{}", text(&out));
+    let (out, lines) = session_lines(&w.daemon, &script, 4);
     assert!(lines[0].starts_with("denied"), "{}", text(&out));
     assert_eq!(lines[1], format!("rcode=NoError answers={v6} from=-"));
     assert!(lines[2].starts_with("allowed"), "{}", text(&out));
@@ -259,10 +264,7 @@ fn an_allowed_name_asked_again_is_answered_from_the_cache_until_its_ttl_ends() {
          {p} dns-query udp {STUB} model.llm.internal AAAA; \
          {p} attempt tcp [{v6}]:{PORT}"
     );
-    let out = w.daemon.run(NOBODY, &["sh", "-c", &script]);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 3, "{}", text(&out));
+    let (out, lines) = session_lines(&w.daemon, &script, 3);
     assert!(lines[0].starts_with("denied"), "{}", text(&out));
     assert_eq!(lines[1], format!("rcode=NoError answers={v6} from={STUB}"));
     assert!(lines[2].starts_with("allowed"), "{}", text(&out));

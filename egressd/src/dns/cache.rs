@@ -43,13 +43,14 @@ struct Entry {
     serial: u64,
 }
 
-/// The lookup key of a query: every byte but the id, the question's name in lower case.
-fn key(uid: u32, query: &[u8]) -> Option<(u32, Vec<u8>)> {
+/// The lookup key of a query (every byte but the id, the question's name in lower case), and
+/// where its question ends.
+fn key(uid: u32, query: &[u8]) -> Option<((u32, Vec<u8>), usize)> {
     let end = question_end(query)?;
     let mut k = query.to_vec();
     k[..2].fill(0);
     k[12..end].make_ascii_lowercase();
-    Some((uid, k))
+    Some(((uid, k), end))
 }
 
 /// The end of the first (only) question: header, name (uncompressed in a question), type, class.
@@ -125,8 +126,7 @@ impl Cache {
     /// The answer to `query` from `uid` if an unexpired one is kept: the asker's id and question
     /// (its case), every TTL counted down by the time since it came.
     pub fn get(&self, uid: u32, query: &[u8]) -> Option<Vec<u8>> {
-        let k = key(uid, query)?;
-        let qend = question_end(query)?;
+        let (k, qend) = key(uid, query)?;
         let mut entries = self.entries.lock().ok()?;
         let e = entries.map.get(&k)?;
         let age = e.stored.elapsed();
@@ -146,11 +146,13 @@ impl Cache {
 
     /// Keeps `answer` to `query` from `uid`, for its shortest TTL bounded by `ttl_max` seconds.
     pub fn put(&self, uid: u32, query: &[u8], answer: &[u8], ttl_max: u32) {
-        let (Some(k), Some((question_end, ttls))) = (key(uid, query), ttl_offsets(answer)) else {
+        let (Some((k, asked_end)), Some((question_end, ttls))) =
+            (key(uid, query), ttl_offsets(answer))
+        else {
             return;
         };
         let shortest = ttls.iter().map(|(_, t)| *t).min().unwrap_or(0).min(ttl_max);
-        if shortest == 0 || question_end != self::question_end(query).unwrap_or(0) {
+        if shortest == 0 || question_end != asked_end {
             return;
         }
         let Ok(mut entries) = self.entries.lock() else {
