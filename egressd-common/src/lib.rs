@@ -28,6 +28,7 @@ pub mod prog_query;
 pub mod protocol;
 #[cfg(feature = "user")]
 pub mod seal;
+pub mod words;
 
 /// Names of the maps in the eBPF object. The eBPF crate names its statics exactly like this; a test in
 /// `egressd` parses the built object and checks each name exists, so the two cannot drift apart.
@@ -40,8 +41,12 @@ pub mod maps {
     pub const ALLOW: &str = "ALLOW";
     /// `Array<u32>` with one element: which half of the double-buffered policy is in force.
     pub const POLICY_GEN: &str = "POLICY_GEN";
-    /// `PerCpuHashMap<u64 session cgroup id, Counters>`: verdict counters per session.
+    /// `PerCpuHashMap<u64 session cgroup id, Counters>`: verdict counters of sessions registered
+    /// without a `SESSION_COUNTERS` slot (by an egressd before it, still running after an upgrade).
     pub const COUNTERS: &str = "COUNTERS";
+    /// `PerCpuArray<Counters>` indexed by `SessionInfo::counters`: verdict counters per session. An
+    /// array, because the kernel inlines its lookup: a hash lookup fewer on every verdict.
+    pub const SESSION_COUNTERS: &str = "SESSION_COUNTERS";
     /// `RingBuf` of `Event`s: every verdict, for the audit log.
     pub const EVENTS: &str = "EVENTS";
     /// `LruHashMap<u64 socket cookie, DnsOrigin>`: where a redirected DNS socket really sent its
@@ -61,12 +66,13 @@ pub mod maps {
     /// (or counted lost). Pinned with `FOLDS`, so a restarted egressd neither repeats nor skips them.
     pub const FOLD_REPORTED: &str = "FOLD_REPORTED";
     /// All map names, for checks that walk them.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         SESSIONS,
         PROFILES,
         ALLOW,
         POLICY_GEN,
         COUNTERS,
+        SESSION_COUNTERS,
         EVENTS,
         DNS_ORIG,
         DNS_PEERS,
@@ -150,7 +156,9 @@ pub const fn policy_slot(generation: u32, profile: u32) -> u32 {
 pub struct SessionInfo {
     /// Stable profile index (the slot's low part); survives reloads.
     pub profile: u32,
-    pub _pad: u32,
+    /// The session's index in `SESSION_COUNTERS` (1..=MAX_SESSIONS); 0 for a session counted in
+    /// `COUNTERS` by its cgroup id.
+    pub counters: u32,
 }
 const _: () = assert!(core::mem::size_of::<SessionInfo>() == 8);
 
@@ -390,7 +398,8 @@ impl FoldKey {
 pub struct FoldValue {
     /// Repeats counted on this CPU (the first occurrence, sent as an event, is not among them).
     pub count: u64,
-    /// CLOCK_BOOTTIME (ns) of this CPU's latest repeat.
+    /// CLOCK_MONOTONIC_COARSE (ns) of this CPU's latest repeat, or of the first occurrence on the
+    /// CPU that inserted the key (user space adds the boot clock's offset to date it).
     pub last_ns: u64,
     pub pid_tgid: u64,
     pub uid_gid: u64,

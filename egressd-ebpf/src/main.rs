@@ -28,11 +28,11 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_uid_gid, bpf_get_ns_current_pid_tgid, bpf_get_socket_cookie,
-        bpf_ktime_get_boot_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+        bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
         bpf_skb_ancestor_cgroup_id,
     },
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{LsmContext, SkBuffContext, SockAddrContext, SockContext},
 };
 use aya_log_ebpf::warn;
@@ -96,6 +96,9 @@ static ALLOW: LpmTrie<AllowKey, AllowValue> = LpmTrie::pinned(MAX_ALLOW_ENTRIES,
 static POLICY_GEN: Array<u32> = Array::pinned(1, 0);
 #[map]
 static COUNTERS: PerCpuHashMap<u64, Counters> = PerCpuHashMap::pinned(MAX_SESSIONS, 0);
+/// Slot 0 is never given out (it means "counted in COUNTERS").
+#[map]
+static SESSION_COUNTERS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_SESSIONS + 1, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::pinned(DEFAULT_RING_BYTES, 0);
 #[map]
@@ -206,17 +209,56 @@ fn current_ancestor(level: i32) -> u64 {
     unsafe { bpf_get_current_ancestor_cgroup_id(level) }
 }
 
+/// A session cgroup and what `SESSIONS` holds for it. Kept as plain fields (zero when not
+/// registered) rather than an `Option<SessionInfo>`: copies of a `None` carry an uninitialised
+/// payload, which the verifier refuses to read.
+#[derive(Clone, Copy)]
+struct Session {
+    id: u64,
+    registered: bool,
+    entry: SessionInfo,
+}
+
+impl Session {
+    #[inline(always)]
+    fn of(id: u64) -> Session {
+        // SAFETY: the value is plain old data copied out immediately.
+        match unsafe { SESSIONS.get(&id) } {
+            Some(v) => Session {
+                id,
+                registered: true,
+                entry: *v,
+            },
+            None => Session::unknown(id),
+        }
+    }
+
+    #[inline(always)]
+    fn unknown(id: u64) -> Session {
+        Session {
+            id,
+            registered: false,
+            entry: SessionInfo {
+                profile: 0,
+                counters: 0,
+            },
+        }
+    }
+
+    #[inline(always)]
+    fn info(&self) -> Option<SessionInfo> {
+        self.registered.then_some(self.entry)
+    }
+}
+
 /// The session of the current task: the ancestor cgroup at the session level. A task under the
 /// parent cgroup with no registered session gets the strictest policy (loopback only).
 #[inline(always)]
-fn current_session() -> (u64, Option<SessionInfo>) {
+fn current_session() -> Session {
     let Some(level) = session_level(current_ancestor) else {
-        return (0, None);
+        return Session::unknown(0);
     };
-    let id = current_ancestor(level);
-    // SAFETY: the value is plain old data copied out immediately.
-    let info = unsafe { SESSIONS.get(&id) }.copied();
-    (id, info)
+    Session::of(current_ancestor(level))
 }
 
 #[inline(always)]
@@ -225,11 +267,20 @@ fn policy_generation() -> u32 {
 }
 
 #[inline(always)]
-fn profile_for(info: Option<SessionInfo>, generation: u32) -> Option<(u32, Profile)> {
+fn profile_for(info: Option<SessionInfo>, generation: u32) -> Option<(u32, &'static Profile)> {
     let info = info?;
     let slot = egressd_common::policy_slot(generation, info.profile);
-    PROFILES.get(slot).map(|p| (slot, *p))
+    // By reference: a copy of the 48-byte profile was a dozen stack spills on every verdict.
+    PROFILES.get(slot).map(|p| (slot, p))
 }
+
+/// What a task without a profile is judged by: all zero, i.e. loopback only.
+static NO_PROFILE: Profile = Profile {
+    flags: 0,
+    n_loopback_ports: 0,
+    loopback_ports: [0; egressd_common::MAX_LOOPBACK_PORTS],
+    families: 0,
+};
 
 /// Bytes one `Event` takes in the ring (an 8-byte header, the record rounded up to 8).
 const ONE_EVENT: u64 = (core::mem::size_of::<Event>() as u64 + 8 + 7) & !7;
@@ -249,7 +300,7 @@ fn folding() -> bool {
 /// its first event sent. A full `FOLDS` (or folding off) sends every decision as an event.
 #[inline(always)]
 fn report(
-    session: u64,
+    sess: &Session,
     dest: &Dest,
     hook: u8,
     verdict: u8,
@@ -257,25 +308,25 @@ fn report(
     generation: u32,
     task: bool,
 ) {
+    let session = sess.id;
     let pid_tgid = if task { current_pid_tgid() } else { 0 };
     let fold = folding();
-    let key = FoldKey {
+    let key = FoldKey::pack(
         session,
-        tgid: (pid_tgid >> 32) as u32,
-        port: dest.port,
+        (pid_tgid >> 32) as u32,
+        dest.port,
         hook,
         verdict,
-        addr: dest.addr,
+        dest.words(),
         reason,
-        proto: dest.proto,
-        family: dest.family,
-        _pad: [0; 5],
-    };
+        dest.proto,
+        dest.family,
+    );
     if fold && count_repeat(&key) {
         return;
     }
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
-        count(session, |c| &mut c.events_lost);
+        count(sess, |c| &mut c.events_lost);
         return;
     };
     // SAFETY: helpers without pointer arguments.
@@ -294,7 +345,7 @@ fn report(
     if fold {
         let first = FoldValue {
             count: 0,
-            last_ns: boot_ns,
+            last_ns: coarse_ns(),
             pid_tgid,
             uid_gid,
             comm,
@@ -352,9 +403,18 @@ fn count_repeat(key: &FoldKey) -> bool {
     // be preempted by another task's run of it on the same CPU; user space only reads.
     unsafe {
         add_one(core::ptr::addr_of_mut!((*v).count));
-        (*v).last_ns = bpf_ktime_get_boot_ns();
+        (*v).last_ns = coarse_ns();
     }
     true
+}
+
+/// CLOCK_MONOTONIC_COARSE, for the time of a fold's last repeat (user space adds the boot offset):
+/// a read of the timekeeper's last tick, where the boot clock reads the TSC, which cost a sixth of
+/// a repeated verdict. Good to the tick (1-4 ms), which is finer than the fold window it dates.
+#[inline(always)]
+fn coarse_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// One atomic add (BPF_ATOMIC | BPF_ADD; the result is not used, so no fetch).
@@ -370,8 +430,13 @@ unsafe fn add_one(p: *mut u64) {
 
 /// Adds one to a counter of the session on this CPU (atomically: see `count_repeat`).
 #[inline(always)]
-fn count(session: u64, field: impl FnOnce(&mut Counters) -> &mut u64) {
-    if let Some(c) = COUNTERS.get_ptr_mut(&session) {
+fn count(session: &Session, field: impl FnOnce(&mut Counters) -> &mut u64) {
+    let c = if session.entry.counters != 0 {
+        SESSION_COUNTERS.get_ptr_mut(session.entry.counters)
+    } else {
+        COUNTERS.get_ptr_mut(&session.id)
+    };
+    if let Some(c) = c {
         // SAFETY: per-CPU value of this CPU, live for the run.
         unsafe {
             add_one(field(&mut *c));
@@ -436,13 +501,14 @@ fn is_mapped(a: &[u8; 16]) -> bool {
 /// Decides a socket-address hook and counts it. Returns the hook's return value.
 #[inline(always)]
 fn judge_sock_addr(ctx: &SockAddrContext, dest: Dest, hook: u8) -> i32 {
-    let (session, info) = current_session();
+    let sess = current_session();
+    let (session, info) = (sess.id, sess.info());
     let generation = policy_generation();
     if redirect_dns(ctx, &dest, session) {
         // Counted like every decision, so the kernel's counters equal the records taken.
-        count(session, |c| &mut c.allowed);
+        count(&sess, |c| &mut c.allowed);
         report(
-            session,
+            &sess,
             &dest,
             hook,
             VERDICT_REDIRECTED,
@@ -461,23 +527,23 @@ fn judge_sock_addr(ctx: &SockAddrContext, dest: Dest, hook: u8) -> i32 {
                     "egressd: task in no known session (cgroup {}): loopback only", session
                 );
             }
-            (u32::MAX, Profile::default())
+            (u32::MAX, &NO_PROFILE)
         }
     };
-    let decision = verdict::decide(&tables(), session, slot, &profile, &dest, false);
+    let decision = verdict::decide(&tables(), session, slot, profile, &dest, false);
     let (ret, verdict) = if decision.allowed {
-        count(session, |c| &mut c.allowed);
+        count(&sess, |c| &mut c.allowed);
         (ALLOW_VERDICT, VERDICT_ALLOWED)
     } else {
-        count(session, |c| &mut c.denied);
-        if verdict::audit_only(&profile) {
+        count(&sess, |c| &mut c.denied);
+        if verdict::audit_only(profile) {
             (ALLOW_VERDICT, VERDICT_AUDIT_DENIED)
         } else {
             (DENY_VERDICT, VERDICT_DENIED)
         }
     };
     report(
-        session,
+        &sess,
         &dest,
         hook,
         verdict,
@@ -583,11 +649,10 @@ pub fn egressd_recvmsg6(ctx: SockAddrContext) -> i32 {
 /// peer can connect in and carry data out on the reply), any other address is refused.
 #[inline(always)]
 fn judge_bind(ctx: &SockAddrContext, v6: bool) -> i32 {
-    let (session, info) = current_session();
+    let sess = current_session();
+    let info = sess.info();
     let generation = policy_generation();
-    let profile = profile_for(info, generation)
-        .map(|(_, p)| p)
-        .unwrap_or_default();
+    let profile = profile_for(info, generation).map_or(&NO_PROFILE, |(_, p)| p);
     let sa = ctx.sock_addr;
     // SAFETY: the context pointer is valid for the whole program run.
     let (ip4, ip6, port, proto) = unsafe {
@@ -617,10 +682,10 @@ fn judge_bind(ctx: &SockAddrContext, v6: bool) -> i32 {
         return ALLOW_VERDICT;
     }
     let hook = if v6 { HOOK_BIND6 } else { HOOK_BIND4 };
-    if verdict::audit_only(&profile) {
-        count(session, |c| &mut c.denied);
+    if verdict::audit_only(profile) {
+        count(&sess, |c| &mut c.denied);
         report(
-            session,
+            &sess,
             &dest,
             hook,
             VERDICT_AUDIT_DENIED,
@@ -643,9 +708,9 @@ fn judge_bind(ctx: &SockAddrContext, v6: bool) -> i32 {
         }
         return ALLOW_VERDICT;
     }
-    count(session, |c| &mut c.denied);
+    count(&sess, |c| &mut c.denied);
     report(
-        session,
+        &sess,
         &dest,
         hook,
         VERDICT_DENIED,
@@ -670,7 +735,7 @@ const EPERM: i32 = 1;
 
 /// The session of the calling task when it is in one (the LSM layer runs for every task).
 #[inline(always)]
-fn lsm_session() -> Option<(u64, Option<SessionInfo>)> {
+fn lsm_session() -> Option<Session> {
     let level = session_level(current_ancestor)?;
     // SAFETY: read of a global user space set before load.
     let parent = unsafe { core::ptr::read_volatile(&PARENT_ID) };
@@ -693,9 +758,10 @@ pub fn egressd_lsm_socket_create(ctx: LsmContext) -> i32 {
     if kern != 0 {
         return 0;
     }
-    let Some((session, info)) = lsm_session() else {
+    let Some(sess) = lsm_session() else {
         return 0;
     };
+    let info = sess.info();
     let generation = policy_generation();
     let profile = profile_for(info, generation).map(|(_, p)| p);
     let families = match profile {
@@ -705,13 +771,14 @@ pub fn egressd_lsm_socket_create(ctx: LsmContext) -> i32 {
     if (0..64).contains(&family) && families & (1u64 << family) != 0 {
         return 0;
     }
-    count(session, |c| &mut c.sockets_refused);
-    let audit = profile.is_some_and(|p| verdict::audit_only(&p));
+    count(&sess, |c| &mut c.sockets_refused);
+    let audit = profile.is_some_and(|p| verdict::audit_only(p));
     let dest = Dest {
         family: 0,
         addr: [0; 16],
         port: family as u16,
         proto: 0,
+        _pad: 0,
     };
     let verdict = if audit {
         VERDICT_AUDIT_DENIED
@@ -719,7 +786,7 @@ pub fn egressd_lsm_socket_create(ctx: LsmContext) -> i32 {
         VERDICT_DENIED
     };
     report(
-        session,
+        &sess,
         &dest,
         HOOK_LSM_SOCKET_CREATE,
         verdict,
@@ -742,28 +809,30 @@ pub fn egressd_lsm_socket_create(ctx: LsmContext) -> i32 {
 /// refused here. The program cannot read the path, so it judges the caller, not the address.
 #[inline(always)]
 fn judge_unix(ctx: *mut bpf_sock_addr, hook: u8) -> i32 {
-    let Some((session, info)) = lsm_session() else {
+    let Some(sess) = lsm_session() else {
         return ALLOW_VERDICT;
     };
+    let info = sess.info();
     let generation = policy_generation();
     let profile = profile_for(info, generation).map(|(_, p)| p);
     if profile.is_some_and(|p| p.flags & PROFILE_UNIX_OPEN != 0) {
         return ALLOW_VERDICT;
     }
-    count(session, |c| &mut c.denied);
-    let audit = profile.is_some_and(|p| verdict::audit_only(&p));
+    count(&sess, |c| &mut c.denied);
+    let audit = profile.is_some_and(|p| verdict::audit_only(p));
     let dest = Dest {
         family: AF_UNIX,
         addr: [0; 16],
         port: 0,
         proto: 0,
+        _pad: 0,
     };
     let verdict = if audit {
         VERDICT_AUDIT_DENIED
     } else {
         VERDICT_DENIED
     };
-    report_unix(ctx, session, &dest, hook, verdict, generation);
+    report_unix(ctx, &sess, &dest, hook, verdict, generation);
     if audit {
         ALLOW_VERDICT
     } else {
@@ -779,14 +848,15 @@ fn judge_unix(ctx: *mut bpf_sock_addr, hook: u8) -> i32 {
 #[inline(always)]
 fn report_unix(
     ctx: *mut bpf_sock_addr,
-    session: u64,
+    sess: &Session,
     dest: &Dest,
     hook: u8,
     verdict: u8,
     generation: u32,
 ) {
+    let session = sess.id;
     let Some(mut entry) = EVENTS.reserve::<UnixEvent>(0) else {
-        count(session, |c| &mut c.events_lost);
+        count(sess, |c| &mut c.events_lost);
         return;
     };
     let base = ctx as *const u8;
@@ -862,11 +932,12 @@ pub fn egressd_sock_create(ctx: SockContext) -> i32 {
     if !forbidden {
         return ALLOW_VERDICT;
     }
-    let (session, info) = current_session();
+    let sess = current_session();
+    let info = sess.info();
     let generation = policy_generation();
-    count(session, |c| &mut c.sockets_refused);
+    count(&sess, |c| &mut c.sockets_refused);
     let (ret, verdict) = match profile_for(info, generation) {
-        Some((_, p)) if verdict::audit_only(&p) => (ALLOW_VERDICT, VERDICT_AUDIT_DENIED),
+        Some((_, p)) if verdict::audit_only(p) => (ALLOW_VERDICT, VERDICT_AUDIT_DENIED),
         _ => (DENY_VERDICT, VERDICT_DENIED),
     };
     let dest = Dest {
@@ -874,9 +945,10 @@ pub fn egressd_sock_create(ctx: SockContext) -> i32 {
         addr: [0; 16],
         port: 0,
         proto: proto as u8,
+        _pad: 0,
     };
     report(
-        session,
+        &sess,
         &dest,
         HOOK_SOCK_CREATE,
         verdict,
@@ -897,38 +969,39 @@ pub fn egressd_skb_egress(ctx: SkBuffContext) -> i32 {
         note_dns_client(&ctx, ancestor);
         return ALLOW_VERDICT;
     }
-    let session = session_level(ancestor).map_or(0, ancestor);
-    // SAFETY: the value is plain old data copied out immediately.
-    let info = unsafe { SESSIONS.get(&session) }.copied();
+    let sess = Session::of(session_level(ancestor).map_or(0, ancestor));
+    let (session, info) = (sess.id, sess.info());
     let generation = policy_generation();
-    let (slot, profile) = profile_for(info, generation).unwrap_or((u32::MAX, Profile::default()));
+    let (slot, profile) = profile_for(info, generation).unwrap_or((u32::MAX, &NO_PROFILE));
     // A packet whose header cannot be read is nothing a socket hook could have allowed: drop it.
-    let dest = verdict::packet_dest(&ctx);
-    let reason = match &dest {
+    let (dest, reason) = match verdict::packet_dest(&ctx) {
         Some(d) => {
-            let decision = verdict::decide(&tables(), session, slot, &profile, d, true);
+            let decision = verdict::decide(&tables(), session, slot, profile, &d, true);
             if decision.allowed {
                 return ALLOW_VERDICT;
             }
-            decision.reason
+            (d, decision.reason)
         }
-        None => REASON_DEFAULT_DENY,
+        None => (
+            Dest {
+                family: 0,
+                addr: [0; 16],
+                port: 0,
+                proto: 0,
+                _pad: 0,
+            },
+            REASON_DEFAULT_DENY,
+        ),
     };
-    count(session, |c| &mut c.backstop_dropped);
-    let (ret, verdict) = if verdict::audit_only(&profile) {
+    count(&sess, |c| &mut c.backstop_dropped);
+    let (ret, verdict) = if verdict::audit_only(profile) {
         (ALLOW_VERDICT, VERDICT_AUDIT_DENIED)
     } else {
         (DENY_VERDICT, VERDICT_DENIED)
     };
-    let dest = dest.unwrap_or(Dest {
-        family: 0,
-        addr: [0; 16],
-        port: 0,
-        proto: 0,
-    });
     // Softirq context is possible here (retransmits): no task fields.
     report(
-        session,
+        &sess,
         &dest,
         HOOK_SKB_EGRESS,
         verdict,

@@ -6,55 +6,54 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use egressd_common::{
-    AllowKey, AllowValue, DnsAllowKey, DnsPeerKey, Profile, MAX_LOOPBACK_PORTS, MAX_PORT_RANGES,
+    words, AllowKey, AllowValue, DnsAllowKey, DnsPeerKey, Profile, MAX_LOOPBACK_PORTS, MAX_PORT_RANGES,
     PROFILE_AUDIT_MODE, PROFILE_LOOPBACK_ALL, PROFILE_PRESENT, PROTO_ANY, REASON_ALLOW_RULE,
     REASON_DEFAULT_DENY, REASON_DNS_ANSWER, REASON_LOOPBACK, REASON_LOOPBACK_PORT,
     REASON_OFF_LOOPBACK,
 };
 
 /// A destination in IPv6 form: IPv4 is stored IPv4-mapped, so `::ffff:a.b.c.d` and `a.b.c.d` are
-/// the same destination by construction.
+/// the same destination by construction. Word-aligned, with the address first, so that it is built,
+/// tested and copied into map keys as two 64-bit words (see `egressd_common::words`).
 #[derive(Clone, Copy)]
+#[repr(C, align(8))]
 pub struct Dest {
-    /// 4 or 6: the family of the hook or packet (the address is always stored as IPv6).
-    pub family: u8,
     pub addr: [u8; 16],
     pub port: u16,
+    /// 4 or 6: the family of the hook or packet (the address is always stored as IPv6).
+    pub family: u8,
     pub proto: u8,
+    /// No implicit padding: the verifier refuses copies of uninitialised stack bytes.
+    pub _pad: u32,
 }
 
 impl Dest {
     /// `ip` and `port` as the kernel hands them over in `bpf_sock_addr`: network byte order.
     #[inline(always)]
     pub fn v4(ip: u32, port: u32, proto: u32) -> Self {
-        let b = ip.to_ne_bytes();
         Dest {
             family: 4,
-            addr: [
-                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
-            ],
+            addr: words::to_bytes(words::mapped4(ip)),
             port: u16::from_be(port as u16),
             proto: proto as u8,
+            _pad: 0,
         }
+    }
+
+    /// The address as two words (byte 0 lowest).
+    #[inline(always)]
+    pub fn words(&self) -> [u64; 2] {
+        words::of_bytes(self.addr)
     }
 
     #[inline(always)]
     pub fn v6(ip: [u32; 4], port: u32, proto: u32) -> Self {
-        let mut addr = [0u8; 16];
-        let mut i = 0;
-        while i < 4 {
-            let b = ip[i].to_ne_bytes();
-            addr[i * 4] = b[0];
-            addr[i * 4 + 1] = b[1];
-            addr[i * 4 + 2] = b[2];
-            addr[i * 4 + 3] = b[3];
-            i += 1;
-        }
         Dest {
             family: 6,
-            addr,
+            addr: words::to_bytes(words::of_u32s(ip)),
             port: u16::from_be(port as u16),
             proto: proto as u8,
+            _pad: 0,
         }
     }
 
@@ -62,15 +61,7 @@ impl Dest {
     /// locally too). IPv4-mapped forms are covered because IPv4 is stored mapped.
     #[inline(always)]
     pub fn is_local(&self) -> bool {
-        let a = &self.addr;
-        let zero10 = a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9] == 0;
-        if !zero10 {
-            return false;
-        }
-        if a[10] == 0xff && a[11] == 0xff {
-            return a[12] == 127 || (a[12] | a[13] | a[14] | a[15]) == 0;
-        }
-        a[10] | a[11] | a[12] | a[13] | a[14] == 0 && (a[15] == 1 || a[15] == 0)
+        words::is_local(self.words())
     }
 }
 
@@ -202,16 +193,15 @@ pub fn packet_dest(ctx: &SkBuffContext) -> Option<Dest> {
     match first >> 4 {
         4 => {
             let proto: u8 = ctx.load(9).ok()?;
-            let dst: [u8; 4] = ctx.load(16).ok()?;
+            let dst: u32 = ctx.load(16).ok()?;
             let ihl = ((first & 0x0f) as usize) * 4;
             let port = l4_port(ctx, proto, ihl);
             Some(Dest {
                 family: 4,
-                addr: [
-                    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, dst[0], dst[1], dst[2], dst[3],
-                ],
+                addr: words::to_bytes(words::mapped4(dst)),
                 port,
                 proto,
+                _pad: 0,
             })
         }
         6 => {
@@ -223,6 +213,7 @@ pub fn packet_dest(ctx: &SkBuffContext) -> Option<Dest> {
                 addr,
                 port,
                 proto,
+                _pad: 0,
             })
         }
         _ => None,

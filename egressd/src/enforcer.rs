@@ -3,7 +3,7 @@
 
 use egressd_common::policy::{allow_key, CompiledProfile};
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, VecDeque},
     fs,
     os::{
         fd::{AsFd as _, BorrowedFd},
@@ -13,7 +13,10 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuHashMap, PerCpuValues, RingBuf},
+    maps::{
+        lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
+        RingBuf,
+    },
     programs::{
         links::{FdLink, PinnedLink},
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
@@ -27,7 +30,7 @@ use egressd_common::{
     programs,
     protocol::HookStatus,
     AllowKey, AllowValue, Counters, DnsAllowKey, DnsOrigin, DnsPeerKey, FoldKey, FoldValue,
-    Profile, SessionInfo, MAX_PROFILES,
+    Profile, SessionInfo, MAX_PROFILES, MAX_SESSIONS,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -196,6 +199,9 @@ pub struct Enforcer {
     installed: [Option<BTreeMap<(u32, AllowKey), AllowValue>>; 2],
     /// The profile table of each half as written, so a reload writes only the slots that change.
     profiles_installed: [Option<Vec<Profile>>; 2],
+    /// `SESSION_COUNTERS` slots no session holds, oldest freed first; built from `SESSIONS` on
+    /// first use (after a restart, the running sessions keep theirs).
+    free_counters: Option<VecDeque<u32>>,
 }
 
 /// Pin layout under bpffs: `<dir>/maps/<MAP>` and `<dir>/links/<program>`.
@@ -339,6 +345,7 @@ impl Enforcer {
             hashes,
             installed: [None, None],
             profiles_installed: [None, None],
+            free_counters: None,
         })
     }
 
@@ -549,20 +556,46 @@ impl Enforcer {
         Ok(next)
     }
 
+    /// Registers a session. A cgroup already registered (a restarted daemon adopting it) keeps
+    /// its counters; a new one gets a zeroed `SESSION_COUNTERS` slot.
     pub fn add_session(&mut self, cgroup_id: u64, profile: u32) -> Result<()> {
-        {
-            let mut counters: PerCpuHashMap<&mut MapData, u64, Counters> =
+        let known = {
+            let sessions: HashMap<&mut MapData, u64, SessionInfo> =
+                HashMap::try_from(self.map(maps::SESSIONS)?)
+                    .map_err(Self::map_err(maps::SESSIONS))?;
+            match sessions.get(&cgroup_id, 0) {
+                Ok(info) => Some(info),
+                Err(aya::maps::MapError::KeyNotFound) => None,
+                Err(e) => return Err(Self::map_err(maps::SESSIONS)(e)),
+            }
+        };
+        let counters = match known {
+            // Registered before (by this daemon or one before it): its counts go on where they are.
+            Some(info) => info.counters,
+            None => match self.take_counter_slot()? {
+                Some(slot) => {
+                    let zeros = self.zero_counters()?;
+                    let mut array: PerCpuArray<&mut MapData, Counters> =
+                        PerCpuArray::try_from(self.map(maps::SESSION_COUNTERS)?)
+                            .map_err(Self::map_err(maps::SESSION_COUNTERS))?;
+                    array
+                        .set(slot, zeros, 0)
+                        .map_err(Self::map_err(maps::SESSION_COUNTERS))?;
+                    slot
+                }
+                // Every slot taken (cannot happen while SESSIONS has room for as many sessions
+                // as there are slots): counted by cgroup id, as sessions were before the slots.
+                None => 0,
+            },
+        };
+        if counters == 0 {
+            let zeros = self.zero_counters()?;
+            let mut by_id: PerCpuHashMap<&mut MapData, u64, Counters> =
                 PerCpuHashMap::try_from(self.map(maps::COUNTERS)?)
                     .map_err(Self::map_err(maps::COUNTERS))?;
-            let cpus = nr_cpus().map_err(|(path, e)| io_err("reading", Path::new(path))(e))?;
-            let zeros = PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(io_err(
-                "sizing per-CPU counters for",
-                Path::new(maps::COUNTERS),
-            ))?;
-            // BPF_NOEXIST: a session already counted (one a restarted daemon registers again)
-            // keeps its counts; only a new cgroup id starts at zero.
+            // BPF_NOEXIST: a session already counted keeps its counts.
             const BPF_NOEXIST: u64 = 1;
-            match counters.insert(cgroup_id, zeros, BPF_NOEXIST) {
+            match by_id.insert(cgroup_id, zeros, BPF_NOEXIST) {
                 Ok(()) => {}
                 Err(aya::maps::MapError::SyscallError(e))
                     if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
@@ -571,24 +604,59 @@ impl Enforcer {
         }
         let mut sessions: HashMap<&mut MapData, u64, SessionInfo> =
             HashMap::try_from(self.map(maps::SESSIONS)?).map_err(Self::map_err(maps::SESSIONS))?;
-        sessions
-            .insert(cgroup_id, SessionInfo { profile, _pad: 0 }, 0)
-            .map_err(Self::map_err(maps::SESSIONS))
+        let written = sessions
+            .insert(cgroup_id, SessionInfo { profile, counters }, 0)
+            .map_err(Self::map_err(maps::SESSIONS));
+        if written.is_err() && known.is_none() && counters != 0 {
+            self.free_counters.get_or_insert_default().push_back(counters);
+        }
+        written
+    }
+
+    fn zero_counters(&self) -> Result<PerCpuValues<Counters>> {
+        let cpus = nr_cpus().map_err(|(path, e)| io_err("reading", Path::new(path))(e))?;
+        PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(io_err(
+            "sizing per-CPU counters for",
+            Path::new(maps::SESSION_COUNTERS),
+        ))
+    }
+
+    /// A `SESSION_COUNTERS` slot no session holds: the one freed longest ago, so a late count of
+    /// an ended session (a run that read its slot just before it was removed) lands in a slot no
+    /// one reads, and is zeroed before the slot is given out again.
+    fn take_counter_slot(&mut self) -> Result<Option<u32>> {
+        if self.free_counters.is_none() {
+            let sessions: HashMap<&mut MapData, u64, SessionInfo> =
+                HashMap::try_from(self.map(maps::SESSIONS)?)
+                    .map_err(Self::map_err(maps::SESSIONS))?;
+            let mut held = std::collections::HashSet::new();
+            for entry in sessions.iter() {
+                let (_, info) = entry.map_err(Self::map_err(maps::SESSIONS))?;
+                held.insert(info.counters);
+            }
+            self.free_counters = Some((1..=MAX_SESSIONS).filter(|s| !held.contains(s)).collect());
+        }
+        Ok(self.free_counters.as_mut().and_then(VecDeque::pop_front))
     }
 
     /// Forgets a session and returns its final counters.
     pub fn remove_session(&mut self, cgroup_id: u64) -> Result<Counters> {
-        let totals = self.counters(cgroup_id)?;
+        let (totals, slot) = self.counters_and_slot(cgroup_id)?;
         {
             let mut sessions: HashMap<&mut MapData, u64, SessionInfo> =
                 HashMap::try_from(self.map(maps::SESSIONS)?)
                     .map_err(Self::map_err(maps::SESSIONS))?;
             let _ = sessions.remove(&cgroup_id);
         }
-        let mut counters: PerCpuHashMap<&mut MapData, u64, Counters> =
+        let mut by_id: PerCpuHashMap<&mut MapData, u64, Counters> =
             PerCpuHashMap::try_from(self.map(maps::COUNTERS)?)
                 .map_err(Self::map_err(maps::COUNTERS))?;
-        let _ = counters.remove(&cgroup_id);
+        let _ = by_id.remove(&cgroup_id);
+        if slot != 0 {
+            if let Some(free) = self.free_counters.as_mut() {
+                free.push_back(slot);
+            }
+        }
         Ok(totals)
     }
 
@@ -604,16 +672,41 @@ impl Enforcer {
     }
 
     pub fn counters(&mut self, cgroup_id: u64) -> Result<Counters> {
-        let counters: PerCpuHashMap<&mut MapData, u64, Counters> =
+        self.counters_and_slot(cgroup_id).map(|(c, _)| c)
+    }
+
+    /// A session's counts: its `SESSION_COUNTERS` slot's, plus what `COUNTERS` holds under its
+    /// cgroup id (a session registered by an egressd before the slots).
+    fn counters_and_slot(&mut self, cgroup_id: u64) -> Result<(Counters, u32)> {
+        let slot = {
+            let sessions: HashMap<&mut MapData, u64, SessionInfo> =
+                HashMap::try_from(self.map(maps::SESSIONS)?)
+                    .map_err(Self::map_err(maps::SESSIONS))?;
+            match sessions.get(&cgroup_id, 0) {
+                Ok(info) => info.counters,
+                Err(aya::maps::MapError::KeyNotFound) => 0,
+                Err(e) => return Err(Self::map_err(maps::SESSIONS)(e)),
+            }
+        };
+        let mut total = Counters::default();
+        if slot != 0 {
+            let array: PerCpuArray<&mut MapData, Counters> =
+                PerCpuArray::try_from(self.map(maps::SESSION_COUNTERS)?)
+                    .map_err(Self::map_err(maps::SESSION_COUNTERS))?;
+            let per_cpu = array
+                .get(&slot, 0)
+                .map_err(Self::map_err(maps::SESSION_COUNTERS))?;
+            per_cpu.iter().for_each(|c| total.add(c));
+        }
+        let by_id: PerCpuHashMap<&mut MapData, u64, Counters> =
             PerCpuHashMap::try_from(self.map(maps::COUNTERS)?)
                 .map_err(Self::map_err(maps::COUNTERS))?;
-        let mut total = Counters::default();
-        match counters.get(&cgroup_id, 0) {
+        match by_id.get(&cgroup_id, 0) {
             Ok(per_cpu) => per_cpu.iter().for_each(|c| total.add(c)),
             Err(aya::maps::MapError::KeyNotFound) => {}
             Err(e) => return Err(Self::map_err(maps::COUNTERS)(e)),
         }
-        Ok(total)
+        Ok((total, slot))
     }
 
     /// Attach types for which none of our programs is effective on `cgroup` (empty: enforced).

@@ -24,6 +24,38 @@ use crate::{
 /// Keys read per BPF_MAP_LOOKUP_BATCH call.
 const BATCH: usize = 1024;
 
+/// Dates the kernel's repeats: `FoldValue::last_ns` is CLOCK_MONOTONIC_COARSE, the records' time
+/// CLOCK_BOOTTIME. The two differ by the time spent suspended, so the last repeat of a window in
+/// which the machine suspended, if it came before the suspend, is dated late by the time suspended
+/// (and never later than the read).
+struct RepeatClock {
+    offset: u64,
+    boot_now: u64,
+}
+
+impl RepeatClock {
+    fn now() -> RepeatClock {
+        use nix::time::{clock_gettime, ClockId};
+        let ns = |c| {
+            clock_gettime(c)
+                .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+                .unwrap_or(0)
+        };
+        let mono = ns(ClockId::CLOCK_MONOTONIC);
+        let boot_now = ns(ClockId::CLOCK_BOOTTIME);
+        RepeatClock {
+            offset: boot_now.saturating_sub(mono),
+            boot_now,
+        }
+    }
+
+    /// Never later than now: a value an older egressd wrote in boot time (before an upgrade) is
+    /// dated now rather than in the future.
+    fn boot_ns(&self, mono_ns: u64) -> u64 {
+        mono_ns.saturating_add(self.offset).min(self.boot_now)
+    }
+}
+
 /// Repeats of one key not yet in the log.
 pub struct Repeats {
     /// The first occurrence's task fields, the key's destination and verdict, the latest repeat's
@@ -85,6 +117,7 @@ impl KernelFolds {
         };
         let mut out = Vec::new();
         let mut gone_tgids: HashMap<u32, bool> = HashMap::new();
+        let clock = RepeatClock::now();
         for (key, values) in entries {
             if session.is_some_and(|s| key.session != s) || !self.seen.contains(&key) {
                 continue;
@@ -119,7 +152,7 @@ impl KernelFolds {
             self.written.insert(key, total);
             out.push(Repeats {
                 event: Event {
-                    boot_ns: last_ns,
+                    boot_ns: clock.boot_ns(last_ns),
                     session: key.session,
                     pid_tgid: first.pid_tgid,
                     uid_gid: first.uid_gid,
