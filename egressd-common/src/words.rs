@@ -102,7 +102,13 @@ mod tests {
 
     #[test]
     fn mapped4_is_the_ipv4_mapped_address() {
-        for s in ["0.0.0.0", "127.0.0.1", "198.18.0.1", "255.255.255.255", "1.2.3.4"] {
+        for s in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "198.18.0.1",
+            "255.255.255.255",
+            "1.2.3.4",
+        ] {
             let want = s.parse::<Ipv4Addr>().unwrap().to_ipv6_mapped().octets();
             assert_eq!(to_bytes(v4(s)), want, "{s}");
         }
@@ -112,8 +118,9 @@ mod tests {
     fn the_kernel_s_ipv6_words_are_the_address() {
         let a: Ipv6Addr = "2001:db8:1:2:3:4:5:6".parse().unwrap();
         let o = a.octets();
-        let ip: [u32; 4] =
-            core::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]));
+        let ip: [u32; 4] = core::array::from_fn(|i| {
+            u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+        });
         assert_eq!(to_bytes(of_u32s(ip)), o);
     }
 
@@ -125,7 +132,13 @@ mod tests {
         for s in ["::1", "::", "::ffff:127.0.0.1", "::ffff:0.0.0.0"] {
             assert!(is_local(v6(s)), "{s}");
         }
-        for s in ["128.0.0.1", "10.0.0.127", "198.18.0.1", "0.0.0.1", "1.0.0.127"] {
+        for s in [
+            "128.0.0.1",
+            "10.0.0.127",
+            "198.18.0.1",
+            "0.0.0.1",
+            "1.0.0.127",
+        ] {
             assert!(!is_local(v4(s)), "{s}");
         }
         for s in [

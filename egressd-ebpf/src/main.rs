@@ -28,8 +28,8 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_uid_gid, bpf_get_ns_current_pid_tgid, bpf_get_socket_cookie,
-        bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
-        bpf_skb_ancestor_cgroup_id,
+        bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_buf, bpf_skb_ancestor_cgroup_id,
     },
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},

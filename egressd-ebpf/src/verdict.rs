@@ -6,10 +6,10 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use egressd_common::{
-    words, AllowKey, AllowValue, DnsAllowKey, DnsPeerKey, Profile, MAX_LOOPBACK_PORTS, MAX_PORT_RANGES,
-    PROFILE_AUDIT_MODE, PROFILE_LOOPBACK_ALL, PROFILE_PRESENT, PROTO_ANY, REASON_ALLOW_RULE,
-    REASON_DEFAULT_DENY, REASON_DNS_ANSWER, REASON_LOOPBACK, REASON_LOOPBACK_PORT,
-    REASON_OFF_LOOPBACK,
+    words, AllowKey, AllowValue, DnsAllowKey, DnsPeerKey, Profile, MAX_LOOPBACK_PORTS,
+    MAX_PORT_RANGES, PROFILE_AUDIT_MODE, PROFILE_LOOPBACK_ALL, PROFILE_PRESENT, PROTO_ANY,
+    REASON_ALLOW_RULE, REASON_DEFAULT_DENY, REASON_DNS_ANSWER, REASON_LOOPBACK,
+    REASON_LOOPBACK_PORT, REASON_OFF_LOOPBACK,
 };
 
 /// A destination in IPv6 form: IPv4 is stored IPv4-mapped, so `::ffff:a.b.c.d` and `a.b.c.d` are

@@ -608,7 +608,9 @@ impl Enforcer {
             .insert(cgroup_id, SessionInfo { profile, counters }, 0)
             .map_err(Self::map_err(maps::SESSIONS));
         if written.is_err() && known.is_none() && counters != 0 {
-            self.free_counters.get_or_insert_default().push_back(counters);
+            self.free_counters
+                .get_or_insert_default()
+                .push_back(counters);
         }
         written
     }

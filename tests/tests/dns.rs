@@ -16,6 +16,11 @@ struct DnsWorld {
 }
 
 fn dns_world(tag: &str) -> DnsWorld {
+    dns_world_with(tag, &[])
+}
+
+/// `dns_world` whose upstream also has the records `extra` (the dns-server's syntax).
+fn dns_world_with(tag: &str, extra: &[String]) -> DnsWorld {
     let w = world_with(tag, |o| {
         Some(format!(
             r#"default_profile = "dev"
@@ -37,7 +42,10 @@ ttl_min_secs = 1
             format!("git.corp.test={}/2", w.outside.v4),
             format!("model.llm.internal={}/60", w.outside.v6),
             format!("secret.attacker.test={}/60", w.outside.v4),
-        ],
+        ]
+        .into_iter()
+        .chain(extra.iter().cloned())
+        .collect::<Vec<_>>(),
     );
     DnsWorld { server, w }
 }
@@ -323,6 +331,66 @@ fn an_allowed_name_asked_again_is_answered_from_the_cache_until_its_ttl_ends() {
         "{}",
         model[1]
     );
+}
+
+#[test]
+fn an_empty_or_nxdomain_answer_with_an_soa_is_kept_for_its_minimum() {
+    // The upstream gives llm.internal's negative answers an SOA with MINIMUM 2 s; corp.test's
+    // come without one (the control: never kept, so asked every time).
+    let DnsWorld { server, w } = dns_world_with("dns-negcache", &["soa=llm.internal/2".into()]);
+    let probe = probe();
+    let p = probe.display();
+    let ask = |name: &str, ty: &str| format!("{p} dns-query udp {STUB} {name} {ty}");
+    let script = [
+        // model.llm.internal has only an AAAA record: its A question gets NODATA.
+        ask("model.llm.internal", "A"),
+        ask("model.llm.internal", "A"),
+        ask("gone.llm.internal", "A"),
+        ask("gone.llm.internal", "A"),
+        ask("git.corp.test", "AAAA"),
+        ask("git.corp.test", "AAAA"),
+        "sleep 2.5".into(),
+        ask("model.llm.internal", "A"),
+    ]
+    .join("; ");
+    let (out, lines) = session_lines(&w.daemon, &script, 7);
+    let (nodata, nx) = (
+        format!("rcode=NoError answers= from={STUB}"),
+        format!("rcode=NXDomain answers= from={STUB}"),
+    );
+    assert_eq!(
+        lines,
+        [&nodata, &nodata, &nx, &nx, &nodata, &nodata, &nodata].map(String::clone),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        server.queries(),
+        [
+            "udp model.llm.internal A",
+            "udp gone.llm.internal A",
+            "udp git.corp.test AAAA",
+            "udp git.corp.test AAAA",
+            "udp model.llm.internal A",
+        ],
+        "negative answers with an SOA are asked once per MINIMUM; without one, every time"
+    );
+    let records = dns_records(&w.daemon);
+    let reasons = |name: &str, ty: &str| -> Vec<String> {
+        records
+            .iter()
+            .filter(|r| r["qname"] == name && r["qtype"] == ty)
+            .map(|r| r["reason"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let cached = "dns_allow; answered from egressd's cache (upstream not asked)";
+    assert_eq!(
+        reasons("model.llm.internal", "A"),
+        ["dns_allow", cached, "dns_allow"]
+    );
+    assert_eq!(reasons("gone.llm.internal", "A"), ["dns_allow", cached]);
+    assert_eq!(reasons("git.corp.test", "AAAA"), ["dns_allow", "dns_allow"]);
+    assert_eq!(w.outside.counts().tcp, 0, "a negative answer opens nothing");
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //! through the same opening and audit as an upstream answer. An entry is found only by the same
 //! query (every byte but the id, the name compared without case) from the same uid, so no flag,
 //! EDNS option or user's lookups are answered with another's. TTLs count down from the time the
-//! answer came; an entry never outlives its shortest TTL, nor `ttl_max_secs`.
+//! answer came; an entry never outlives its shortest TTL, nor `ttl_max_secs`. Negative answers
+//! are kept as RFC 2308 says, for their SOA's MINIMUM (see `cacheable`).
 
 use std::{
     collections::HashMap,
@@ -19,6 +20,8 @@ use std::{
 const MAX_ENTRIES: usize = 4096;
 /// The OPT pseudo-record's "TTL" is EDNS flags, never counted down.
 const TYPE_OPT: u16 = 41;
+const TYPE_SOA: u16 = 6;
+const RCODE_NXDOMAIN: u8 = 3;
 
 #[derive(Default)]
 pub struct Cache {
@@ -91,21 +94,28 @@ fn skip_name(m: &[u8], mut i: usize) -> Option<usize> {
     }
 }
 
-/// Where each record's TTL lies in a NOERROR answer with at least one answer record and no
-/// truncation; None for anything else (not cached).
-fn ttl_offsets(m: &[u8]) -> Option<(usize, Vec<(usize, u32)>)> {
+/// What a kept answer needs: where the question ends, where each record's TTL lies (with its
+/// value), and how long the answer may be kept. Kept are NOERROR answers with at least one answer
+/// record, for their shortest TTL, and (RFC 2308) negative answers, NXDOMAIN or NOERROR without
+/// an answer (NODATA: the AAAA of an IPv4-only name, asked by every getaddrinfo), when their
+/// authority section has the zone's SOA, for the shorter of its TTL and its MINIMUM field. None
+/// for anything else, truncated answers and negative answers without an SOA included.
+fn cacheable(m: &[u8]) -> Option<(usize, Vec<(usize, u32)>, u32)> {
     let qend = question_end(m)?;
     let (flags, rcode) = (m[2], m[3] & 0x0f);
     let truncated = flags & 0x02 != 0;
     let response = flags & 0x80 != 0;
     let count = |at: usize| usize::from(u16::from_be_bytes([m[at], m[at + 1]]));
-    if !response || truncated || rcode != 0 || count(6) == 0 {
+    let negative = rcode == RCODE_NXDOMAIN || (rcode == 0 && count(6) == 0);
+    if !response || truncated || (rcode != 0 && !negative) {
         return None;
     }
-    let records = count(6) + count(8) + count(10);
+    let (answers, authority) = (count(6), count(8));
+    let records = answers + authority + count(10);
     let mut ttls = Vec::with_capacity(records);
+    let mut soa_minimum = None;
     let mut i = qend;
-    for _ in 0..records {
+    for n in 0..records {
         i = skip_name(m, i)?;
         let fixed = m.get(i..i + 10)?;
         let rtype = u16::from_be_bytes([fixed[0], fixed[1]]);
@@ -114,12 +124,22 @@ fn ttl_offsets(m: &[u8]) -> Option<(usize, Vec<(usize, u32)>)> {
         if rtype != TYPE_OPT {
             ttls.push((i + 4, ttl));
         }
-        i += 10 + rdlen;
-        if i > m.len() {
-            return None;
+        let rdata = m.get(i + 10..i + 10 + rdlen)?;
+        // The SOA's five counters end its data; MINIMUM is the last.
+        if rtype == TYPE_SOA && (answers..answers + authority).contains(&n) && rdlen >= 22 {
+            let min = &rdata[rdlen - 4..];
+            let minimum = u32::from_be_bytes([min[0], min[1], min[2], min[3]]);
+            soa_minimum = Some(minimum.min(ttl));
         }
+        i += 10 + rdlen;
     }
-    Some((qend, ttls))
+    let shortest = ttls.iter().map(|(_, t)| *t).min().unwrap_or(0);
+    let lifetime = if negative {
+        soa_minimum?.min(shortest)
+    } else {
+        shortest
+    };
+    Some((qend, ttls, lifetime))
 }
 
 impl Cache {
@@ -146,12 +166,12 @@ impl Cache {
 
     /// Keeps `answer` to `query` from `uid`, for its shortest TTL bounded by `ttl_max` seconds.
     pub fn put(&self, uid: u32, query: &[u8], answer: &[u8], ttl_max: u32) {
-        let (Some((k, asked_end)), Some((question_end, ttls))) =
-            (key(uid, query), ttl_offsets(answer))
+        let (Some((k, asked_end)), Some((question_end, ttls, lifetime))) =
+            (key(uid, query), cacheable(answer))
         else {
             return;
         };
-        let shortest = ttls.iter().map(|(_, t)| *t).min().unwrap_or(0).min(ttl_max);
+        let shortest = lifetime.min(ttl_max);
         if shortest == 0 || question_end != asked_end {
             return;
         }
@@ -196,7 +216,7 @@ impl Cache {
 mod tests {
     use super::*;
     use hickory_proto::{
-        op::{Edns, Message, MessageType, OpCode, Query},
+        op::{Edns, Message, MessageType, OpCode, Query, ResponseCode},
         rr::{rdata, Name, RData, Record, RecordType},
     };
     use std::str::FromStr;
@@ -299,6 +319,97 @@ mod tests {
             e.map.values().next().unwrap().lifetime,
             Duration::from_secs(30)
         );
+    }
+
+    /// A negative answer (`rcode` NXDOMAIN, or NOERROR and no answer) with the zone's SOA in its
+    /// authority section, when `soa` is given as (TTL, MINIMUM).
+    fn negative(q: &[u8], rcode: ResponseCode, soa: Option<(u32, u32)>) -> Vec<u8> {
+        let q = Message::from_vec(q).unwrap();
+        let mut m = Message::response(q.metadata.id, OpCode::Query);
+        m.metadata.response_code = rcode;
+        m.add_queries(q.queries.iter().cloned());
+        if let Some((ttl, minimum)) = soa {
+            let zone = Name::from_str("example.").unwrap();
+            let data = rdata::SOA::new(
+                Name::from_str("ns.example.").unwrap(),
+                Name::from_str("hostmaster.example.").unwrap(),
+                2026120601,
+                3600,
+                600,
+                86400,
+                minimum,
+            );
+            m.add_authority(Record::from_rdata(zone, ttl, RData::SOA(data)));
+        }
+        m.to_vec().unwrap()
+    }
+
+    fn lifetime(c: &Cache) -> Option<Duration> {
+        let e = c.entries.lock().unwrap();
+        e.map.values().next().map(|e| e.lifetime)
+    }
+
+    #[test]
+    fn negative_answers_are_kept_for_the_soa_s_minimum_and_only_with_an_soa() {
+        let q = query(1, "a.example.");
+        // NODATA (the AAAA of an IPv4-only name): the shorter of the SOA's TTL and MINIMUM.
+        let c = Cache::default();
+        c.put(
+            0,
+            &q,
+            &negative(&q, ResponseCode::NoError, Some((900, 300))),
+            86_400,
+        );
+        assert_eq!(lifetime(&c), Some(Duration::from_secs(300)));
+        let c = Cache::default();
+        c.put(
+            0,
+            &q,
+            &negative(&q, ResponseCode::NXDomain, Some((120, 300))),
+            86_400,
+        );
+        assert_eq!(lifetime(&c), Some(Duration::from_secs(120)));
+        // ttl_max still bounds it.
+        let c = Cache::default();
+        c.put(
+            0,
+            &q,
+            &negative(&q, ResponseCode::NXDomain, Some((120, 300))),
+            30,
+        );
+        assert_eq!(lifetime(&c), Some(Duration::from_secs(30)));
+        // The hit counts the SOA's TTL down, and keeps the rcode.
+        {
+            let mut e = c.entries.lock().unwrap();
+            e.map.values_mut().next().unwrap().stored -= Duration::from_secs(10);
+        }
+        let hit = Message::from_vec(&c.get(0, &query(5, "a.example.")).unwrap()).unwrap();
+        assert_eq!(hit.metadata.id, 5);
+        assert_eq!(hit.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(hit.authorities[0].ttl, 110);
+        // Not kept: no SOA, an SOA with MINIMUM 0, a server failure or refusal even with an SOA.
+        let c = Cache::default();
+        c.put(0, &q, &negative(&q, ResponseCode::NXDomain, None), 86_400);
+        c.put(0, &q, &negative(&q, ResponseCode::NoError, None), 86_400);
+        c.put(
+            0,
+            &q,
+            &negative(&q, ResponseCode::NoError, Some((900, 0))),
+            86_400,
+        );
+        c.put(
+            0,
+            &q,
+            &negative(&q, ResponseCode::ServFail, Some((900, 300))),
+            86_400,
+        );
+        c.put(
+            0,
+            &q,
+            &negative(&q, ResponseCode::Refused, Some((900, 300))),
+            86_400,
+        );
+        assert_eq!(c.len(), 0);
     }
 
     #[test]

@@ -16,18 +16,25 @@ use hickory_proto::{
     rr::{rdata, Name, RData, Record, RecordType},
 };
 
-/// `dns-server V4 V6 LOG NAME=IP/TTL...`: answers UDP and TCP on port 53 of both addresses;
-/// appends `proto qname qtype` to LOG for every query; writes LOG.ready once listening.
+/// `dns-server V4 V6 LOG NAME=IP/TTL... [soa=ZONE/SECS]`: answers UDP and TCP on port 53 of both
+/// addresses; appends `proto qname qtype` to LOG for every query; writes LOG.ready once listening.
+/// With `soa=`, negative answers (NXDOMAIN, or no record of the type asked) for names in ZONE carry
+/// the zone's SOA with TTL and MINIMUM SECS, as an authoritative or recursive server sends them.
 pub fn server(v4: &str, v6: &str, log: &str, records: &[&str]) -> ! {
+    let soa = records.iter().find_map(|r| {
+        let (zone, secs) = r.strip_prefix("soa=")?.split_once('/')?;
+        Some((zone.to_string(), secs.parse::<u32>().unwrap()))
+    });
     let table: Vec<(String, IpAddr, u32)> = records
         .iter()
+        .filter(|r| !r.starts_with("soa="))
         .map(|r| {
             let (name, rest) = r.split_once('=').expect("NAME=IP/TTL");
             let (ip, ttl) = rest.split_once('/').expect("NAME=IP/TTL");
             (name.to_string(), ip.parse().unwrap(), ttl.parse().unwrap())
         })
         .collect();
-    let table = Arc::new(table);
+    let table = Arc::new((table, soa));
     let log = Arc::new(Mutex::new(
         fs::OpenOptions::new()
             .create(true)
@@ -89,12 +96,10 @@ fn log_path_hint(log: &Arc<Mutex<fs::File>>) -> String {
         .to_string()
 }
 
-fn answer(
-    q: &[u8],
-    table: &[(String, IpAddr, u32)],
-    log: &Mutex<fs::File>,
-    proto: &str,
-) -> Option<Vec<u8>> {
+type Table = (Vec<(String, IpAddr, u32)>, Option<(String, u32)>);
+
+fn answer(q: &[u8], table: &Table, log: &Mutex<fs::File>, proto: &str) -> Option<Vec<u8>> {
+    let (table, soa) = table;
     let m = Message::from_vec(q).ok()?;
     let query = m.queries.first()?.clone();
     let name = query.name().to_ascii().trim_end_matches('.').to_lowercase();
@@ -119,6 +124,21 @@ fn answer(
     }
     if !known {
         r.metadata.response_code = ResponseCode::NXDomain;
+    }
+    if let Some((zone, secs)) = soa {
+        if r.answers.is_empty() && (name == *zone || name.ends_with(&format!(".{zone}"))) {
+            let data = rdata::SOA::new(
+                Name::from_str(&format!("ns.{zone}.")).unwrap(),
+                Name::from_str(&format!("hostmaster.{zone}.")).unwrap(),
+                1,
+                3600,
+                600,
+                86400,
+                *secs,
+            );
+            let owner = Name::from_str(&format!("{zone}.")).unwrap();
+            r.add_authority(Record::from_rdata(owner, *secs, RData::SOA(data)));
+        }
     }
     r.to_vec().ok()
 }
