@@ -118,7 +118,7 @@ impl Resolver {
 
     /// Opens `addrs` to the session until their TTL (bounded by the config) runs out. Returns the
     /// longest TTL applied.
-    fn open(&self, session: u64, addrs: &[(IpAddr, u32)]) -> u32 {
+    fn open(&self, session: u64, addrs: &[(IpAddr, u32)], from_cache: bool) -> u32 {
         let now = boot_ns();
         let mut longest = 0;
         let Ok(mut maps) = self.maps.lock() else {
@@ -133,8 +133,11 @@ impl Resolver {
             };
             let expiry = now + u64::from(ttl) * 1_000_000_000;
             let current = maps.allow.get(&key, 0).unwrap_or(0);
-            // A cached answer asked again opens nothing longer than its first asking did.
-            if current >= expiry {
+            // An entry that lasts as long is left as it is. A cached answer's TTLs are counted
+            // down in whole seconds, so its expiry comes out up to a second past the one its
+            // first asking wrote: within that second it opens nothing longer (and costs no write).
+            let slack = if from_cache { 1_000_000_000 } else { 0 };
+            if current.saturating_add(slack) >= expiry {
                 continue;
             }
             if let Err(e) = maps.allow.insert(key, expiry, 0) {
@@ -286,7 +289,7 @@ impl Resolver {
         // Audit mode resolves every name but opens nothing: connections stay "would deny".
         let (ttl, mut reason) = if allowed {
             let origin_session = origin.map(|o| o.session).unwrap_or(0);
-            let ttl = self.open(origin_session, &read.addrs);
+            let ttl = self.open(origin_session, &read.addrs, from_cache);
             (
                 (!read.addrs.is_empty()).then_some(ttl),
                 "dns_allow".to_string(),
