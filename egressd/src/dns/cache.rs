@@ -94,13 +94,22 @@ fn skip_name(m: &[u8], mut i: usize) -> Option<usize> {
     }
 }
 
-/// What a kept answer needs: where the question ends, where each record's TTL lies (with its
-/// value), and how long the answer may be kept. Kept are NOERROR answers with at least one answer
-/// record, for their shortest TTL, and (RFC 2308) negative answers, NXDOMAIN or NOERROR without
-/// an answer (NODATA: the AAAA of an IPv4-only name, asked by every getaddrinfo), when their
-/// authority section has the zone's SOA, for the shorter of its TTL and its MINIMUM field. None
-/// for anything else, truncated answers and negative answers without an SOA included.
-fn cacheable(m: &[u8]) -> Option<(usize, Vec<(usize, u32)>, u32)> {
+/// What a kept answer needs to be given again.
+struct Keepable {
+    /// Where the question section ends.
+    question_end: usize,
+    /// Byte offsets of every record's TTL, and the TTL stored there.
+    ttls: Vec<(usize, u32)>,
+    /// Seconds the answer may be kept.
+    lifetime: u32,
+}
+
+/// What it takes to keep an answer. Kept are NOERROR answers with at least one answer record, for
+/// their shortest TTL, and (RFC 2308) negative answers, NXDOMAIN or NOERROR without an answer
+/// (NODATA: the AAAA of an IPv4-only name, asked by every getaddrinfo), when their authority
+/// section has the zone's SOA, for the shorter of its TTL and its MINIMUM field. None for anything
+/// else, truncated answers and negative answers without an SOA included.
+fn cacheable(m: &[u8]) -> Option<Keepable> {
     let qend = question_end(m)?;
     let (flags, rcode) = (m[2], m[3] & 0x0f);
     let truncated = flags & 0x02 != 0;
@@ -139,7 +148,11 @@ fn cacheable(m: &[u8]) -> Option<(usize, Vec<(usize, u32)>, u32)> {
     } else {
         shortest
     };
-    Some((qend, ttls, lifetime))
+    Some(Keepable {
+        question_end: qend,
+        ttls,
+        lifetime,
+    })
 }
 
 impl Cache {
@@ -166,8 +179,14 @@ impl Cache {
 
     /// Keeps `answer` to `query` from `uid`, for its shortest TTL bounded by `ttl_max` seconds.
     pub fn put(&self, uid: u32, query: &[u8], answer: &[u8], ttl_max: u32) {
-        let (Some((k, asked_end)), Some((question_end, ttls, lifetime))) =
-            (key(uid, query), cacheable(answer))
+        let (
+            Some((k, asked_end)),
+            Some(Keepable {
+                question_end,
+                ttls,
+                lifetime,
+            }),
+        ) = (key(uid, query), cacheable(answer))
         else {
             return;
         };
