@@ -58,7 +58,8 @@ pub const fn to_bytes(w: [u64; 2]) -> [u8; 16] {
 }
 
 impl FoldKey {
-    /// The key built as five words (see the module's doc); equal to the struct built field by field.
+    /// The key built as five words (see the module's doc); equal to the struct built field by
+    /// field.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub const fn pack(
