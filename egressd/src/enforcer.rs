@@ -3,7 +3,7 @@
 
 use egressd_common::policy::{allow_key, CompiledProfile};
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::BTreeMap,
     fs,
     os::{
         fd::{AsFd as _, BorrowedFd},
@@ -34,7 +34,7 @@ use egressd_common::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::audit::PolicyHashes;
+use crate::{audit::PolicyHashes, counter_slots::CounterSlots};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnforcerError {
@@ -199,9 +199,9 @@ pub struct Enforcer {
     installed: [Option<BTreeMap<(u32, AllowKey), AllowValue>>; 2],
     /// The profile table of each half as written, so a reload writes only the slots that change.
     profiles_installed: [Option<Vec<Profile>>; 2],
-    /// `SESSION_COUNTERS` slots no session holds, oldest freed first; built from `SESSIONS` on
-    /// first use (after a restart, the running sessions keep theirs).
-    free_counters: Option<VecDeque<u32>>,
+    /// `SESSION_COUNTERS` slots no session holds; built from `SESSIONS` on first use (after a
+    /// restart, the running sessions keep theirs).
+    free_counters: Option<CounterSlots>,
 }
 
 /// Pin layout under bpffs: `<dir>/maps/<MAP>` and `<dir>/links/<program>`.
@@ -607,10 +607,10 @@ impl Enforcer {
         let written = sessions
             .insert(cgroup_id, SessionInfo { profile, counters }, 0)
             .map_err(Self::map_err(maps::SESSIONS));
-        if written.is_err() && known.is_none() && counters != 0 {
-            self.free_counters
-                .get_or_insert_default()
-                .push_back(counters);
+        if written.is_err() && known.is_none() {
+            if let Some(free) = self.free_counters.as_mut() {
+                free.give_back(counters);
+            }
         }
         written
     }
@@ -623,22 +623,20 @@ impl Enforcer {
         ))
     }
 
-    /// A `SESSION_COUNTERS` slot no session holds: the one freed longest ago, so a late count of
-    /// an ended session (a run that read its slot just before it was removed) lands in a slot no
-    /// one reads, and is zeroed before the slot is given out again.
+    /// A `SESSION_COUNTERS` slot no session holds (see `CounterSlots`).
     fn take_counter_slot(&mut self) -> Result<Option<u32>> {
         if self.free_counters.is_none() {
             let sessions: HashMap<&mut MapData, u64, SessionInfo> =
                 HashMap::try_from(self.map(maps::SESSIONS)?)
                     .map_err(Self::map_err(maps::SESSIONS))?;
-            let mut held = std::collections::HashSet::new();
+            let mut held = Vec::new();
             for entry in sessions.iter() {
                 let (_, info) = entry.map_err(Self::map_err(maps::SESSIONS))?;
-                held.insert(info.counters);
+                held.push(info.counters);
             }
-            self.free_counters = Some((1..=MAX_SESSIONS).filter(|s| !held.contains(s)).collect());
+            self.free_counters = Some(CounterSlots::new(MAX_SESSIONS, held));
         }
-        Ok(self.free_counters.as_mut().and_then(VecDeque::pop_front))
+        Ok(self.free_counters.as_mut().and_then(CounterSlots::take))
     }
 
     /// Forgets a session and returns its final counters.
@@ -654,10 +652,8 @@ impl Enforcer {
             PerCpuHashMap::try_from(self.map(maps::COUNTERS)?)
                 .map_err(Self::map_err(maps::COUNTERS))?;
         let _ = by_id.remove(&cgroup_id);
-        if slot != 0 {
-            if let Some(free) = self.free_counters.as_mut() {
-                free.push_back(slot);
-            }
+        if let Some(free) = self.free_counters.as_mut() {
+            free.give_back(slot);
         }
         Ok(totals)
     }

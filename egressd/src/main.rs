@@ -5,6 +5,7 @@ mod audit;
 mod bpf_sys;
 mod cgroup;
 mod control;
+mod counter_slots;
 mod daemon;
 mod dns;
 mod enforcer;
