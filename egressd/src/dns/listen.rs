@@ -1,8 +1,10 @@
 //! The resolver's sockets: UDP and TCP on 127.0.0.1 and ::1, where the kernel sends the queries.
 
 use std::{
+    future::Future as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
+    task::{Context, Waker},
     time::Duration,
 };
 
@@ -41,10 +43,17 @@ pub async fn bind(port: u16) -> std::io::Result<Listeners> {
     Ok(l)
 }
 
+/// Receiving tasks per UDP socket: one per runtime worker, so that answers given on the receiving
+/// task still spread over every worker.
+const UDP_RECEIVERS: usize = 2;
+
 impl Listeners {
     pub fn serve(self, resolver: Arc<Resolver>) {
         for sock in self.udp {
-            tokio::spawn(udp(Arc::new(sock), resolver.clone()));
+            let sock = Arc::new(sock);
+            for _ in 0..UDP_RECEIVERS {
+                tokio::spawn(udp(sock.clone(), resolver.clone()));
+            }
         }
         for listener in self.tcp {
             tokio::spawn(tcp(listener, resolver.clone()));
@@ -65,14 +74,20 @@ async fn udp(sock: Arc<UdpSocket>, resolver: Arc<Resolver>) {
         };
         let query = buf[..n].to_vec();
         let (sock, resolver) = (sock.clone(), resolver.clone());
-        // Each query on its own task: one slow upstream must not hold up the others.
-        tokio::spawn(async move {
+        let mut reply = Box::pin(async move {
             if let Some(answer) = resolver.answer(&query, peer, 17).await {
                 if let Err(e) = sock.send_to(&answer, peer).await {
                     tracing::debug!(%peer, "dns: udp send: {e}");
                 }
             }
         });
+        // Answered at once when nothing has to be waited for (a cached answer, a refusal, a local
+        // name): no task of its own, no hand-over between threads. A query that waits (for the
+        // upstream) goes on in a task of its own, so it holds up no other query.
+        let mut cx = Context::from_waker(Waker::noop());
+        if reply.as_mut().poll(&mut cx).is_pending() {
+            tokio::spawn(reply);
+        }
     }
 }
 
