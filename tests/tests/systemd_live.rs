@@ -101,11 +101,24 @@ impl Container {
                 .unwrap_or(0);
             c.leader != 0
         });
-        wait_until("the container to reach egtest.target", 60, || {
-            c.sh("systemctl is-active egtest.target dbus.socket")
-                .status
-                .success()
-        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !c
+            .sh("systemctl is-active egtest.target dbus.socket")
+            .status
+            .success()
+        {
+            if Instant::now() > deadline {
+                // What the boot waits on, for the next person to see (once, in a full run).
+                let state = c.sh("systemctl list-jobs --no-pager; systemctl --failed --no-pager");
+                panic!(
+                    "timed out waiting for the container to reach egtest.target\n{}{}\nnspawn log:\n{}",
+                    String::from_utf8_lossy(&state.stdout),
+                    String::from_utf8_lossy(&state.stderr),
+                    fs::read_to_string(scratch.0.join("nspawn.log")).unwrap_or_default()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
         c
     }
 
