@@ -44,17 +44,14 @@ pub fn doctor(socket: &Path) -> ExitCode {
             r.line(Level::Ok, "cgroup v2", format!("mounted at {}", m.display()));
             match egressd_common::host::favordynmods(&m) {
                 Some(true) => r.line(
-                    Level::Ok,
-                    "session start",
-                    "cgroup2 favordynmods is on: moving a session's first process into its cgroup takes microseconds",
-                ),
-                Some(false) => r.line(
                     Level::Info,
                     "session start",
-                    format!(
-                        "cgroup2 favordynmods is off: each session start waits for an RCU grace period (10-20 ms) while its first process is moved into the session's cgroup; `mount -o remount,favordynmods {}` (Linux 6.0+; forks and exits get slightly dearer) makes it microseconds, see the README's Performance section",
-                        m.display()
-                    ),
+                    "cgroup2 favordynmods is on: task moves between cgroups are cheaper, forks and exits dearer; egressd does not need it (on 6.18, `egressctl run` measured slower with it: see the README's Performance section)",
+                ),
+                Some(false) => r.line(
+                    Level::Ok,
+                    "session start",
+                    "cgroup2 favordynmods is off (the default): nothing to change; egressd's launch figures are measured this way (see the README's Performance section)",
                 ),
                 None => {}
             }
