@@ -17,6 +17,9 @@ mod notices;
 mod sessions;
 mod systemd;
 
+/// The async runtime's worker threads (the resolver runs a UDP receiving task for each).
+pub const WORKERS: usize = 2;
+
 use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
@@ -131,7 +134,7 @@ fn real_main() -> anyhow::Result<()> {
         None => {
             require_root()?;
             tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+                .worker_threads(WORKERS)
                 .enable_all()
                 .build()?
                 .block_on(run(cli))

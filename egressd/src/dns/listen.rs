@@ -45,7 +45,7 @@ pub async fn bind(port: u16) -> std::io::Result<Listeners> {
 
 /// Receiving tasks per UDP socket: one per runtime worker, so that answers given on the receiving
 /// task still spread over every worker.
-const UDP_RECEIVERS: usize = 2;
+const UDP_RECEIVERS: usize = crate::WORKERS;
 
 impl Listeners {
     pub fn serve(self, resolver: Arc<Resolver>) {
