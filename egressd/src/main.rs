@@ -409,6 +409,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     // Links and maps stay pinned: stopping the daemon never opens a sandbox.
     let _ = std::fs::remove_file(&cli.socket);
+    // Connects already received are answered, later ones wait for egressctl (see handoff::stop).
+    let busy = tokio::task::block_in_place(|| handoff::stop_all(std::time::Duration::from_secs(5)));
+    if busy > 0 {
+        tracing::warn!(
+            "{busy} unix supervisors did not finish within 5 s; a connect one of them received may stay unanswered"
+        );
+    }
     let _ = tokio::time::timeout(
         std::time::Duration::from_secs(5),
         sessions::records_written(),

@@ -330,6 +330,59 @@ fn stopping_the_daemon_leaves_running_sandboxes_enforced() {
     w.daemon.kill9();
 }
 
+/// A connect the supervisor has received when egressd stops is answered before egressd exits:
+/// no one else can answer it (egressctl holds the same listener, so the kernel does not fail it),
+/// and the sandbox would wait in connect(2) for ever. A tight loop of loopback connects has one in
+/// the supervisor's hands at almost any moment; it must run to its end after the stop, with every
+/// connect through (answered by egressctl once egressd is gone, judged by the kernel's programs).
+#[test]
+fn connects_in_flight_when_the_daemon_stops_are_answered() {
+    let mut w = world("stopflight");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for c in listener.incoming() {
+            drop(c);
+        }
+    });
+    let mut sandbox = w
+        .daemon
+        .ctl(NOBODY)
+        .args(["run", "--"])
+        .arg(probe())
+        .args(["bench", "tcp-connect", &addr, "3"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_running_session(&w.daemon);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    w.daemon.signal(libc::SIGTERM);
+    wait_until("egressd to exit", 10, || !w.daemon.socket.exists());
+    // The loop runs 3 s; give it ten times that before calling it stuck.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while sandbox.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = sandbox.kill();
+            let out = sandbox.wait_with_output().unwrap();
+            w.daemon.kill9();
+            panic!(
+                "a connect stayed unanswered after egressd stopped:\n{}",
+                text(&out)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = sandbox.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!("the probe's result ({e}):\n{}", text(&out));
+    });
+    assert!(r["ops"].as_f64().unwrap_or(0.0) > 0.0, "{}", text(&out));
+    assert_eq!(r["errors"].as_f64(), Some(0.0), "{}", text(&out));
+    w.daemon.kill9();
+}
+
 #[test]
 fn a_session_whose_profile_is_removed_falls_back_to_loopback_only() {
     let w = world_with("removed", |o| Some(allow_outside(o, "")));

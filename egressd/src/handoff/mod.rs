@@ -26,11 +26,13 @@ mod fds;
 mod judge;
 mod notify;
 mod record;
+mod stop;
 
 pub use fds::{take_fd, take_listener};
 use judge::decide;
 pub use judge::name_and_server;
 use notify::{respond, unix_address, Answer};
+pub use stop::stop_all;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -171,6 +173,7 @@ pub fn supervise(
 const SYNC_WAKE_UP: u64 = 1;
 
 fn serve(listener: OwnedFd, watch: Arc<Watch>, allowed: Arc<Allowed>) {
+    let _busy = stop::Busy::supervisor();
     let fd = listener.as_raw_fd();
     // Wake the supervisor on the notifying CPU (Linux 6.6+): a connect waits less for its answer.
     // The same kernels wake a NOTIF_RECV blocked on a filter whose tasks are all gone, so there the
@@ -192,12 +195,13 @@ fn serve(listener: OwnedFd, watch: Arc<Watch>, allowed: Arc<Allowed>) {
             if rc >= 0 {
                 return Some(pfd.revents);
             }
-            if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted || stop::stopping() {
                 return None;
             }
         }
     };
-    loop {
+    // A received notification is always answered before the loop looks at `stopping` again.
+    while !stop::stopping() {
         if !sync {
             match wait(-1) {
                 Some(revents) if revents & libc::POLLIN != 0 => {}
@@ -226,9 +230,11 @@ fn serve(listener: OwnedFd, watch: Arc<Watch>, allowed: Arc<Allowed>) {
             Some(addr) => {
                 // Resolving and connecting may block (a full backlog): never the whole session.
                 let (listener, watch, allowed) = (listener.clone(), watch.clone(), allowed.clone());
+                let busy = stop::Busy::decision();
                 let spawned = std::thread::Builder::new()
                     .name("egressd-unix-connect".into())
                     .spawn(move || {
+                        let _busy = busy;
                         let (answer, record) = decide(&watch, &allowed, &n, &addr);
                         respond(listener.as_raw_fd(), n.id, answer);
                         if let Some(record) = record {
