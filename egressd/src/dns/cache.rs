@@ -370,33 +370,21 @@ mod tests {
 
     #[test]
     fn negative_answers_are_kept_for_the_soa_s_minimum_and_only_with_an_soa() {
+        use ResponseCode::{NXDomain, NoError, Refused, ServFail};
         let q = query(1, "a.example.");
-        // NODATA (the AAAA of an IPv4-only name): the shorter of the SOA's TTL and MINIMUM.
-        let c = Cache::default();
-        c.put(
-            0,
-            &q,
-            &negative(&q, ResponseCode::NoError, Some((900, 300))),
-            86_400,
-        );
-        assert_eq!(lifetime(&c), Some(Duration::from_secs(300)));
-        let c = Cache::default();
-        c.put(
-            0,
-            &q,
-            &negative(&q, ResponseCode::NXDomain, Some((120, 300))),
-            86_400,
-        );
-        assert_eq!(lifetime(&c), Some(Duration::from_secs(120)));
-        // ttl_max still bounds it.
-        let c = Cache::default();
-        c.put(
-            0,
-            &q,
-            &negative(&q, ResponseCode::NXDomain, Some((120, 300))),
-            30,
-        );
-        assert_eq!(lifetime(&c), Some(Duration::from_secs(30)));
+        // A fresh cache given one answer: how long it keeps it, if at all.
+        let kept = |rcode, soa, ttl_max| {
+            let c = Cache::default();
+            c.put(0, &q, &negative(&q, rcode, soa), ttl_max);
+            (lifetime(&c), c)
+        };
+        let secs = |n| Some(Duration::from_secs(n));
+        // NODATA (the AAAA of an IPv4-only name) and NXDOMAIN: the shorter of the SOA's TTL and
+        // MINIMUM, and ttl_max still bounds it.
+        assert_eq!(kept(NoError, Some((900, 300)), 86_400).0, secs(300));
+        assert_eq!(kept(NXDomain, Some((120, 300)), 86_400).0, secs(120));
+        let (life, c) = kept(NXDomain, Some((120, 300)), 30);
+        assert_eq!(life, secs(30));
         // The hit counts the SOA's TTL down, and keeps the rcode.
         {
             let mut e = c.entries.lock().unwrap();
@@ -404,31 +392,18 @@ mod tests {
         }
         let hit = Message::from_vec(&c.get(0, &query(5, "a.example.")).unwrap()).unwrap();
         assert_eq!(hit.metadata.id, 5);
-        assert_eq!(hit.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(hit.metadata.response_code, NXDomain);
         assert_eq!(hit.authorities[0].ttl, 110);
         // Not kept: no SOA, an SOA with MINIMUM 0, a server failure or refusal even with an SOA.
-        let c = Cache::default();
-        c.put(0, &q, &negative(&q, ResponseCode::NXDomain, None), 86_400);
-        c.put(0, &q, &negative(&q, ResponseCode::NoError, None), 86_400);
-        c.put(
-            0,
-            &q,
-            &negative(&q, ResponseCode::NoError, Some((900, 0))),
-            86_400,
-        );
-        c.put(
-            0,
-            &q,
-            &negative(&q, ResponseCode::ServFail, Some((900, 300))),
-            86_400,
-        );
-        c.put(
-            0,
-            &q,
-            &negative(&q, ResponseCode::Refused, Some((900, 300))),
-            86_400,
-        );
-        assert_eq!(c.len(), 0);
+        for (rcode, soa) in [
+            (NXDomain, None),
+            (NoError, None),
+            (NoError, Some((900, 0))),
+            (ServFail, Some((900, 300))),
+            (Refused, Some((900, 300))),
+        ] {
+            assert_eq!(kept(rcode, soa, 86_400).0, None, "{rcode:?} {soa:?}");
+        }
     }
 
     #[test]
