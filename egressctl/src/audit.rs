@@ -566,7 +566,7 @@ fn print_record(out: &mut impl Write, r: &Record, json: bool) -> io::Result<()> 
             "dns",
             destination(r),
             r.verdict.clone().unwrap_or_default(),
-            1,
+            r.count.unwrap_or(1),
             r.qname.clone().unwrap_or_default(),
             r.qtype.clone().unwrap_or_default(),
             r.rcode.clone().unwrap_or_default(),
@@ -892,6 +892,7 @@ fn ocsf(r: &Record) -> Option<serde_json::Value> {
         }
         "dns" => {
             let mut event = ocsf_event(r, 4003)?;
+            event["count"] = serde_json::json!(r.count.unwrap_or(1));
             event["query"] = serde_json::json!({ "hostname": r.qname, "type": r.qtype });
             event["rcode"] = serde_json::json!(r.rcode);
             event["answers"] = r
@@ -1136,7 +1137,10 @@ mod tests {
         assert_eq!(e["query"]["hostname"], "git.corp.example");
         assert_eq!(e["answers"][0]["rdata"], "198.18.0.7");
         assert_eq!(e["answers"][0]["ttl"], 60);
-        assert!(e.get("count").is_none());
+        assert_eq!(e["count"], 1);
+        // A query's repeats, folded into one record, are one event with their count.
+        q.count = Some(39);
+        assert_eq!(ocsf(&q).unwrap()["count"], 39);
 
         assert!(ocsf(&record("session_start")).is_none());
     }

@@ -310,7 +310,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None => None,
     };
     let recent = audit::RecentDenials::default();
+    let dns_folds = audit::DnsFolds::new(tuning.fold_window);
     let shared = audit::Shared {
+        dns_folds: dns_folds.clone(),
         hashes,
         names: names.clone(),
         syslog,
@@ -365,7 +367,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         )))
         .await;
     if let Some((_, listeners, settings)) = dns {
-        let resolver = Arc::new(dns::Resolver::new(state.clone(), dns_maps, settings));
+        let resolver = Arc::new(dns::Resolver::new(
+            state.clone(),
+            dns_maps,
+            settings,
+            dns_folds,
+        ));
         listeners.serve(resolver.clone());
         tokio::spawn(dns::sweeper(resolver));
     }

@@ -82,7 +82,7 @@ impl Metrics {
                 let hook = rec.hook.clone().unwrap_or_default();
                 *m.decisions.entry((profile, hook, verdict)).or_default() += count;
             }
-            "dns" => *m.dns.entry(verdict).or_default() += 1,
+            "dns" => *m.dns.entry(verdict).or_default() += count,
             _ => {}
         }
     }
@@ -426,6 +426,8 @@ mod tests {
         m.record(&rec("decision", "s1", "connect4", "allowed", 1));
         m.record(&rec("decision", "s9", "sendmsg4", "denied", 2));
         m.record(&rec("dns", "s1", "", "denied", 1));
+        // A query's repeats, folded into one record.
+        m.record(&rec("dns", "s1", "", "denied", 4));
         m.record(&rec("session_end", "s1", "", "", 1));
         m.session_ended("s1");
         m.ring_lost(3);
@@ -442,7 +444,7 @@ mod tests {
             "egressd_decisions_total{profile=\"airgap\",hook=\"connect4\",verdict=\"allowed\"} 1",
             "egressd_decisions_total{profile=\"airgap\",hook=\"connect4\",verdict=\"denied\"} 42",
             "egressd_decisions_total{profile=\"unknown\",hook=\"sendmsg4\",verdict=\"denied\"} 2",
-            "egressd_dns_queries_total{verdict=\"denied\"} 1",
+            "egressd_dns_queries_total{verdict=\"denied\"} 5",
             "egressd_sessions_active 0",
             "egressd_sessions_started_total 1",
             "egressd_audit_records_lost_total 7",

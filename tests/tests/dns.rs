@@ -21,9 +21,16 @@ fn dns_world(tag: &str) -> DnsWorld {
 
 /// `dns_world` whose upstream also has the records `extra` (the dns-server's syntax).
 fn dns_world_with(tag: &str, extra: &[String]) -> DnsWorld {
-    let w = world_with(tag, |o| {
-        Some(format!(
-            r#"default_profile = "dev"
+    dns_world_audit(tag, extra, "")
+}
+
+/// `dns_world_with` whose daemon's `[audit]` table gets `audit_extra`.
+fn dns_world_audit(tag: &str, extra: &[String], audit_extra: &str) -> DnsWorld {
+    let w = world_audit(
+        tag,
+        |o| {
+            Some(format!(
+                r#"default_profile = "dev"
 [profiles.dev]
 dns_allow = ["git.corp.test", "*.llm.internal"]
 [dns]
@@ -31,10 +38,12 @@ port = {}
 upstream = ["{}:53"]
 ttl_min_secs = 1
 "#,
-            dns_port(),
-            o.v4
-        ))
-    });
+                dns_port(),
+                o.v4
+            ))
+        },
+        audit_extra,
+    );
     let server = DnsServer::start(
         &w.outside,
         &w.scratch,
@@ -391,6 +400,86 @@ fn an_empty_or_nxdomain_answer_with_an_soa_is_kept_for_its_minimum() {
     assert_eq!(reasons("gone.llm.internal", "A"), ["dns_allow", cached]);
     assert_eq!(reasons("git.corp.test", "AAAA"), ["dns_allow", "dns_allow"]);
     assert_eq!(w.outside.counts().tcp, 0, "a negative answer opens nothing");
+}
+
+#[test]
+fn a_name_asked_over_and_over_is_written_once_with_its_count() {
+    const TIMES: u64 = 40;
+    let probe = probe();
+    let p = probe.display();
+    // One process asks a denied name and an allowed one TIMES each, then the session ends, before
+    // the fold window (1 s by default) has passed.
+    let script = format!(
+        "{p} dns-query udp {STUB} x.secret.attacker.test A {TIMES}; \
+         {p} dns-query udp {STUB} model.llm.internal AAAA {TIMES}"
+    );
+    let asked = |tag: &str, audit: &str| {
+        let DnsWorld { server, w } = dns_world_audit(tag, &[], audit);
+        let (out, lines) = session_lines(&w.daemon, &script, 2 * TIMES as usize);
+        let (denied, allowed) = lines.split_at(TIMES as usize);
+        assert!(
+            denied
+                .iter()
+                .all(|l| l.starts_with("rcode=NXDomain answers= ")),
+            "{}",
+            text(&out)
+        );
+        let v6 = &w.outside.v6;
+        let want = format!("rcode=NoError answers={v6} from={STUB}");
+        assert!(allowed.iter().all(|l| *l == want), "{}", text(&out));
+        assert_eq!(
+            server.queries(),
+            ["udp model.llm.internal AAAA"],
+            "the denied name never leaves; the allowed one is asked once"
+        );
+        let records = audit_records(&w.daemon);
+        let end = records
+            .iter()
+            .position(|r| r["type"] == "session_end")
+            .expect("a session_end record");
+        // Every query is in the log, before the session's end: (lines, queries they stand for).
+        let of = |name: &str| -> (usize, u64) {
+            let lines: Vec<(usize, &serde_json::Value)> = records
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r["type"] == "dns" && r["qname"] == name)
+                .collect();
+            assert!(
+                lines.iter().all(|(i, _)| *i < end),
+                "{name}: after session_end"
+            );
+            let pids: std::collections::HashSet<String> =
+                lines.iter().map(|(_, r)| r["pid"].to_string()).collect();
+            assert_eq!(pids.len(), 1, "{name}: one process asked");
+            let n = lines
+                .iter()
+                .map(|(_, r)| r["count"].as_u64().unwrap_or(1))
+                .sum();
+            (lines.len(), n)
+        };
+        let counts = (of("x.secret.attacker.test"), of("model.llm.internal"));
+        // What the person at the terminal is told counts every query too.
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            stderr.contains(&format!("1 DNS name denied ({TIMES} queries)")),
+            "{stderr}"
+        );
+        counts
+    };
+    // Folded (the default window): the first asking is a line at once, the repeats one line with
+    // their count (the allowed name: its upstream answer, then its first cached answer, then the
+    // cached repeats).
+    let ((denied_lines, denied), (allowed_lines, allowed)) = asked("dns-fold", "");
+    assert_eq!((denied, allowed), (TIMES, TIMES), "a query left uncounted");
+    assert_eq!((denied_lines, allowed_lines), (2, 3));
+    // The control: with folding off, a line per query.
+    let ((denied_lines, denied), (allowed_lines, allowed)) =
+        asked("dns-nofold", "fold_window_ms = 0\n");
+    assert_eq!((denied, allowed), (TIMES, TIMES));
+    assert_eq!(
+        (denied_lines, allowed_lines),
+        (TIMES as usize, TIMES as usize)
+    );
 }
 
 #[test]

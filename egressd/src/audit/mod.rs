@@ -6,6 +6,7 @@
 //! previous daemon took and never wrote (kill -9, a crash) are found at the session's end from
 //! the kernel's counters. Each goes into a `lost` record, so written + lost = decisions taken.
 
+mod dns_folds;
 mod folds;
 mod health;
 pub mod names;
@@ -30,6 +31,7 @@ use egressd_common::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+pub use dns_folds::DnsFolds;
 pub use health::{Health, SharedHealth};
 pub use recent::RecentDenials;
 pub use syslog::Syslog;
@@ -129,6 +131,7 @@ struct Pipeline {
     names: SessionNames,
     lost_by_session: LostBySession,
     recent: RecentDenials,
+    dns_folds: DnsFolds,
     tuning: Tuning,
     sessions: HashMap<u64, Live>,
     /// What a previous daemon accounted for, per adopted session id (read from the log at start).
@@ -154,6 +157,8 @@ pub struct Shared {
     pub health: Health,
     pub lost: LostBySession,
     pub recent: RecentDenials,
+    /// DNS records the resolver counted as repeats, written here once per fold window.
+    pub dns_folds: DnsFolds,
 }
 
 /// Runs the pipeline until the channel closes.
@@ -192,6 +197,7 @@ pub async fn run(
         names: shared.names,
         lost_by_session: shared.lost,
         recent: shared.recent,
+        dns_folds: shared.dns_folds,
         tuning,
         sessions: HashMap::new(),
         before,
@@ -242,6 +248,7 @@ pub async fn run(
                 p.drain(ring.get_mut());
                 p.writer.tick_seal();
                 p.flush_folds(false, None);
+                p.dns_repeats(false, None);
                 if p.last_kernel_folds.elapsed() >= p.tuning.fold_window {
                     p.kernel_repeats(None);
                 }
@@ -269,6 +276,7 @@ pub async fn run(
     p.drain_all(ring.get_mut());
     p.flush_folds(true, None);
     p.kernel_repeats(None);
+    p.dns_repeats(true, None);
     p.flush_with(writer::Sync::Now);
 }
 
@@ -533,6 +541,14 @@ impl Pipeline {
         }
     }
 
+    /// Writes the DNS queries the resolver counted as repeats: of keys whose window has passed, or
+    /// all, or all of one session.
+    fn dns_repeats(&mut self, all: bool, session: Option<&str>) {
+        for r in self.dns_folds.take(all, session) {
+            self.write(r);
+        }
+    }
+
     /// Writes the repeats the kernel counted (of one session, or all) as one record per key.
     fn kernel_repeats(&mut self, session: Option<u64>) {
         if session.is_none() {
@@ -763,6 +779,7 @@ impl Pipeline {
             Message::SessionEnd(s, kernel, (unix_allowed, unix_refused)) => {
                 self.flush_folds(false, Some(s.cgroup_id));
                 self.kernel_repeats(Some(s.cgroup_id));
+                self.dns_repeats(false, Some(&s.id));
                 self.kernel_folds.end_session(s.cgroup_id);
                 self.ring_lost(s.cgroup_id, kernel.events_lost);
                 let taken = kernel.allowed
@@ -809,6 +826,7 @@ impl Pipeline {
             Message::Flush(done) => {
                 self.flush_folds(true, None);
                 self.kernel_repeats(None);
+                self.dns_repeats(true, None);
                 let ids: Vec<u64> = self.sessions.keys().copied().collect();
                 for id in ids {
                     if let Ok(c) = self.enforcer.counters(id).await {
@@ -823,6 +841,9 @@ impl Pipeline {
             Message::Settle(cgroup_id, done) => {
                 self.flush_folds(false, Some(cgroup_id));
                 self.kernel_repeats(Some(cgroup_id));
+                if let Some(id) = self.sessions.get(&cgroup_id).map(|l| l.id.clone()) {
+                    self.dns_repeats(false, Some(&id));
+                }
                 self.write_out();
                 let _ = done.send(());
             }

@@ -763,13 +763,15 @@ impl Writer {
         let mut items: Vec<(usize, ChainHead, Option<usize>, Written)> = Vec::new();
         let mut head = self.head.clone();
         let sealer = self.sealer.as_ref();
-        let mut push = |buf: &mut Vec<u8>, mut rec: Record, from: Option<usize>| {
+        // Queued records are numbered and chained in place (no copy per line): a record that is not
+        // written this time is numbered again at the next flush.
+        let mut push = |buf: &mut Vec<u8>, rec: &mut Record, from: Option<usize>| {
             if rec.kind == "seal" {
-                Self::fill_seal(sealer, &mut rec, &head);
+                Self::fill_seal(sealer, rec, &head);
             }
             rec.seq = head.seq + 1;
             rec.prev = std::mem::take(&mut head.hash);
-            let line = serde_json::to_vec(&rec).unwrap_or_default();
+            let line = serde_json::to_vec(&*rec).unwrap_or_default();
             head = ChainHead {
                 seq: rec.seq,
                 hash: line_hash(&line),
@@ -782,7 +784,7 @@ impl Writer {
                 head.clone(),
                 from,
                 Written {
-                    kind: rec.kind,
+                    kind: rec.kind.clone(),
                     denied,
                     line,
                 },
@@ -792,7 +794,7 @@ impl Writer {
         if let Some((message, bytes)) = change {
             push(
                 &mut buf,
-                Record {
+                &mut Record {
                     time: super::now_rfc3339(),
                     kind: "log_continued".into(),
                     bytes: Some(bytes),
@@ -802,15 +804,15 @@ impl Writer {
                 None,
             );
         }
-        for (i, entry) in self.pending.iter().enumerate() {
+        let mut pending = std::mem::take(&mut self.pending);
+        for (i, entry) in pending.iter_mut().enumerate() {
             match entry {
                 Entry::Lost(session) => {
-                    if let Some(rec) = self.lost_record(session) {
-                        push(&mut buf, rec, Some(i));
+                    if let Some(mut rec) = self.lost_record(session) {
+                        push(&mut buf, &mut rec, Some(i));
                     }
                 }
                 Entry::Record(rec, meta) => {
-                    let mut rec = (**rec).clone();
                     if let (Some(base), Some(s)) = (meta.base_lost, &rec.session) {
                         rec.lost = Some(base + self.lost_of(s));
                     }
@@ -818,6 +820,7 @@ impl Writer {
                 }
             }
         }
+        self.pending = pending;
         let (done, err) = write_some(&mut file, &buf);
         // The whole lines that reached the file; a partial one after them is cut back.
         let whole = items.iter().take_while(|(end, ..)| *end <= done).count();

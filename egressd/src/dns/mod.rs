@@ -58,13 +58,15 @@ pub struct Resolver {
     /// Bounds the upstream queries in flight: a sandbox flooding allowed names gets SERVFAIL, not
     /// a daemon out of sockets.
     inflight: tokio::sync::Semaphore,
-    /// /etc/hosts: when its mtime was last looked at, the mtime, and the text, re-read only when
-    /// the mtime changes.
+    /// /etc/hosts: when its mtime was last looked at, the mtime, and its names, read again only
+    /// when the mtime changes.
     hosts: Mutex<HostsFile>,
     /// Upstream sockets, kept between queries.
     pool: upstream::Pool,
     /// Upstream answers, kept for their TTL.
     cache: cache::Cache,
+    /// Repeated queries, counted rather than each written (the audit task writes their counts).
+    folds: audit::DnsFolds,
 }
 
 const MAX_INFLIGHT: usize = 256;
@@ -93,8 +95,14 @@ fn mapped(ip: IpAddr) -> [u8; 16] {
 }
 
 impl Resolver {
-    pub fn new(state: Arc<State>, maps: DnsMaps, settings: Settings) -> Resolver {
+    pub fn new(
+        state: Arc<State>,
+        maps: DnsMaps,
+        settings: Settings,
+        folds: audit::DnsFolds,
+    ) -> Resolver {
         Resolver {
+            folds,
             state,
             maps: Mutex::new(maps),
             settings,
@@ -379,6 +387,9 @@ impl Resolver {
             ttl: o.ttl,
             ..Default::default()
         };
+        let Some(rec) = self.folds.admit(rec) else {
+            return;
+        };
         if let Err(e) = self
             .state
             .audit
@@ -486,11 +497,12 @@ impl Resolver {
             let mtime = std::fs::metadata(HOSTS).and_then(|m| m.modified()).ok();
             if hosts.mtime != mtime || mtime.is_none() {
                 hosts.mtime = mtime;
-                hosts.text = std::fs::read_to_string(HOSTS).unwrap_or_default();
+                hosts.names =
+                    dns_policy::Hosts::parse(&std::fs::read_to_string(HOSTS).unwrap_or_default());
             }
         }
-        let found = dns_policy::hosts_lookup(&hosts.text, name);
-        (!found.is_empty()).then_some(found)
+        let found = hosts.names.lookup(name);
+        (!found.is_empty()).then(|| found.to_vec())
     }
 }
 
@@ -498,7 +510,7 @@ impl Resolver {
 struct HostsFile {
     checked: Option<std::time::Instant>,
     mtime: Option<std::time::SystemTime>,
-    text: String,
+    names: dns_policy::Hosts,
 }
 
 /// Forgets expired answers now and then; the kernel already ignores them once expired.

@@ -82,6 +82,12 @@ fn main() {
         ["dns-server", v4, v6, log, records @ ..] => dns::server(v4, v6, log, records),
         ["dns-query", mode, server, name] => exit(dns::query(mode, server, name, "A")),
         ["dns-query", mode, server, name, qtype] => exit(dns::query(mode, server, name, qtype)),
+        ["dns-query", mode, server, name, qtype, times] => exit(
+            (0..times.parse::<u32>().expect("a number of times"))
+                .map(|_| dns::query(mode, server, name, qtype))
+                .max()
+                .unwrap_or(0),
+        ),
         ["dns-raw", server, hex] => exit(dns::raw(server, hex)),
         ["resolve", name] => exit(dns::resolve(name)),
         ["abstract-listen", name, secs] => {
