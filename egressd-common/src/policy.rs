@@ -87,7 +87,8 @@ pub struct AuditConfig {
     pub keep: Option<u32>,
     /// Size of the kernel's event ring buffer: a power of two, at least 4096 (default 1 MiB).
     pub ring_buffer_bytes: Option<u32>,
-    /// Identical decisions within this window are written once with a count (default 1000; 0 off).
+    /// Identical decisions (connections and DNS queries) within this window are written once with a
+    /// count (default 1000; 0 off).
     pub fold_window_ms: Option<u64>,
     /// Group that may read the log (files are 0640 root:GROUP); root only when absent.
     pub group: Option<String>,
