@@ -7,9 +7,8 @@
 
 use std::{
     collections::HashMap,
-    hash::BuildHasher as _,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use egressd_common::audit::Record;
@@ -18,59 +17,42 @@ use egressd_common::audit::Record;
 /// room (it bounds the memory a stream of distinct names costs).
 const MAX_KEYS: usize = 2048;
 
-/// Shared by the resolver (which admits each record) and the audit task (which writes the
+/// What makes two DNS queries the same decision: everything their records say but the time and
+/// the TTL (which counts down in cached answers), as the resolver has it before it builds a record
+/// (so a repeat costs no record).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct DnsKey {
+    /// The asking socket's session cgroup (0: unknown), and whether egressd knows the session
+    /// (a cgroup id is never reused, so it names the session).
+    pub session: (u64, bool),
+    /// The task, as the redirect recorded it: pid_tgid, uid_gid, comm, address and port asked.
+    pub task: Option<(u64, u64, [u8; 16], [u8; 16], u16)>,
+    pub proto: u8,
+    pub verdict: &'static str,
+    pub reason: String,
+    pub qname: Option<String>,
+    pub qtype: Option<String>,
+    pub rcode: u16,
+    pub answers: Vec<String>,
+}
+
+/// Shared by the resolver (which admits each query) and the audit task (which writes the
 /// repeats).
 #[derive(Clone)]
 pub struct DnsFolds(Arc<Inner>);
 
 struct Inner {
     window: Duration,
-    hasher: std::collections::hash_map::RandomState,
-    slots: Mutex<HashMap<u64, Slot>>,
+    slots: Mutex<HashMap<DnsKey, Slot>>,
 }
 
 struct Slot {
     /// The first occurrence, as written.
     first: Record,
     repeats: u64,
-    latest_time: String,
+    latest: SystemTime,
     latest_ttl: Option<u32>,
     since: Instant,
-}
-
-/// What makes two DNS records the same decision: every field the resolver sets but the time and
-/// the TTL (which counts down in cached answers).
-#[allow(clippy::type_complexity)]
-fn identity(
-    r: &Record,
-) -> (
-    (
-        &str,
-        &Option<String>,
-        Option<u32>,
-        Option<u32>,
-        Option<u32>,
-        &Option<String>,
-    ),
-    (
-        &Option<String>,
-        &Option<String>,
-        Option<u16>,
-        &Option<String>,
-        &Option<String>,
-    ),
-    (
-        &Option<String>,
-        &Option<String>,
-        &Option<String>,
-        &Option<Vec<String>>,
-    ),
-) {
-    (
-        (&r.kind, &r.session, r.pid, r.tgid, r.uid, &r.comm),
-        (&r.protocol, &r.dest, r.port, &r.verdict, &r.reason),
-        (&r.qname, &r.qtype, &r.rcode, &r.answers),
-    )
 }
 
 impl DnsFolds {
@@ -78,47 +60,47 @@ impl DnsFolds {
     pub fn new(window: Duration) -> DnsFolds {
         DnsFolds(Arc::new(Inner {
             window,
-            hasher: Default::default(),
             slots: Mutex::new(HashMap::new()),
         }))
     }
 
-    /// The record to write now (a first occurrence, or one that cannot be folded), or None for a
-    /// repeat, counted here until the audit task takes it.
-    pub fn admit(&self, rec: Record) -> Option<Record> {
+    /// The record to write now (a first occurrence, or one that cannot be held), built by
+    /// `record`; or None for a repeat, counted here until the audit task takes it.
+    pub fn admit(
+        &self,
+        key: DnsKey,
+        ttl: Option<u32>,
+        record: impl FnOnce(DnsKey) -> Record,
+    ) -> Option<Record> {
         let inner = &self.0;
         if inner.window.is_zero() {
-            return Some(rec);
+            return Some(record(key));
         }
-        let key = inner.hasher.hash_one(identity(&rec));
         let Ok(mut slots) = inner.slots.lock() else {
-            return Some(rec);
+            return Some(record(key));
         };
-        let full = slots.len() >= MAX_KEYS;
-        match slots.get_mut(&key) {
-            Some(s) if identity(&s.first) == identity(&rec) => {
-                s.repeats += 1;
-                s.latest_time = rec.time;
-                s.latest_ttl = rec.ttl;
-                None
-            }
-            // Another record with the same hash: written on its own.
-            Some(_) => Some(rec),
-            None if full => Some(rec),
-            None => {
-                slots.insert(
-                    key,
-                    Slot {
-                        first: rec.clone(),
-                        repeats: 0,
-                        latest_time: rec.time.clone(),
-                        latest_ttl: rec.ttl,
-                        since: Instant::now(),
-                    },
-                );
-                Some(rec)
-            }
+        if let Some(s) = slots.get_mut(&key) {
+            s.repeats += 1;
+            s.latest = SystemTime::now();
+            s.latest_ttl = ttl;
+            return None;
         }
+        if slots.len() >= MAX_KEYS {
+            drop(slots);
+            return Some(record(key));
+        }
+        let rec = record(key.clone());
+        slots.insert(
+            key,
+            Slot {
+                first: rec.clone(),
+                repeats: 0,
+                latest: SystemTime::now(),
+                latest_ttl: ttl,
+                since: Instant::now(),
+            },
+        );
+        Some(rec)
     }
 
     /// The repeats to write, oldest key first, each as one record with its `count`: of the keys
@@ -132,22 +114,26 @@ impl DnsFolds {
         if slots.is_empty() {
             return Vec::new();
         }
-        let due: Vec<u64> = slots
-            .iter()
-            .filter(|(_, s)| {
-                all || s.since.elapsed() >= window
-                    || (session.is_some() && s.first.session.as_deref() == session)
-            })
-            .map(|(k, _)| *k)
-            .collect();
-        let mut taken: Vec<Slot> = due.iter().filter_map(|k| slots.remove(k)).collect();
+        let mut taken: Vec<Slot> = Vec::new();
+        slots.retain(|_, s| {
+            let due = all
+                || s.since.elapsed() >= window
+                || (session.is_some() && s.first.session.as_deref() == session);
+            if due {
+                taken.push(Slot {
+                    first: std::mem::take(&mut s.first),
+                    ..*s
+                });
+            }
+            !due
+        });
         drop(slots);
         taken.sort_by_key(|s| s.since);
         taken
             .into_iter()
             .filter(|s| s.repeats > 0)
             .map(|s| Record {
-                time: s.latest_time,
+                time: humantime::format_rfc3339_nanos(s.latest).to_string(),
                 ttl: s.latest_ttl,
                 count: Some(s.repeats),
                 ..s.first
@@ -160,67 +146,84 @@ impl DnsFolds {
 mod tests {
     use super::*;
 
-    fn query(session: &str, pid: u32, name: &str, time: &str, ttl: u32) -> Record {
-        Record {
-            time: time.into(),
-            kind: "dns".into(),
-            session: Some(session.into()),
-            pid: Some(pid),
+    fn key(session: u64, pid: u64, name: &str, answer: &str) -> DnsKey {
+        DnsKey {
+            session: (session, true),
+            task: Some((pid, 65534, [0; 16], [0; 16], 53)),
+            proto: 17,
+            verdict: "allowed",
+            reason: "dns_allow".into(),
             qname: Some(name.into()),
             qtype: Some("A".into()),
-            verdict: Some("allowed".into()),
-            reason: Some("dns_allow".into()),
-            rcode: Some("No Error".into()),
-            answers: Some(vec!["198.18.0.9".into()]),
-            ttl: Some(ttl),
+            rcode: 0,
+            answers: vec![answer.into()],
+        }
+    }
+
+    /// The record the resolver would build for `k`.
+    fn record(k: DnsKey) -> Record {
+        Record {
+            time: "first".into(),
+            kind: "dns".into(),
+            session: Some(format!("s{}", k.session.0)),
+            pid: k.task.map(|t| t.0 as u32),
+            qname: k.qname,
+            answers: Some(k.answers),
             ..Default::default()
         }
+    }
+
+    fn ask(f: &DnsFolds, k: DnsKey, ttl: u32) -> Option<Record> {
+        f.admit(k, Some(ttl), record)
     }
 
     #[test]
     fn repeats_within_the_window_are_one_record_with_their_count() {
         let f = DnsFolds::new(Duration::from_secs(3600));
-        let first = f.admit(query("s1", 7, "a.test", "t1", 60)).unwrap();
-        assert_eq!((first.time.as_str(), first.count), ("t1", None));
-        for (t, ttl) in [("t2", 59), ("t3", 58), ("t4", 57)] {
-            assert!(f.admit(query("s1", 7, "a.test", t, ttl)).is_none());
+        let first = ask(&f, key(1, 7, "a.test", "198.18.0.9"), 60).unwrap();
+        assert_eq!((first.time.as_str(), first.count), ("first", None));
+        let before = SystemTime::now();
+        for ttl in [59, 58, 57] {
+            assert!(ask(&f, key(1, 7, "a.test", "198.18.0.9"), ttl).is_none());
         }
         // Another process, name, session or answer is a decision of its own.
-        assert!(f.admit(query("s1", 8, "a.test", "t5", 60)).is_some());
-        assert!(f.admit(query("s1", 7, "b.test", "t5", 60)).is_some());
-        assert!(f.admit(query("s2", 7, "a.test", "t5", 60)).is_some());
-        let mut other = query("s1", 7, "a.test", "t5", 60);
-        other.answers = Some(vec!["198.18.0.10".into()]);
-        assert!(f.admit(other).is_some());
+        assert!(ask(&f, key(1, 8, "a.test", "198.18.0.9"), 60).is_some());
+        assert!(ask(&f, key(1, 7, "b.test", "198.18.0.9"), 60).is_some());
+        assert!(ask(&f, key(2, 7, "a.test", "198.18.0.9"), 60).is_some());
+        assert!(ask(&f, key(1, 7, "a.test", "198.18.0.10"), 60).is_some());
         // Nothing is due before its window ends.
         assert!(f.take(false, None).is_empty());
         // A session's keys are taken when it ends, each with the repeats' count.
-        let s2 = f.take(false, Some("s2"));
-        assert!(s2.is_empty(), "s2's only key had no repeats");
+        assert!(
+            f.take(false, Some("s2")).is_empty(),
+            "s2's key had no repeats"
+        );
         let all = f.take(true, None);
         assert_eq!(all.len(), 1, "only a.test of pid 7 repeated");
         let r = &all[0];
         assert_eq!(r.count, Some(3));
-        assert_eq!((r.time.as_str(), r.ttl), ("t4", Some(57)));
+        assert_eq!(r.ttl, Some(57), "the latest repeat's");
+        let time: SystemTime = humantime::parse_rfc3339(&r.time).unwrap();
+        assert!(time >= before, "the latest repeat's time: {}", r.time);
         assert_eq!((r.pid, r.qname.as_deref()), (Some(7), Some("a.test")));
         // Taken keys are forgotten: the next occurrence is written at once again.
         assert!(f.take(true, None).is_empty());
-        assert!(f.admit(query("s1", 7, "a.test", "t6", 50)).is_some());
+        assert!(ask(&f, key(1, 7, "a.test", "198.18.0.9"), 50).is_some());
     }
 
     #[test]
     fn keys_whose_window_passed_are_taken_and_a_zero_window_folds_nothing() {
         let f = DnsFolds::new(Duration::from_millis(20));
-        f.admit(query("s1", 7, "a.test", "t1", 60)).unwrap();
-        assert!(f.admit(query("s1", 7, "a.test", "t2", 60)).is_none());
+        ask(&f, key(1, 7, "a.test", "x"), 60).unwrap();
+        assert!(ask(&f, key(1, 7, "a.test", "x"), 60).is_none());
         std::thread::sleep(Duration::from_millis(30));
         let due = f.take(false, None);
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].count, Some(1));
 
         let off = DnsFolds::new(Duration::ZERO);
-        for t in ["t1", "t2", "t3"] {
-            assert!(off.admit(query("s1", 7, "a.test", t, 60)).is_some());
+        for _ in 0..3 {
+            assert!(ask(&off, key(1, 7, "a.test", "x"), 60).is_some());
         }
         assert!(off.take(true, None).is_empty());
     }
@@ -229,16 +232,13 @@ mod tests {
     fn past_the_bound_every_new_name_is_written() {
         let f = DnsFolds::new(Duration::from_secs(3600));
         for i in 0..MAX_KEYS {
-            assert!(f
-                .admit(query("s1", 7, &format!("n{i}.test"), "t", 60))
-                .is_some());
+            assert!(ask(&f, key(1, 7, &format!("n{i}.test"), "x"), 60).is_some());
         }
-        let extra = "extra.test";
-        assert!(f.admit(query("s1", 7, extra, "t", 60)).is_some());
+        assert!(ask(&f, key(1, 7, "extra.test", "x"), 60).is_some());
         assert!(
-            f.admit(query("s1", 7, extra, "t", 60)).is_some(),
+            ask(&f, key(1, 7, "extra.test", "x"), 60).is_some(),
             "not held: written again"
         );
-        assert!(f.admit(query("s1", 7, "n0.test", "t", 60)).is_none());
+        assert!(ask(&f, key(1, 7, "n0.test", "x"), 60).is_none());
     }
 }

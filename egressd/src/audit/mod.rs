@@ -31,7 +31,7 @@ use egressd_common::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-pub use dns_folds::DnsFolds;
+pub use dns_folds::{DnsFolds, DnsKey};
 pub use health::{Health, SharedHealth};
 pub use recent::RecentDenials;
 pub use syslog::Syslog;

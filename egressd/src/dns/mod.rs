@@ -53,7 +53,7 @@ impl Settings {
 
 pub struct Resolver {
     state: Arc<State>,
-    maps: Mutex<DnsMaps>,
+    maps: Mutex<Maps>,
     settings: Settings,
     /// Bounds the upstream queries in flight: a sandbox flooding allowed names gets SERVFAIL, not
     /// a daemon out of sockets.
@@ -70,6 +70,39 @@ pub struct Resolver {
 }
 
 const MAX_INFLIGHT: usize = 256;
+
+/// The kernel's DNS maps, and what this resolver wrote into `DNS_ALLOW`.
+struct Maps {
+    kernel: DnsMaps,
+    /// The expiry of each `DNS_ALLOW` entry as last written here, so that an answer asked again
+    /// (from the cache) costs no lookup in the kernel to learn it is open already. Trusted only
+    /// while the map is far from full: `DNS_ALLOW` is an LRU map, which drops entries only then.
+    opened: HashMap<DnsAllowKey, u64>,
+    /// Entries in `DNS_ALLOW` at the last sweep (those of an earlier egressd included).
+    kernel_len: usize,
+}
+
+impl Maps {
+    /// Up to this many entries, the LRU map drops none (its free lists are per CPU, so it may
+    /// drop some before it is quite full).
+    const TRUSTED: usize = egressd_common::MAX_DNS_ALLOW as usize / 4;
+
+    /// When `key` expires in the kernel (0: not open).
+    fn expiry(&mut self, key: &DnsAllowKey) -> u64 {
+        let trusted = self.kernel_len.max(self.opened.len()) < Self::TRUSTED;
+        if trusted {
+            if let Some(e) = self.opened.get(key) {
+                return *e;
+            }
+        }
+        let e = self.kernel.allow.get(key, 0).unwrap_or(0);
+        if trusted && e != 0 {
+            // An entry an earlier egressd wrote.
+            self.opened.insert(*key, e);
+        }
+        e
+    }
+}
 
 /// The decision on one query, as audited.
 struct Outcome {
@@ -104,7 +137,12 @@ impl Resolver {
         Resolver {
             folds,
             state,
-            maps: Mutex::new(maps),
+            maps: Mutex::new(Maps {
+                // What an earlier egressd left open counts until the first sweep.
+                kernel_len: maps.allow.keys().count(),
+                kernel: maps,
+                opened: HashMap::new(),
+            }),
             settings,
             inflight: tokio::sync::Semaphore::new(MAX_INFLIGHT),
             hosts: Mutex::new(HostsFile::default()),
@@ -121,7 +159,7 @@ impl Resolver {
             family: if peer.is_ipv4() { 4 } else { 6 },
         };
         let maps = self.maps.lock().ok()?;
-        maps.peers.get(&key, 0).ok()
+        maps.kernel.peers.get(&key, 0).ok()
     }
 
     /// Opens `addrs` to the session until their TTL (bounded by the config) runs out. Returns the
@@ -140,7 +178,7 @@ impl Resolver {
                 addr: mapped(*ip),
             };
             let expiry = now + u64::from(ttl) * 1_000_000_000;
-            let current = maps.allow.get(&key, 0).unwrap_or(0);
+            let current = maps.expiry(&key);
             // An entry that lasts as long is left as it is. A cached answer's TTLs are counted
             // down in whole seconds, so its expiry comes out up to a second past the one its
             // first asking wrote: within that second it opens nothing longer (and costs no write).
@@ -148,8 +186,14 @@ impl Resolver {
             if current.saturating_add(slack) >= expiry {
                 continue;
             }
-            if let Err(e) = maps.allow.insert(key, expiry, 0) {
-                tracing::warn!(%ip, "dns: opening an answer's address: {e}; connections to it stay denied");
+            match maps.kernel.allow.insert(key, expiry, 0) {
+                Ok(()) => {
+                    maps.opened.insert(key, expiry);
+                }
+                Err(e) => {
+                    maps.opened.remove(&key);
+                    tracing::warn!(%ip, "dns: opening an answer's address: {e}; connections to it stay denied");
+                }
             }
         }
         longest
@@ -161,16 +205,23 @@ impl Resolver {
         let Ok(mut maps) = self.maps.lock() else {
             return;
         };
+        let mut kept = 0;
         let expired: Vec<DnsAllowKey> = maps
+            .kernel
             .allow
             .iter()
             .filter_map(|r| r.ok())
-            .filter(|(_, expiry)| *expiry <= now)
+            .filter(|(_, expiry)| {
+                kept += 1;
+                *expiry <= now
+            })
             .map(|(k, _)| k)
             .collect();
+        maps.kernel_len = kept - expired.len();
         for k in expired {
-            let _ = maps.allow.remove(&k);
+            let _ = maps.kernel.allow.remove(&k);
         }
+        maps.opened.retain(|_, expiry| *expiry > now);
     }
 
     /// Answers one query from `peer` (`proto` 6 or 17); `None` when there is nothing to answer.
@@ -354,40 +405,50 @@ impl Resolver {
                 .add(from.session, o.verdict == "allowed", qname.as_deref());
         }
         let task = origin.filter(|o| o.redirected == 1);
-        // 0: a task in a pid namespace below egressd's, with no pid egressd could name.
-        let pid_tgid = task.map(|t| t.pid_tgid).filter(|&p| p != 0);
-        let (dest, port) = match task {
-            Some(t) => (Some(ipv6_or_4(t.addr).to_string()), Some(t.port)),
-            None => (None, None),
-        };
-        let rec = Record {
-            time: audit::now_rfc3339(),
-            kind: "dns".into(),
-            session: Some(match (session, origin) {
-                (Some(s), _) => s.id.clone(),
-                (None, Some(o)) => format!("unknown-cgroup-{}", o.session),
-                (None, None) => "none".into(),
-            }),
-            pid: pid_tgid.map(|p| p as u32),
-            tgid: pid_tgid.map(|p| (p >> 32) as u32),
-            uid: task.map(|t| t.uid_gid as u32),
-            comm: task.map(|t| {
-                let end = t.comm.iter().position(|b| *b == 0).unwrap_or(16);
-                String::from_utf8_lossy(&t.comm[..end]).into_owned()
-            }),
-            protocol: Some(if proto == 6 { "tcp" } else { "udp" }.into()),
-            dest,
-            port,
-            verdict: Some(o.verdict.into()),
-            reason: Some(o.reason),
+        let key = audit::DnsKey {
+            session: (origin.map_or(0, |o| o.session), session.is_some()),
+            task: task.map(|t| (t.pid_tgid, t.uid_gid, t.comm, t.addr, t.port)),
+            proto,
+            verdict: o.verdict,
+            reason: o.reason,
             qname,
             qtype,
-            rcode: Some(o.rcode.to_string()),
-            answers: (!o.opened.is_empty()).then_some(o.opened),
-            ttl: o.ttl,
-            ..Default::default()
+            rcode: u16::from(o.rcode),
+            answers: o.opened,
         };
-        let Some(rec) = self.folds.admit(rec) else {
+        // A repeat of a query already in the log is counted; its record is never built.
+        let record = |k: audit::DnsKey| {
+            // 0: a task in a pid namespace below egressd's, with no pid egressd could name.
+            let pid_tgid = task.map(|t| t.pid_tgid).filter(|&p| p != 0);
+            Record {
+                time: audit::now_rfc3339(),
+                kind: "dns".into(),
+                session: Some(match (session, origin) {
+                    (Some(s), _) => s.id.clone(),
+                    (None, Some(o)) => format!("unknown-cgroup-{}", o.session),
+                    (None, None) => "none".into(),
+                }),
+                pid: pid_tgid.map(|p| p as u32),
+                tgid: pid_tgid.map(|p| (p >> 32) as u32),
+                uid: task.map(|t| t.uid_gid as u32),
+                comm: task.map(|t| {
+                    let end = t.comm.iter().position(|b| *b == 0).unwrap_or(16);
+                    String::from_utf8_lossy(&t.comm[..end]).into_owned()
+                }),
+                protocol: Some(if proto == 6 { "tcp" } else { "udp" }.into()),
+                dest: task.map(|t| ipv6_or_4(t.addr).to_string()),
+                port: task.map(|t| t.port),
+                verdict: Some(k.verdict.into()),
+                reason: Some(k.reason),
+                qname: k.qname,
+                qtype: k.qtype,
+                rcode: Some(o.rcode.to_string()),
+                answers: (!k.answers.is_empty()).then_some(k.answers),
+                ttl: o.ttl,
+                ..Default::default()
+            }
+        };
+        let Some(rec) = self.folds.admit(key, o.ttl, record) else {
             return;
         };
         if let Err(e) = self

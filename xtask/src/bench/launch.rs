@@ -95,14 +95,16 @@ pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
             .unwrap_or(false)
     });
     let per_round = if plan.quick { 5 } else { 20 };
-    // The same launch with cgroup2's favordynmods on (a system setting; restored after each use):
-    // what a session start costs without the RCU grace period a move into a cgroup waits for.
+    // The same launches with cgroup2's favordynmods on (a system setting; restored after each
+    // use): it makes moving a task cheaper and forks and exits dearer, for every launcher alike, so
+    // `true`, egressctl and bwrap are all measured under it and compared with one another.
     let mount = super::fixture::cgroup2_mount()?;
     let dynmods_before = egressd_common::host::favordynmods(&mount);
     let dynmods = |on: bool| egressd_common::host::set_favordynmods(&mount, on).is_ok();
     let dynmods_ok =
         dynmods_before.is_some() && dynmods(true) && dynmods(dynmods_before == Some(true));
     let (mut t_dyn, mut add_dyn) = (Vec::new(), Vec::new());
+    let (mut t_true_dyn, mut t_bwrap_dyn, mut add_bwrap_dyn) = (Vec::new(), Vec::new(), Vec::new());
     let (mut t_true, mut t_ctl, mut t_bwrap, mut teardown) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut add_ctl, mut add_bwrap) = (Vec::new(), Vec::new());
@@ -112,6 +114,7 @@ pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
         eprintln!("bench: (g) launch, round {}/{}", round + 1, plan.rounds);
         let (mut a, mut b, mut c, mut e) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut f, mut g) = (Vec::new(), Vec::new());
+        let (mut a_dyn, mut c_dyn) = (Vec::new(), Vec::new());
         for _ in 0..per_round {
             a.push(wall_ms(&mut as_user(&Command::new(&truth)))?);
             b.push(wall_ms(&mut as_user(&d.run_cmd(None, &[&truth])))?);
@@ -122,9 +125,15 @@ pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
             teardown.push(t.elapsed().as_secs_f64() * 1e3);
             if dynmods_ok {
                 dynmods(true);
+                let alone = wall_ms(&mut as_user(&Command::new(&truth)));
                 let ms = wall_ms(&mut as_user(&d.run_cmd(None, &[&truth])));
+                let bw = bwrap_ok.then(|| wall_ms(&mut bwrap_cmd(bwrap.as_ref().unwrap())));
                 dynmods(dynmods_before == Some(true));
+                a_dyn.push(alone?);
                 e.push(ms?);
+                if let Some(bw) = bw {
+                    c_dyn.push(bw?);
+                }
                 let t = Instant::now();
                 while d.session_count() > 0 && t.elapsed() < Duration::from_secs(5) {
                     thread::sleep(Duration::from_micros(100));
@@ -148,9 +157,14 @@ pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
             t_bwrap.push(mc.median);
             add_bwrap.push(mc.median - ma);
         }
-        if let Some(me) = Spread::of(&e) {
+        if let (Some(me), Some(ma_dyn)) = (Spread::of(&e), Spread::of(&a_dyn)) {
+            t_true_dyn.push(ma_dyn.median);
             t_dyn.push(me.median);
-            add_dyn.push(me.median - ma);
+            add_dyn.push(me.median - ma_dyn.median);
+            if let Some(mc) = Spread::of(&c_dyn) {
+                t_bwrap_dyn.push(mc.median);
+                add_bwrap_dyn.push(mc.median - ma_dyn.median);
+            }
         }
     }
     report.row('g', "launch: `true` alone", "ms", Spread::of(&t_true));
@@ -169,6 +183,12 @@ pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
     if dynmods_ok {
         report.row(
             'g',
+            "launch: `true` alone, cgroup2 favordynmods",
+            "ms",
+            Spread::of(&t_true_dyn),
+        );
+        report.row(
+            'g',
             "launch: `egressctl run -- true`, cgroup2 favordynmods",
             "ms",
             Spread::of(&t_dyn),
@@ -179,6 +199,20 @@ pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
             "ms",
             Spread::of(&add_dyn),
         );
+        if bwrap_ok {
+            report.row(
+                'g',
+                "launch: `bwrap --unshare-net --dev-bind / / true`, favordynmods",
+                "ms",
+                Spread::of(&t_bwrap_dyn),
+            );
+            report.row(
+                'g',
+                "launch: added by bwrap, favordynmods",
+                "ms",
+                Spread::of(&add_bwrap_dyn),
+            );
+        }
     } else {
         report.not_measured(
             'g',
@@ -230,11 +264,15 @@ pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
         Spread::of(&teardown),
         format!("{} sessions", teardown.len()),
     );
-    let bw = Spread::of(&add_bwrap).map(|s| s.median);
-    for (what, added) in [
-        ("launch adds less than bwrap does", &add_ctl),
-        ("launch adds less than bwrap does, favordynmods", &add_dyn),
+    for (what, added, bwrap_added) in [
+        ("launch adds less than bwrap does", &add_ctl, &add_bwrap),
+        (
+            "launch adds less than bwrap does, both under favordynmods",
+            &add_dyn,
+            &add_bwrap_dyn,
+        ),
     ] {
+        let bw = Spread::of(bwrap_added).map(|s| s.median);
         match (Spread::of(added).map(|s| s.median), bw) {
             (Some(c), Some(b)) => report.target_bool(
                 what,
