@@ -17,6 +17,10 @@ use egressd_common::audit::Record;
 /// room (it bounds the memory a stream of distinct names costs).
 const MAX_KEYS: usize = 2048;
 
+/// The asking task as the redirect recorded it: pid_tgid, uid_gid, comm, and the address and port
+/// the query was sent to.
+pub type Asker = (u64, u64, [u8; 16], [u8; 16], u16);
+
 /// What makes two DNS queries the same decision: everything their records say but the time and
 /// the TTL (which counts down in cached answers), as the resolver has it before it builds a record
 /// (so a repeat costs no record).
@@ -25,8 +29,7 @@ pub struct DnsKey {
     /// The asking socket's session cgroup (0: unknown), and whether egressd knows the session
     /// (a cgroup id is never reused, so it names the session).
     pub session: (u64, bool),
-    /// The task, as the redirect recorded it: pid_tgid, uid_gid, comm, address and port asked.
-    pub task: Option<(u64, u64, [u8; 16], [u8; 16], u16)>,
+    pub task: Option<Asker>,
     pub proto: u8,
     pub verdict: &'static str,
     pub reason: String,
