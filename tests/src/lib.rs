@@ -78,6 +78,15 @@ impl Scratch {
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
         Scratch(dir)
     }
+
+    /// A directory in the scratch directory that every user may write (markers a sandboxed
+    /// command and the test pass each other).
+    pub fn shared_dir(&self, name: &str) -> PathBuf {
+        let dir = self.0.join(name);
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+        dir
+    }
 }
 
 impl Drop for Scratch {
@@ -262,6 +271,27 @@ impl Daemon {
         };
         c.arg("--socket").arg(&self.socket);
         c
+    }
+
+    /// `egressctl run -- ARGS` as `uid`, started with its output piped (for a test that acts on the
+    /// session while it runs).
+    pub fn spawn_run(&self, uid: u32, args: &[&str]) -> Child {
+        self.ctl(uid)
+            .arg("run")
+            .arg("--")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// `spawn_run` of the probe with `args`.
+    pub fn spawn_probe(&self, uid: u32, args: &[&str]) -> Child {
+        let probe = probe();
+        let mut all = vec![probe.to_str().unwrap()];
+        all.extend_from_slice(args);
+        self.spawn_run(uid, &all)
     }
 
     /// `egressctl run -- ARGS` as `uid`, waited for.

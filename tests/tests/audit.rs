@@ -220,25 +220,13 @@ fn a_flood_through_a_tiny_ring_buffer_is_accounted_for_exactly() {
     );
     const N: u64 = 20_000;
     // The sandboxed probe (uid 65534) writes `go.done` next to `go`.
-    let markers = w.scratch.0.join("markers");
-    fs::create_dir(&markers).unwrap();
-    fs::set_permissions(
-        &markers,
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .unwrap();
+    let markers = w.scratch.shared_dir("markers");
     let go = markers.join("go");
     let flood = format!("{},{N}", w.outside.tcp4());
-    let sandbox = w
-        .daemon
-        .ctl(NOBODY)
-        .args(["run", "--"])
-        .arg(probe())
-        .args(["wait-attempt", go.to_str().unwrap(), "flood-udp", &flood])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let sandbox = w.daemon.spawn_probe(
+        NOBODY,
+        &["wait-attempt", go.to_str().unwrap(), "flood-udp", &flood],
+    );
     wait_for_running_session(&w.daemon);
     // With the daemon stopped nothing drains the 4 KiB ring (46 events): loss is certain, and
     // every lost event must still be counted.
@@ -286,21 +274,15 @@ fn a_flood_through_a_tiny_ring_buffer_is_accounted_for_exactly() {
 fn decisions_taken_while_the_daemon_is_down_are_written_after_restart() {
     let mut w = world("audit-restart");
     let go = w.scratch.0.join("go");
-    let sandbox = w
-        .daemon
-        .ctl(NOBODY)
-        .args(["run", "--"])
-        .arg(probe())
-        .args([
+    let sandbox = w.daemon.spawn_probe(
+        NOBODY,
+        &[
             "wait-attempt",
             go.to_str().unwrap(),
             "tcp",
             &w.outside.tcp4(),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+    );
     wait_for_running_session(&w.daemon);
     w.daemon.kill9();
     fs::write(&go, b"go").unwrap();

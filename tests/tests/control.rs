@@ -103,16 +103,7 @@ fn reloads_during_a_connect_storm_never_leave_a_gap() {
     let w = world_with("storm", |o| Some(allow_outside(o, "")));
     const N: u64 = 1500;
     let storm = format!("{},{}:{},{N}", w.outside.tcp4(), w.outside.v4, PORT + 1);
-    let sandbox = w
-        .daemon
-        .ctl(NOBODY)
-        .args(["run", "--"])
-        .arg(probe())
-        .args(["attempt", "storm", &storm])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let sandbox = w.daemon.spawn_probe(NOBODY, &["attempt", "storm", &storm]);
     wait_for_running_session(&w.daemon);
     // Alternate between two policies that agree on both destinations and differ elsewhere, so
     // every reload writes the other half of the maps and flips.
@@ -292,29 +283,17 @@ fn learn_writes_a_profile_allowing_exactly_what_an_audit_session_did() {
 #[test]
 fn stopping_the_daemon_leaves_running_sandboxes_enforced() {
     let mut w = world("sigterm");
-    let markers = w.scratch.0.join("markers");
-    fs::create_dir(&markers).unwrap();
-    fs::set_permissions(
-        &markers,
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .unwrap();
+    let markers = w.scratch.shared_dir("markers");
     let go = markers.join("go");
-    let sandbox = w
-        .daemon
-        .ctl(NOBODY)
-        .args(["run", "--"])
-        .arg(probe())
-        .args([
+    let sandbox = w.daemon.spawn_probe(
+        NOBODY,
+        &[
             "wait-attempt",
             go.to_str().unwrap(),
             "tcp",
             &w.outside.tcp4(),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+    );
     wait_for_running_session(&w.daemon);
     w.daemon.signal(libc::SIGTERM);
     wait_until("egressd to exit", 10, || !w.daemon.socket.exists());
@@ -347,14 +326,7 @@ fn connects_in_flight_when_the_daemon_stops_are_answered() {
     });
     let mut sandbox = w
         .daemon
-        .ctl(NOBODY)
-        .args(["run", "--"])
-        .arg(probe())
-        .args(["bench", "tcp-connect", &addr, "3"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_probe(NOBODY, &["bench", "tcp-connect", &addr, "3"]);
     wait_for_running_session(&w.daemon);
     std::thread::sleep(std::time::Duration::from_millis(500));
     w.daemon.signal(libc::SIGTERM);
@@ -386,29 +358,17 @@ fn connects_in_flight_when_the_daemon_stops_are_answered() {
 #[test]
 fn a_session_whose_profile_is_removed_falls_back_to_loopback_only() {
     let w = world_with("removed", |o| Some(allow_outside(o, "")));
-    let markers = w.scratch.0.join("markers");
-    fs::create_dir(&markers).unwrap();
-    fs::set_permissions(
-        &markers,
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .unwrap();
+    let markers = w.scratch.shared_dir("markers");
     let go = markers.join("go");
-    let sandbox = w
-        .daemon
-        .ctl(NOBODY)
-        .args(["run", "--"])
-        .arg(probe())
-        .args([
+    let sandbox = w.daemon.spawn_probe(
+        NOBODY,
+        &[
             "wait-attempt",
             go.to_str().unwrap(),
             "tcp",
             &w.outside.tcp4(),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+    );
     wait_for_running_session(&w.daemon);
     w.daemon
         .write_policy("default_profile = \"other\"\n[profiles.other]\n");
@@ -465,14 +425,7 @@ fn a_restarted_daemon_supervises_a_running_sessions_unix_sockets_again() {
         g2 = gate2.display(),
     );
     let before = w.outside.counts();
-    let session = w
-        .daemon
-        .ctl(NOBODY)
-        .args(["run", "--", "sh", "-c", &script])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let session = w.daemon.spawn_run(NOBODY, &["sh", "-c", &script]);
     wait_for_running_session(&w.daemon);
     std::thread::sleep(std::time::Duration::from_millis(500));
     w.daemon.kill9();
@@ -543,14 +496,7 @@ fn a_stopped_daemon_leaves_no_connect_waiting_and_nothing_unjudged() {
         out = w.outside.tcp4(),
     );
     let before = w.outside.counts();
-    let session = w
-        .daemon
-        .ctl(NOBODY)
-        .args(["run", "--", "sh", "-c", &script])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let session = w.daemon.spawn_run(NOBODY, &["sh", "-c", &script]);
     wait_for_running_session(&w.daemon);
     w.daemon.signal(libc::SIGSTOP);
     fs::write(&gate, b"").unwrap();

@@ -489,13 +489,7 @@ fn a_name_asked_over_and_over_is_written_once_with_its_count() {
 fn repeats_counted_when_the_daemon_stops_are_written_before_it_exits() {
     const TIMES: u64 = 30;
     let DnsWorld { server, mut w } = dns_world("dns-fold-stop");
-    let markers = w.scratch.0.join("markers");
-    fs::create_dir(&markers).unwrap();
-    fs::set_permissions(
-        &markers,
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .unwrap();
+    let markers = w.scratch.shared_dir("markers");
     let asked = markers.join("asked");
     let probe = probe();
     let script = format!(

@@ -194,21 +194,15 @@ fn audit_mode_lets_traffic_through_but_counts_it_as_denied() {
 fn enforcement_survives_kill_9_and_new_runs_fail_closed() {
     let mut w = world("kill9");
     let go = w.scratch.0.join("go");
-    let sandbox = w
-        .daemon
-        .ctl(NOBODY)
-        .args(["run", "--"])
-        .arg(probe())
-        .args([
+    let sandbox = w.daemon.spawn_probe(
+        NOBODY,
+        &[
             "wait-attempt",
             go.to_str().unwrap(),
             "tcp",
             &w.outside.tcp4(),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+    );
     wait_for_running_session(&w.daemon);
     let parent = fs::File::open(w.daemon.cgroup_dir()).unwrap();
     let before = prog_query::effective_programs(&parent, prog_query::ATTACH_INET4_CONNECT).unwrap();
@@ -441,21 +435,15 @@ fn garbage_on_the_control_socket_gets_an_error_and_harms_nothing() {
 fn a_missing_hook_is_caught_by_the_backstop_and_refused_by_run() {
     let w = world("backstop");
     let go = w.scratch.0.join("go");
-    let sandbox = w
-        .daemon
-        .ctl(NOBODY)
-        .args(["run", "--"])
-        .arg(probe())
-        .args([
+    let sandbox = w.daemon.spawn_probe(
+        NOBODY,
+        &[
             "wait-attempt",
             go.to_str().unwrap(),
             "tcp",
             &w.outside.tcp4(),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+    );
     wait_for_running_session(&w.daemon);
     // Unpinning the connect4 link detaches it (egressd holds no other reference).
     fs::remove_file(format!(
