@@ -1,7 +1,7 @@
 //! The daemon's shared state and its long-running tasks: policy (re)load, session adoption and
 //! the reaper that ends sessions whose cgroup has emptied.
 
-use egressd_common::policy::{compile_profile, Config};
+use egressd_common::policy::Config;
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
@@ -226,7 +226,7 @@ impl State {
     }
 
     /// Compiles `config` and puts it in force atomically. On any error nothing changes.
-    pub async fn apply_policy(&self, config: Config, source: String) -> Result<(), String> {
+    pub async fn apply_policy(&self, mut config: Config, source: String) -> Result<(), String> {
         let in_use: BTreeSet<u32> = self
             .registry
             .lock()
@@ -238,7 +238,8 @@ impl State {
         let indices = PolicyState::assign(&config, &policy.indices, &in_use)?;
         let mut compiled = Vec::new();
         for (name, index) in &indices {
-            let p = compile_profile(&config.profiles[name])
+            let p = config
+                .take_compiled(name)
                 .map_err(|e| format!("profile {name:?}: {e}"))?;
             compiled.push((*index, p));
         }
