@@ -22,12 +22,17 @@ use super::{
     Plan,
 };
 
-pub const INITIAL: &str = "default_profile = \"r\"\n[profiles.r]\nloopback = true\n";
+/// The session's profile keeps `unix = "open"`: every check of the verdict probe is a connect(2),
+/// which the unix layer would send through egressd's supervisor, so the probe's loop would keep
+/// egressd busy answering it during the very reload it times.
+pub const INITIAL: &str =
+    "default_profile = \"r\"\n[profiles.r]\nloopback = true\nunix = \"open\"\n";
 
 /// A profile `r` with `n` allow rules; the probe's destination among them when `open`; `salt`
 /// changes the filler rules so every reload really rewrites the tables.
 fn policy(n: usize, open: bool, salt: usize) -> String {
-    let mut s = String::from("default_profile = \"r\"\n[profiles.r]\nloopback = true\nallow = [\n");
+    let mut s = String::from(INITIAL);
+    s.push_str("allow = [\n");
     let fillers = if open { n - 1 } else { n };
     for i in 0..fillers {
         let k = i + salt * 7;
@@ -74,12 +79,15 @@ pub fn run(d: &Daemon, probe: &str, plan: &Plan, report: &mut Report) -> anyhow:
             for flip in 0..2 * flips {
                 let open = flip % 2 == 0;
                 d.write_policy(&policy(n, open, flip))?;
+                // The probe watches for the new verdict from before the request, so what is
+                // timed is the request to the first verdict the session sees (not also the
+                // reply, which egressd sends after the switch, and its parsing here).
+                writeln!(to, "{}", if open { "allowed" } else { "denied" })?;
                 let t0 = mono_ns();
                 if let Err(e) = d.request("reload") {
                     failed[i] = Some(e.to_string());
                     break;
                 }
-                writeln!(to, "{}", if open { "allowed" } else { "denied" })?;
                 line.clear();
                 from.read_line(&mut line)?;
                 let seen: u64 = line
