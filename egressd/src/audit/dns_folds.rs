@@ -106,6 +106,11 @@ impl DnsFolds {
         Some(rec)
     }
 
+    /// No query held.
+    pub fn is_empty(&self) -> bool {
+        self.0.slots.lock().map_or(true, |s| s.is_empty())
+    }
+
     /// The repeats to write, oldest key first, each as one record with its `count`: of the keys
     /// whose window has passed, or of every key (`all`), or of every key of one `session`. The
     /// keys taken are forgotten, so the next occurrence is written at once.

@@ -101,6 +101,14 @@ const DRAIN_BOUND: usize = 4096;
 /// While events come, how soon the next drain follows one that found some.
 const DRAIN_AGAIN: Duration = Duration::from_millis(3);
 
+/// How often the audit task looks at what is not event-driven: folds whose window ended, ring
+/// losses, seals, the disk's health, syncing what was written since.
+const TICK: Duration = Duration::from_millis(200);
+
+/// The tick with no session running and nothing to write, sync or fold: an idle daemon wakes once
+/// a second for it rather than five times.
+const IDLE_TICK: Duration = Duration::from_secs(1);
+
 /// Lines written between ticks reach the file at once, and the disk (fdatasync, on a thread of
 /// its own) with the tick.
 const SYNC_EVERY: Duration = Duration::from_millis(200);
@@ -214,9 +222,10 @@ pub async fn run(
     // The kernel wakes us for the first event into an empty ring (and at a quarter full), not for
     // each: while events come, we drain again every few milliseconds (`soon`), which takes the rest
     // with no wakeup each; once a drain finds nothing, only the kernel's next wakeup or the tick
-    // (folds, ring losses, a backstop) brings us back. Idle costs one wakeup per tick.
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // (folds, ring losses, a backstop) brings us back. Idle costs one wakeup per tick, and with no
+    // session and nothing to write the tick slows down (`IDLE_TICK`) until something happens.
+    let tick = tokio::time::sleep(TICK);
+    tokio::pin!(tick);
     let mut soon: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         let woke = async {
@@ -225,6 +234,8 @@ pub async fn run(
                 None => std::future::pending().await,
             }
         };
+        // Whether something other than the tick woke us.
+        let mut active = true;
         tokio::select! {
             guard = ring.readable_mut() => {
                 if let Ok(mut guard) = guard {
@@ -245,7 +256,7 @@ pub async fn run(
                     soon = None;
                 }
             }
-            _ = tick.tick() => {
+            _ = &mut tick => {
                 p.drain(ring.get_mut());
                 p.writer.tick_seal();
                 p.flush_folds(false, None);
@@ -256,6 +267,9 @@ pub async fn run(
                 p.report_lost().await;
                 p.flush();
                 p.trim();
+                let period = if p.idle() { IDLE_TICK } else { TICK };
+                tick.as_mut().reset(tokio::time::Instant::now() + period);
+                active = false;
             }
             msg = rx.recv() => {
                 let Some(msg) = msg else { break };
@@ -271,6 +285,13 @@ pub async fn run(
                 if sync_now {
                     p.flush();
                 }
+            }
+        }
+        // Anything that happened brings a slowed tick back to its pace.
+        if active {
+            let due = tokio::time::Instant::now() + TICK;
+            if tick.deadline() > due {
+                tick.as_mut().reset(due);
             }
         }
     }
@@ -417,6 +438,15 @@ impl Pipeline {
     /// After a burst (a flood writes a few thousand records per drain, a few KiB each while being
     /// built and serialized), hands the freed heap back: without it, the allocator's per-thread
     /// arenas keep a flood's peak (100-200 MiB) resident for good.
+    /// Nothing for the tick to do soon: no session, and nothing held to write, sync or fold.
+    fn idle(&self) -> bool {
+        self.sessions.is_empty()
+            && self.folds.is_empty()
+            && self.dns_folds.is_empty()
+            && !self.writer.has_pending()
+            && !self.writer.unsynced()
+    }
+
     fn trim(&mut self) {
         if self.written_since_trim >= 20_000 {
             self.written_since_trim = 0;

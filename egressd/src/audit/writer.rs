@@ -579,6 +579,11 @@ impl Writer {
         !self.pending.is_empty()
     }
 
+    /// Lines were written since the last sync.
+    pub fn unsynced(&self) -> bool {
+        self.unsynced
+    }
+
     /// Queues a record for the next flush.
     pub fn queue(&mut self, rec: Record, meta: Meta) {
         if self.pending.len() >= MAX_WAITING {
