@@ -205,19 +205,19 @@ impl Resolver {
         let Ok(mut maps) = self.maps.lock() else {
             return;
         };
-        let mut kept = 0;
+        let mut seen = 0;
         let expired: Vec<DnsAllowKey> = maps
             .kernel
             .allow
             .iter()
             .filter_map(|r| r.ok())
             .filter(|(_, expiry)| {
-                kept += 1;
+                seen += 1;
                 *expiry <= now
             })
             .map(|(k, _)| k)
             .collect();
-        maps.kernel_len = kept - expired.len();
+        maps.kernel_len = seen - expired.len();
         for k in expired {
             let _ = maps.kernel.allow.remove(&k);
         }
