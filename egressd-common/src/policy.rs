@@ -59,43 +59,22 @@ pub struct Config {
     /// Who may use which profile. Without this table every user may use every profile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access: Option<Access>,
-    /// The profiles as validation compiled them.
-    #[serde(skip)]
-    pub compiled: Compiled,
 }
 
-/// The profiles as compiled when the file was validated, kept so that putting the policy in force
-/// does not compile them again (at 1k rules, a sixth of a reload's CPU). A cache of what
-/// `profiles` says: a clone starts without it, and comparisons and the serialized form leave it
-/// out.
+/// The profiles of a policy as validating it compiled them, so that putting the policy in force
+/// does not compile them again (at 1k rules, a sixth of a reload's CPU).
 #[derive(Default)]
 pub struct Compiled(BTreeMap<String, CompiledProfile>);
 
-impl Clone for Compiled {
-    fn clone(&self) -> Compiled {
-        Compiled::default()
-    }
-}
-
-impl PartialEq for Compiled {
-    fn eq(&self, _: &Compiled) -> bool {
-        true
-    }
-}
-
-impl std::fmt::Debug for Compiled {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} compiled profiles", self.0.len())
-    }
-}
-
-impl Config {
-    /// Profile `name` compiled for the kernel: as validation left it (taken, so once), or now.
-    pub fn take_compiled(&mut self, name: &str) -> Result<CompiledProfile, String> {
-        match self.compiled.0.remove(name) {
+impl Compiled {
+    /// Profile `name` of `config` compiled for the kernel: as validation left it (taken, so
+    /// once), or compiled now.
+    pub fn take(&mut self, config: &Config, name: &str) -> Result<CompiledProfile, String> {
+        match self.0.remove(name) {
             Some(c) => Ok(c),
             None => compile_profile(
-                self.profiles
+                config
+                    .profiles
                     .get(name)
                     .ok_or_else(|| format!("no profile {name:?}"))?,
             ),
@@ -643,7 +622,6 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             profiles: builtin_profiles(),
             access: None,
-            compiled: Compiled::default(),
         }
     }
 }
@@ -751,11 +729,21 @@ impl From<AllowRule> for String {
 impl Config {
     /// The file at `path`, or the built-in default when it does not exist.
     pub fn load(path: &Path) -> Result<(Config, String), PolicyError> {
+        Self::load_compiled(path).map(|(config, source, _)| (config, source))
+    }
+
+    /// `load`, with the profiles as validation compiled them (none for the built-in default).
+    pub fn load_compiled(path: &Path) -> Result<(Config, String, Compiled), PolicyError> {
         match std::fs::read_to_string(path) {
-            Ok(text) => Ok((Self::parse(path, &text)?, path.display().to_string())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Ok((Config::default(), "built-in default".to_string()))
+            Ok(text) => {
+                let (config, compiled) = Self::parse_compiled(path, &text)?;
+                Ok((config, path.display().to_string(), compiled))
             }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((
+                Config::default(),
+                "built-in default".to_string(),
+                Compiled::default(),
+            )),
             Err(source) => Err(PolicyError::Read {
                 path: path.to_owned(),
                 source,
@@ -767,6 +755,11 @@ impl Config {
     /// file's own: a file that defines only `[profiles.lan]` keeps `default_profile = "airgap"`
     /// working. A file's `[profiles.airgap]` replaces the built-in one.
     pub fn parse(path: &Path, text: &str) -> Result<Config, PolicyError> {
+        Self::parse_compiled(path, text).map(|(config, _)| config)
+    }
+
+    /// `parse`, with the profiles as validation compiled them.
+    pub fn parse_compiled(path: &Path, text: &str) -> Result<(Config, Compiled), PolicyError> {
         let mut config: Config = toml::from_str(text).map_err(|e| PolicyError::Parse {
             path: path.to_owned(),
             message: e.to_string().trim_end().to_string(),
@@ -774,11 +767,11 @@ impl Config {
         for (name, builtin) in builtin_profiles() {
             config.profiles.entry(name).or_insert(builtin);
         }
-        config.compiled = config.validate().map_err(|message| PolicyError::Invalid {
+        let compiled = config.validate().map_err(|message| PolicyError::Invalid {
             path: path.to_owned(),
             message,
         })?;
-        Ok(config)
+        Ok((config, compiled))
     }
 
     /// Checks everything, and returns the profiles compiled on the way.
@@ -1114,25 +1107,19 @@ mod tests {
     }
 
     #[test]
-    fn validation_compiles_each_profile_once_and_a_clone_compiles_anew() {
-        let mut c = Config::parse(
+    fn validation_compiles_each_profile_once() {
+        let (c, mut compiled) = Config::parse_compiled(
             Path::new("x.toml"),
             "[profiles.lan]\nallow = [\"10.20.0.0/16:8000/tcp\", \"10.20.0.5/32:22/tcp\"]\n",
         )
         .unwrap();
         let fresh = compile_profile(&c.profiles["lan"]).unwrap();
-        let mut copy = c.clone();
-        for kept in [
-            c.take_compiled("lan").unwrap(),
-            copy.take_compiled("lan").unwrap(),
-        ] {
-            assert_eq!(kept.allow, fresh.allow);
-            assert_eq!(kept.profile, fresh.profile);
-        }
+        let kept = compiled.take(&c, "lan").unwrap();
+        assert_eq!(kept.allow, fresh.allow);
+        assert_eq!(kept.profile, fresh.profile);
         // Taken once; asked again, it is compiled from the profile.
-        assert_eq!(c.take_compiled("lan").unwrap().allow, fresh.allow);
-        assert!(c.take_compiled("nope").is_err());
-        assert_eq!(c, copy, "the cache takes no part in comparisons");
+        assert_eq!(compiled.take(&c, "lan").unwrap().allow, fresh.allow);
+        assert!(compiled.take(&c, "nope").is_err());
     }
 
     #[test]

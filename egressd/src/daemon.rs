@@ -1,7 +1,7 @@
 //! The daemon's shared state and its long-running tasks: policy (re)load, session adoption and
 //! the reaper that ends sessions whose cgroup has emptied.
 
-use egressd_common::policy::Config;
+use egressd_common::policy::{Compiled, Config};
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
@@ -225,8 +225,14 @@ impl State {
         }
     }
 
-    /// Compiles `config` and puts it in force atomically. On any error nothing changes.
-    pub async fn apply_policy(&self, mut config: Config, source: String) -> Result<(), String> {
+    /// Puts `config` in force atomically, with its profiles as validation `compiled` them (what is
+    /// not there is compiled now). On any error nothing changes.
+    pub async fn apply_policy(
+        &self,
+        config: Config,
+        source: String,
+        mut compiled: Compiled,
+    ) -> Result<(), String> {
         let in_use: BTreeSet<u32> = self
             .registry
             .lock()
@@ -236,16 +242,16 @@ impl State {
             .collect();
         let mut policy = self.policy.write().await;
         let indices = PolicyState::assign(&config, &policy.indices, &in_use)?;
-        let mut compiled = Vec::new();
+        let mut profiles = Vec::new();
         for (name, index) in &indices {
-            let p = config
-                .take_compiled(name)
+            let p = compiled
+                .take(&config, name)
                 .map_err(|e| format!("profile {name:?}: {e}"))?;
-            compiled.push((*index, p));
+            profiles.push((*index, p));
         }
         let hash = egressd_common::policy::policy_hash(&config);
         self.enforcer
-            .install_policy(compiled, hash.clone())
+            .install_policy(profiles, hash.clone())
             .await
             .map_err(|e| e.to_string())?;
         *policy = PolicyState {
@@ -260,8 +266,8 @@ impl State {
     /// Re-reads the config file (SIGHUP, `egressctl policy reload`). A file that does not validate
     /// changes nothing.
     pub async fn reload(&self) -> Result<(), String> {
-        let result = match Config::load(&self.config_path) {
-            Ok((config, source)) => self.apply_policy(config, source).await,
+        let result = match Config::load_compiled(&self.config_path) {
+            Ok((config, source, compiled)) => self.apply_policy(config, source, compiled).await,
             Err(e) => Err(e.to_string()),
         };
         crate::metrics::METRICS.reloaded(result.is_ok());

@@ -177,7 +177,7 @@ fn require_root() -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let (config, source) = Config::load(&cli.config)?;
+    let (config, source, compiled) = Config::load_compiled(&cli.config)?;
     ensure_bpffs(&cli.bpffs)?;
     ensure_securityfs();
     let layout = layout_for(&cli)?;
@@ -384,7 +384,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         events, fold_maps, writer, handle, shared, tuning, audit_rx,
     ));
     state
-        .apply_policy(config, source.clone())
+        .apply_policy(config, source.clone(), compiled)
         .await
         .map_err(anyhow::Error::msg)
         .context("installing the policy")?;

@@ -122,19 +122,13 @@ impl DnsFolds {
         if slots.is_empty() {
             return Vec::new();
         }
-        let mut taken: Vec<Slot> = Vec::new();
-        slots.retain(|_, s| {
-            let due = all
-                || s.since.elapsed() >= window
-                || (session.is_some() && s.first.session.as_deref() == session);
-            if due {
-                taken.push(Slot {
-                    first: std::mem::take(&mut s.first),
-                    ..*s
-                });
-            }
-            !due
-        });
+        let mut taken: Vec<Slot> = slots
+            .extract_if(|_, s| {
+                all || s.since.elapsed() >= window
+                    || (session.is_some() && s.first.session.as_deref() == session)
+            })
+            .map(|(_, s)| s)
+            .collect();
         drop(slots);
         taken.sort_by_key(|s| s.since);
         taken

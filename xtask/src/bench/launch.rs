@@ -167,50 +167,36 @@ pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
             }
         }
     }
-    report.row('g', "launch: `true` alone", "ms", Spread::of(&t_true));
-    report.row(
-        'g',
-        "launch: `egressctl run -- true`",
-        "ms",
-        Spread::of(&t_ctl),
-    );
-    report.row(
-        'g',
-        "launch: added by egressctl run",
-        "ms",
-        Spread::of(&add_ctl),
+    rows_ms(
+        report,
+        &[
+            ("launch: `true` alone", &t_true),
+            ("launch: `egressctl run -- true`", &t_ctl),
+            ("launch: added by egressctl run", &add_ctl),
+        ],
     );
     if dynmods_ok {
-        report.row(
-            'g',
-            "launch: `true` alone, cgroup2 favordynmods",
-            "ms",
-            Spread::of(&t_true_dyn),
-        );
-        report.row(
-            'g',
-            "launch: `egressctl run -- true`, cgroup2 favordynmods",
-            "ms",
-            Spread::of(&t_dyn),
-        );
-        report.row(
-            'g',
-            "launch: added by egressctl run, favordynmods",
-            "ms",
-            Spread::of(&add_dyn),
+        rows_ms(
+            report,
+            &[
+                ("launch: `true` alone, cgroup2 favordynmods", &t_true_dyn),
+                (
+                    "launch: `egressctl run -- true`, cgroup2 favordynmods",
+                    &t_dyn,
+                ),
+                ("launch: added by egressctl run, favordynmods", &add_dyn),
+            ],
         );
         if bwrap_ok {
-            report.row(
-                'g',
-                "launch: `bwrap --unshare-net --dev-bind / / true`, favordynmods",
-                "ms",
-                Spread::of(&t_bwrap_dyn),
-            );
-            report.row(
-                'g',
-                "launch: added by bwrap, favordynmods",
-                "ms",
-                Spread::of(&add_bwrap_dyn),
+            rows_ms(
+                report,
+                &[
+                    (
+                        "launch: `bwrap --unshare-net --dev-bind / / true`, favordynmods",
+                        &t_bwrap_dyn,
+                    ),
+                    ("launch: added by bwrap, favordynmods", &add_bwrap_dyn),
+                ],
             );
         }
     } else {
@@ -221,13 +207,16 @@ pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
         );
     }
     if bwrap_ok {
-        report.row(
-            'g',
-            "launch: `bwrap --unshare-net --dev-bind / / true`",
-            "ms",
-            Spread::of(&t_bwrap),
+        rows_ms(
+            report,
+            &[
+                (
+                    "launch: `bwrap --unshare-net --dev-bind / / true`",
+                    &t_bwrap,
+                ),
+                ("launch: added by bwrap", &add_bwrap),
+            ],
         );
-        report.row('g', "launch: added by bwrap", "ms", Spread::of(&add_bwrap));
     } else {
         report.not_measured(
             'g',
@@ -239,23 +228,19 @@ pub fn run(d: &Daemon, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
             },
         );
     }
-    report.row(
-        'g',
-        "launch floor: `true` spawned by the bench (root)",
-        "ms",
-        Spread::of(&t_spawn),
-    );
-    report.row(
-        'g',
-        "launch floor: the same, moved into a cgroup made for it",
-        "ms",
-        Spread::of(&t_moved),
-    );
-    report.row(
-        'g',
-        "launch floor: added by the cgroup (mkdir + move)",
-        "ms",
-        Spread::of(&add_moved),
+    rows_ms(
+        report,
+        &[
+            ("launch floor: `true` spawned by the bench (root)", &t_spawn),
+            (
+                "launch floor: the same, moved into a cgroup made for it",
+                &t_moved,
+            ),
+            (
+                "launch floor: added by the cgroup (mkdir + move)",
+                &add_moved,
+            ),
+        ],
     );
     report.row_note(
         'g',
@@ -299,4 +284,11 @@ fn which(bin: &str) -> Option<String> {
                 .unwrap_or(false)
         })
         .map(|p| p.display().to_string())
+}
+
+/// One part (g) row in milliseconds for each (measurement, per-round medians).
+fn rows_ms(report: &mut Report, rows: &[(&str, &Vec<f64>)]) {
+    for (what, values) in rows {
+        report.row('g', *what, "ms", Spread::of(values));
+    }
 }
